@@ -1,0 +1,155 @@
+"""The ``p2prec`` command: pretrain, baseline, data, topology and report.
+
+Every sub-command shares the config options (``--config``, ``--set``, ``--data-dir``), and
+every user-facing failure is one line on stderr with exit status 2, never a stack trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from p2prec.config import Config, ConfigError, load
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by every command that reads data or trains."""
+    parser.add_argument("--config", help="TOML config file (DESIGN section 8)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value; repeatable")
+    parser.add_argument("--data-dir", help="folder with the data set (default: $P2PREC_DATA, then the cache)")
+    parser.add_argument("--dataset", help="data set name: ml-100k, ml-1m, ml-latest or synthetic")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Defaults, then ``--config``, then ``--set``, then the dedicated flags."""
+    overrides = list(args.overrides)
+    if getattr(args, "dataset", None):
+        overrides.append(f"data.name={args.dataset}")
+    if getattr(args, "data_dir", None):
+        overrides.append(f"data.dir={args.data_dir}")
+    return load(args.config, overrides)
+
+
+def load_data(cfg: Config):  # noqa: ANN201 - returns p2prec.data.Dataset; imported lazily
+    from p2prec.data import load_dataset
+
+    return load_dataset(cfg.data.name, cfg.data.dir or None, cfg.data.public_fraction, cfg.data.split_seed,
+                        cfg.data.min_interactions)
+
+
+def guarded(main: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Turn expected user errors into one line on stderr and exit status 2."""
+    def run(args: argparse.Namespace) -> int:
+        from p2prec.data.movielens import DataError
+        from p2prec.model.store import BackboneError
+
+        if getattr(args, "threads", 0):
+            torch.set_num_threads(args.threads)
+        try:
+            return main(args)
+        except (ConfigError, DataError, BackboneError, FileNotFoundError, ValueError) as exc:
+            print(f"p2prec: error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("p2prec: interrupted", file=sys.stderr)
+            return 130
+    return run
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from p2prec.model.pretrain import pretrain
+    from p2prec.model.store import save_backbone
+
+    cfg = config_from_args(args)
+    data = load_data(cfg)
+    model, info = pretrain(data, cfg)
+    out = save_backbone(model, args.out, data.item_ids, info)
+    print(f"backbone saved to {out} (best epoch {info['best_epoch']}, "
+          f"public-user validation NDCG@10 {info['public_val_ndcg@10']:.4f})")
+    return 0
+
+
+def cmd_baseline(args: argparse.Namespace) -> int:
+    from p2prec.sim.baseline import run_baseline
+
+    cfg = config_from_args(args)
+    summary = run_baseline(args.kind, cfg, load_data(cfg), args.out, args.backbone, args.epochs)
+    test = summary["test_at_best"]
+    rows = [f"{p}: HR@10 {test[p]['hr@10']:.4f}  NDCG@10 {test[p]['ndcg@10']:.4f}  MRR {test[p]['mrr']:.4f}"
+            for p in test]
+    print(f"{args.kind}: test at best-validation round {summary['best_round']}\n  " + "\n  ".join(rows))
+    print(f"results in {args.out}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    if args.action == "download":
+        from p2prec.data.download import download
+        from p2prec.data.movielens import default_cache_dir
+
+        dest = Path(args.dest) if args.dest else Path(os.environ.get("P2PREC_DATA") or default_cache_dir() / "data")
+        print(f"downloaded and verified: {download(args.name, dest)}")
+    else:
+        from p2prec.data.synthetic import generate
+
+        folder = generate(args.out, users=args.users, items=args.items, communities=args.communities,
+                          seed=args.seed)
+        print(f"synthetic data written to {folder} (read it with --dataset synthetic --data-dir {folder})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from p2prec.learn.baselines import KINDS
+    from p2prec.sim.report import add_parser as add_report
+    from p2prec.topology.cli import add_parser as add_topology
+
+    parser = argparse.ArgumentParser(prog="p2prec", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="pre-train a backbone on the public users")
+    add_config_options(p)
+    p.add_argument("--out", required=True, help="folder to write the backbone to")
+    p.set_defaults(func=guarded(cmd_pretrain))
+
+    p = sub.add_parser("baseline", help="run a baseline and write the results folder")
+    add_config_options(p)
+    p.add_argument("--kind", required=True, choices=KINDS)
+    p.add_argument("--out", required=True, help="results folder")
+    p.add_argument("--backbone", help="backbone folder (default: pre-train on public users, cached)")
+    p.add_argument("--epochs", type=int, default=0, help="epochs (centralized) or rounds (local-only)")
+    p.set_defaults(func=guarded(cmd_baseline))
+
+    p = sub.add_parser("data", help="download MovieLens or generate synthetic data")
+    actions = p.add_subparsers(dest="action", required=True)
+    d = actions.add_parser("download", help="download and verify a data set (needs internet)")
+    d.add_argument("name")
+    d.add_argument("--dest", help="folder to place it in (default: $P2PREC_DATA or the cache)")
+    s = actions.add_parser("synth", help="write a synthetic data set in the ml-100k format")
+    s.add_argument("--out", required=True)
+    s.add_argument("--users", type=int, default=120)
+    s.add_argument("--items", type=int, default=200)
+    s.add_argument("--communities", type=int, default=4)
+    s.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=guarded(cmd_data))
+
+    add_topology(sub)
+    add_report(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

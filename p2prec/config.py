@@ -1,0 +1,246 @@
+"""One typed configuration for the simulator, the real node and the baselines.
+
+Why one schema: a study must be able to switch between simulated and real networking
+without translating settings, so both read the same TOML sections. Every field can be
+overridden with ``--set section.key=value``; unknown keys and out-of-range values are
+errors that name the key, because a silently ignored typo invalidates a whole experiment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, get_args, get_origin, get_type_hints
+
+import tomli_w
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message always names the offending key or file."""
+
+
+def _check(
+    lo: float | None = None,
+    hi: float | None = None,
+    choices: tuple[str, ...] | None = None,
+) -> dict[str, Any]:
+    """Field metadata read by :func:`validate`: inclusive bounds or allowed values."""
+    return {"lo": lo, "hi": hi, "choices": choices}
+
+
+def _field(default: Any, **check: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=_check(**check))
+    return field(default=default, metadata=_check(**check))
+
+
+@dataclass
+class DataConfig:
+    """Which data set, where it is, and how users become public or federated nodes."""
+
+    name: str = _field("ml-100k", choices=("ml-100k", "ml-1m", "ml-latest", "synthetic"))
+    dir: str = ""
+    public_fraction: float = _field(0.2, lo=0.0, hi=0.9)
+    users_per_node: int = _field(1, lo=1)
+    split_seed: int = 0
+    min_interactions: int = _field(3, lo=3)
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the frozen backbone: item embeddings feeding a small BERT encoder."""
+
+    hidden: int = _field(64, lo=8)
+    layers: int = _field(2, lo=1, hi=24)
+    heads: int = _field(2, lo=1)
+    intermediate: int = _field(256, lo=8)
+    max_len: int = _field(50, lo=2, hi=4096)
+    dropout: float = _field(0.2, lo=0.0, hi=0.9)
+    causal: bool = True
+
+
+@dataclass
+class PretrainConfig:
+    """Central pre-training of the backbone on the public users only."""
+
+    epochs: int = _field(200, lo=1)
+    lr: float = _field(1e-3, lo=0.0)
+    batch_size: int = _field(64, lo=1)
+    negatives: int = _field(1, lo=1)
+    weight_decay: float = _field(0.0, lo=0.0)
+    seed: int = 0
+
+
+@dataclass
+class AdapterConfig:
+    """The two LoRA adapters. Target names are module-name suffixes inside the backbone."""
+
+    rank_personal: int = _field(8, lo=1)
+    rank_shared: int = _field(8, lo=1)
+    alpha_personal: float = _field(8.0, lo=0.0)
+    alpha_shared: float = _field(8.0, lo=0.0)
+    targets_personal: list = _field(["query", "value", "item_emb"])
+    targets_shared: list = _field(["query", "value", "item_emb"])
+    dropout: float = _field(0.0, lo=0.0, hi=0.9)
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """One node's local update: E steps of Adam on BCE (or BPR) with sampled negatives."""
+
+    local_steps: int = _field(1, lo=0)
+    lr: float = _field(5e-3, lo=0.0)
+    loss: str = _field("bce", choices=("bce", "bpr"))
+    negatives: int = _field(1, lo=1)
+    batch_size: int = _field(1, lo=1)
+    weight_decay: float = _field(0.0, lo=0.0)
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    """The evaluation protocols of DESIGN section 4; ``select`` picks the best-validation round."""
+
+    protocols: list = _field(["sampled", "full"])
+    k: int = _field(10, lo=1)
+    sampled_negatives: int = _field(99, lo=1)
+    seed: int = 0
+    every: int = _field(1, lo=1)
+    select_protocol: str = _field("sampled", choices=("sampled", "full"))
+    select_metric: str = _field("ndcg@10", choices=("hr@10", "ndcg@10", "mrr"))
+
+
+@dataclass
+class Config:
+    """The whole configuration; sections mirror the TOML tables."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+
+def _coerce(key: str, value: Any, kind: Any) -> Any:
+    """Convert a TOML or command-line value to the field's type, or name the key in an error."""
+    origin = get_origin(kind) or kind
+    if origin is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if origin is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        if not as_float.is_integer():
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(as_float)
+    if origin is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if origin is list:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return list(value)
+    if origin is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _apply_section(section_name: str, section: Any, values: dict[str, Any]) -> None:
+    hints = get_type_hints(type(section))
+    known = {f.name: f for f in fields(section)}
+    for key, value in values.items():
+        full = f"{section_name}.{key}"
+        if key not in known:
+            raise ConfigError(f"unknown config key '{full}' (known: {', '.join(sorted(known))})")
+        setattr(section, key, _coerce(full, value, hints[key]))
+
+
+def validate(cfg: Config) -> Config:
+    """Check every bounded or enumerated field; raise :class:`ConfigError` naming the key."""
+    for sec_field in fields(cfg):
+        section = getattr(cfg, sec_field.name)
+        for f in fields(section):
+            value = getattr(section, f.name)
+            meta = f.metadata
+            key = f"{sec_field.name}.{f.name}"
+            if meta.get("choices") and value not in meta["choices"]:
+                raise ConfigError(f"{key}: {value!r} is not one of {', '.join(meta['choices'])}")
+            if meta.get("lo") is not None and value < meta["lo"]:
+                raise ConfigError(f"{key}: {value!r} is below the minimum {meta['lo']}")
+            if meta.get("hi") is not None and value > meta["hi"]:
+                raise ConfigError(f"{key}: {value!r} is above the maximum {meta['hi']}")
+    if cfg.model.hidden % cfg.model.heads:
+        raise ConfigError(f"model.hidden: {cfg.model.hidden} is not divisible by model.heads={cfg.model.heads}")
+    bad = [p for p in cfg.eval.protocols if p not in ("sampled", "full")]
+    if bad or not cfg.eval.protocols:
+        raise ConfigError(f"eval.protocols: {cfg.eval.protocols!r} must be a non-empty subset of sampled, full")
+    if cfg.eval.select_protocol not in cfg.eval.protocols:
+        raise ConfigError(f"eval.select_protocol: {cfg.eval.select_protocol!r} is not in eval.protocols")
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, str, str]:
+    """Split ``section.key=value`` into its parts, or say what is wrong with it."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    path, value = text.split("=", 1)
+    if path.count(".") != 1:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    section, key = path.split(".")
+    return section.strip(), key.strip(), value.strip()
+
+
+def merge(cfg: Config, values: dict[str, Any], source: str = "config") -> Config:
+    """Apply a nested ``{section: {key: value}}`` mapping onto ``cfg`` in place."""
+    sections = {f.name for f in fields(cfg)}
+    for name, section_values in values.items():
+        if name not in sections:
+            raise ConfigError(f"{source}: unknown config section '{name}' (known: {', '.join(sorted(sections))})")
+        if not isinstance(section_values, dict):
+            raise ConfigError(f"{source}: '{name}' must be a table of keys")
+        _apply_section(name, getattr(cfg, name), section_values)
+    return cfg
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None,
+         defaults: Callable[[], Config] = Config) -> Config:
+    """Build a validated config: defaults, then the TOML file, then ``--set`` overrides."""
+    cfg = defaults()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            values = tomllib.loads(p.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{p}: not valid TOML ({exc})") from None
+        merge(cfg, values, source=str(p))
+    for text in overrides or []:
+        section, key, value = parse_override(text)
+        merge(cfg, {section: {key: value}}, source=f"--set {text}")
+    return validate(cfg)

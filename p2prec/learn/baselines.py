@@ -1,0 +1,84 @@
+"""Baselines through the same model, local-step and evaluation code as the nodes.
+
+- backbone-only: the frozen backbone, zero-shot (fresh adapters are exactly a no-op);
+- centralized: the federated users' training data pooled, one set of adapters trained
+  centrally with the same local step, an upper bound;
+- local-only: every node trains its own adapters alone, with no communication.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from p2prec.config import Config
+from p2prec.data.sampler import NegativeSampler
+from p2prec.data.split import Dataset
+from p2prec.learn.central import train_pooled
+from p2prec.learn.evaluate import EvalSet, build_eval_set, evaluate
+from p2prec.learn.local import Params, StepSettings
+from p2prec.model.adapters import DualAdapterModel
+from p2prec.model.backbone import SeqRecModel
+
+KINDS = ("centralized", "local-only", "backbone-only")
+
+
+@dataclass
+class BaselineResult:
+    """Per-round (or per-epoch) records and the summary fields of DESIGN section 7."""
+
+    records: list[dict]
+    best_round: int
+    wall_s: float
+
+
+def step_settings(cfg: Config) -> StepSettings:
+    t = cfg.train
+    return StepSettings(lr=t.lr, loss=t.loss, weight_decay=t.weight_decay)
+
+
+def adapter_model(backbone: SeqRecModel, cfg: Config) -> DualAdapterModel:
+    """Wrap the frozen backbone with both adapters from the config, in eval mode (no dropout)."""
+    a = cfg.adapter
+    model = DualAdapterModel(backbone, a.rank_personal, a.rank_shared, a.alpha_personal, a.alpha_shared,
+                             a.targets_personal, a.targets_shared, a.dropout, a.seed)
+    return model.eval()
+
+
+def selection_score(result: dict, cfg: Config) -> float:
+    return float(result["val"][cfg.eval.select_protocol][cfg.eval.select_metric])
+
+
+def federated_eval_set(data: Dataset, cfg: Config, sampler: NegativeSampler,
+                       nodes: list[np.ndarray] | None = None) -> EvalSet:
+    nodes = nodes if nodes is not None else data.nodes(cfg.data.users_per_node)
+    return build_eval_set(data, nodes, cfg.model.max_len, sampler, cfg.eval.sampled_negatives, cfg.eval.seed)
+
+
+def run_backbone_only(model: DualAdapterModel, data: Dataset, cfg: Config) -> BaselineResult:
+    """Zero-shot: evaluate the initial (no-op) adapters on the federated users."""
+    start = time.perf_counter()
+    es = federated_eval_set(data, cfg, NegativeSampler(data))
+    result = evaluate(model, model.trainable_state(), es, tuple(cfg.eval.protocols), k=cfg.eval.k)
+    record = {"round": 0, **result, "loss": None}
+    return BaselineResult([record], 0, time.perf_counter() - start)
+
+
+def run_centralized(model: DualAdapterModel, data: Dataset, cfg: Config, epochs: int) -> BaselineResult:
+    """Pool every federated user's training data and train one set of adapters."""
+    start = time.perf_counter()
+    sampler = NegativeSampler(data)
+    es = federated_eval_set(data, cfg, sampler)
+    protocols = tuple(cfg.eval.protocols)
+
+    def validate(params: Params, epoch: int) -> tuple[float, dict]:
+        result = evaluate(model, params, es, protocols, k=cfg.eval.k)
+        return selection_score(result, cfg), {"round": epoch, **result}
+
+    run = train_pooled(model, model.trainable_state(), data, sampler, data.federated_users,
+                       step_settings(cfg), epochs=epochs, batch_size=cfg.pretrain.batch_size,
+                       max_len=cfg.model.max_len, negatives=cfg.train.negatives, seed=cfg.train.seed,
+                       validate=validate, eval_every=cfg.eval.every, patience=10, desc="centralized")
+    return BaselineResult(run.history, run.best_epoch, time.perf_counter() - start)

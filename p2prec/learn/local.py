@@ -1,0 +1,94 @@
+"""A node's local update, written once as pure functions of (parameters, optimizer state, batch).
+
+Why functional: the real node calls :func:`local_step` on one node's tensors, and the
+simulator calls the very same function under ``torch.func.vmap`` on tensors stacked
+``[N, ...]``. Adam is elementwise, so it is written here too rather than taken from
+``torch.optim``, whose stateful objects cannot be vmapped. The backbone runs in eval mode
+(no dropout) so a local update is a deterministic function of its inputs: that is what
+lets the simulator, a per-node loop and a real node agree to 1e-5.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad_and_value
+
+Params = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """Hyper-parameters of one local step (Adam on a sampled-negative ranking loss)."""
+
+    lr: float = 5e-3
+    loss: str = "bce"
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+
+def init_opt_state(params: Params, batch_dims: int = 0) -> Params:
+    """Adam moments (``m.*``, ``v.*``) and step count ``t``; ``batch_dims`` leading node dims."""
+    state = {f"m.{k}": torch.zeros_like(v) for k, v in params.items()}
+    state.update({f"v.{k}": torch.zeros_like(v) for k, v in params.items()})
+    some = next(iter(params.values()))
+    state["t"] = torch.zeros(some.shape[:batch_dims], dtype=some.dtype)
+    return state
+
+
+def ranking_loss(pos: torch.Tensor, neg: torch.Tensor, mask: torch.Tensor, kind: str) -> torch.Tensor:
+    """BCE (positive vs. each negative) or BPR, averaged over positions where ``mask`` is 1."""
+    if kind == "bce":
+        per = -F.logsigmoid(pos) - F.logsigmoid(-neg).sum(-1)
+    else:
+        per = -F.logsigmoid(pos.unsqueeze(-1) - neg).mean(-1)
+    return (per * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def batch_loss(model: nn.Module, params: Params, inputs: torch.Tensor, targets: torch.Tensor,
+               negatives: torch.Tensor, kind: str) -> torch.Tensor:
+    """Loss of one node's batch with ``params`` substituted for the model's trainable tensors."""
+    candidates = torch.cat([targets.unsqueeze(-1), negatives], dim=-1)
+    scores = functional_call(model, params, (inputs, candidates))
+    mask = (targets != 0).to(scores.dtype)
+    return ranking_loss(scores[..., 0], scores[..., 1:], mask, kind)
+
+
+def adam_step(params: Params, grads: Params, state: Params, s: StepSettings) -> tuple[Params, Params]:
+    """One decoupled-weight-decay Adam step (AdamW; plain Adam when weight_decay is 0)."""
+    t = state["t"] + 1
+    bias1 = 1 - s.beta1 ** t
+    bias2 = 1 - s.beta2 ** t
+    new_params: Params = {}
+    new_state: Params = {"t": t}
+    for name, p in params.items():
+        g = grads[name]
+        m = s.beta1 * state[f"m.{name}"] + (1 - s.beta1) * g
+        v = s.beta2 * state[f"v.{name}"] + (1 - s.beta2) * g * g
+        update = (m / bias1) / ((v / bias2).sqrt() + s.eps)
+        new_params[name] = p * (1 - s.lr * s.weight_decay) - s.lr * update
+        new_state[f"m.{name}"] = m
+        new_state[f"v.{name}"] = v
+    return new_params, new_state
+
+
+def local_step(model: nn.Module, params: Params, state: Params, inputs: torch.Tensor,
+               targets: torch.Tensor, negatives: torch.Tensor,
+               s: StepSettings) -> tuple[Params, Params, torch.Tensor]:
+    """Gradient of the batch loss, then one Adam step. Returns new params, state and the loss."""
+    grads, loss = grad_and_value(lambda p: batch_loss(model, p, inputs, targets, negatives, s.loss))(params)
+    new_params, new_state = adam_step(params, grads, state, s)
+    return new_params, new_state, loss
+
+
+def batched_local_step(model: nn.Module, s: StepSettings):  # noqa: ANN201 - returns a vmapped callable
+    """:func:`local_step` vectorized over a leading node dimension of every argument."""
+    def one(params: Params, state: Params, inputs: torch.Tensor, targets: torch.Tensor,
+            negatives: torch.Tensor) -> tuple[Params, Params, torch.Tensor]:
+        return local_step(model, params, state, inputs, targets, negatives, s)
+    return torch.func.vmap(one, randomness="error")

@@ -1,0 +1,108 @@
+"""Many nodes' adapters and optimizer states stacked ``[N, ...]`` on one frozen backbone.
+
+Why stacked: memory grows with N x adapter size, never N x model size, and one vmapped
+call of :func:`p2prec.learn.local.local_step` trains a whole chunk of nodes. The same
+function runs per node in :meth:`Population.train_round` with ``vectorized=False``; that
+loop is the reference the vectorized path is tested against, and what benchmarks compare.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from p2prec.data.sampler import NegativeSampler, seeded_rng
+from p2prec.data.split import Dataset
+from p2prec.learn.batches import TrainBatch, train_batch
+from p2prec.learn.local import Params, StepSettings, batched_local_step, init_opt_state, local_step
+from p2prec.model.adapters import DualAdapterModel
+
+
+def stack(state: Params, n: int) -> Params:
+    """``n`` copies of a per-node state, stacked along a new leading dimension."""
+    return {k: v.detach().unsqueeze(0).repeat(n, *([1] * v.dim())).contiguous() for k, v in state.items()}
+
+
+class Population:
+    """The trainable state of N nodes and their local updates.
+
+    Invariant: ``params[name][i]`` is node i's tensor ``name`` (the model's parameter
+    names); ``state`` holds the matching Adam moments and per-node step counts ``t``.
+    """
+
+    def __init__(self, model: DualAdapterModel, data: Dataset, sampler: NegativeSampler,
+                 nodes: list[np.ndarray], settings: StepSettings, *, local_steps: int,
+                 batch_size: int, max_len: int, negatives: int, seed: int, chunk: int = 128) -> None:
+        self.model = model
+        self.data = data
+        self.sampler = sampler
+        self.nodes = nodes
+        self.settings = settings
+        self.local_steps = local_steps
+        self.batch_size = batch_size
+        self.max_len = max_len
+        self.negatives = negatives
+        self.seed = seed
+        self.chunk = chunk
+        self.params = stack(model.trainable_state(), len(nodes))
+        self.state = init_opt_state(self.params, batch_dims=1)
+        self.shared_names = model.shared_names()
+        self._step = batched_local_step(model, settings)
+
+    @property
+    def size(self) -> int:
+        return len(self.nodes)
+
+    def node_batch(self, node: int, round_: int, step: int) -> TrainBatch:
+        """Node ``node``'s batch for a step; seeded by (seed, round, node, step) alone."""
+        rng = seeded_rng(self.seed, round_, node, step)
+        return train_batch(self.data, self.sampler, self.nodes[node], self.batch_size, self.max_len,
+                           self.negatives, rng)
+
+    def train_round(self, round_: int, active: np.ndarray | None = None, vectorized: bool = True) -> float:
+        """Run ``local_steps`` local steps on every active node; return their mean loss."""
+        active_ids = np.arange(self.size) if active is None else np.flatnonzero(active)
+        losses = torch.zeros(self.size)
+        for step in range(self.local_steps):
+            batches = [self.node_batch(int(i), round_, step) for i in active_ids]
+            if vectorized:
+                self._vectorized_step(active_ids, batches, losses)
+            else:
+                self._looped_step(active_ids, batches, losses)
+        return float(losses[active_ids].mean()) if len(active_ids) and self.local_steps else float("nan")
+
+    @torch.no_grad()
+    def _vectorized_step(self, ids: np.ndarray, batches: list[TrainBatch], losses: torch.Tensor) -> None:
+        for start in range(0, len(ids), self.chunk):
+            rows = torch.from_numpy(ids[start:start + self.chunk])
+            part = batches[start:start + self.chunk]
+            inputs = torch.stack([b.inputs for b in part])
+            targets = torch.stack([b.targets for b in part])
+            negatives = torch.stack([b.negatives for b in part])
+            params = {k: v[rows] for k, v in self.params.items()}
+            state = {k: v[rows] for k, v in self.state.items()}
+            with torch.enable_grad():
+                new_params, new_state, loss = self._step(params, state, inputs, targets, negatives)
+            for k, v in new_params.items():
+                self.params[k][rows] = v.detach()
+            for k, v in new_state.items():
+                self.state[k][rows] = v.detach()
+            losses[rows] = loss.detach()
+
+    @torch.no_grad()
+    def _looped_step(self, ids: np.ndarray, batches: list[TrainBatch], losses: torch.Tensor) -> None:
+        for i, batch in zip(ids, batches):
+            params = {k: v[i] for k, v in self.params.items()}
+            state = {k: v[i] for k, v in self.state.items()}
+            with torch.enable_grad():
+                new_params, new_state, loss = local_step(self.model, params, state, batch.inputs,
+                                                         batch.targets, batch.negatives, self.settings)
+            for k, v in new_params.items():
+                self.params[k][i] = v.detach()
+            for k, v in new_state.items():
+                self.state[k][i] = v.detach()
+            losses[i] = loss.detach()
+
+    def shared(self) -> Params:
+        """The stacked shared-adapter tensors (views into :attr:`params`)."""
+        return {k: self.params[k] for k in self.shared_names}

@@ -1,0 +1,53 @@
+"""``p2prec report DIR [DIR...]``: a comparison table and an overlay plot of results folders."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from p2prec.sim.plots import plot_convergence
+from p2prec.sim.results import read_run
+
+
+def table(folders: list[Path], protocol: str) -> str:
+    """A Markdown table of test metrics at the best-validation round, one row per folder."""
+    head = (f"| run | nodes | best round | HR@10 | NDCG@10 | MRR | NDCG@10 p10-p90 | bytes/node/round |\n"
+            f"|---|---|---|---|---|---|---|---|")
+    rows = [head]
+    for folder in folders:
+        summary, _ = read_run(folder)
+        t = summary["test_at_best"][protocol]
+        spread = t.get("spread", {}).get("ndcg@10", {})
+        rows.append(f"| {summary.get('label') or folder.name} | {summary['nodes']} | {summary['best_round']} "
+                    f"| {t['hr@10']:.4f} | {t['ndcg@10']:.4f} | {t['mrr']:.4f} "
+                    f"| {spread.get('p10', float('nan')):.3f}-{spread.get('p90', float('nan')):.3f} "
+                    f"| {summary['bytes_per_node_per_round']:.0f} |")
+    return "\n".join(rows)
+
+
+def run(args: argparse.Namespace) -> int:
+    folders = [Path(d) for d in args.dirs]
+    try:
+        print(f"test at the best-validation round, {args.protocol} protocol\n")
+        print(table(folders, args.protocol))
+        runs = {}
+        best = {}
+        for folder in folders:
+            summary, records = read_run(folder)
+            label = summary.get("label") or folder.name
+            runs[label], best[label] = records, summary["best_round"]
+        plot_convergence(runs, Path(args.plot), protocol=args.protocol, best_rounds=best)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        print(f"p2prec report: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"\noverlay plot: {args.plot}")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="compare results folders: table and overlay plot")
+    p.add_argument("dirs", nargs="+", help="results folders written by p2prec-sim or p2prec baseline")
+    p.add_argument("--protocol", choices=("sampled", "full"), default="sampled")
+    p.add_argument("--plot", default="report.png", help="overlay plot to write (PNG)")
+    p.set_defaults(func=run)

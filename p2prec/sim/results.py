@@ -1,0 +1,91 @@
+"""The output-directory contract of DESIGN section 7, written atomically.
+
+``DIR/config.toml`` (resolved config), ``DIR/metrics.jsonl`` (one object per evaluated
+round), ``DIR/summary.json`` and ``DIR/convergence.png``. Scripts rely on these names
+and keys, so baselines, the simulator and the launcher of real nodes all write through
+here. Each file is written to a temporary name and renamed, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from p2prec.config import Config
+
+RECORD_KEYS = ("round", "val", "test", "loss", "consensus_distance", "bytes_sent_total", "wall_s")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def make_record(round_: int, result: dict, loss: float | None, consensus: float | None,
+                bytes_sent_total: int, wall_s: float, **extra: Any) -> dict[str, Any]:
+    """One ``metrics.jsonl`` line: evaluation result of a round plus its training figures."""
+    return {"round": round_, "val": result["val"], "test": result["test"], "loss": loss,
+            "consensus_distance": consensus, "bytes_sent_total": bytes_sent_total,
+            "wall_s": wall_s, **extra}
+
+
+def best_record(records: list[dict], protocol: str, metric: str) -> dict:
+    """The record with the best *validation* score (earliest on ties); never chosen by test."""
+    return max(records, key=lambda r: (r["val"][protocol][metric], -r["round"]))
+
+
+def summarize_run(records: list[dict], cfg: Config, nodes: int, rounds: int,
+                  bytes_per_node_per_round: float, wall_s: float, baseline: str | None,
+                  **extra: Any) -> dict[str, Any]:
+    best = best_record(records, cfg.eval.select_protocol, cfg.eval.select_metric)
+    return {
+        "nodes": nodes,
+        "rounds": rounds,
+        "best_round": best["round"],
+        "selected_by": f"val/{cfg.eval.select_protocol}/{cfg.eval.select_metric}",
+        "val_at_best": best["val"],
+        "test_at_best": best["test"],
+        "bytes_per_node_per_round": bytes_per_node_per_round,
+        "wall_s": wall_s,
+        "baseline": baseline,
+        **extra,
+    }
+
+
+def write_run(out: str | Path, cfg: Config, records: list[dict], summary: dict[str, Any]) -> Path:
+    """Write config.toml, metrics.jsonl, summary.json and convergence.png into ``out``."""
+    from p2prec.sim.plots import plot_convergence
+
+    out = Path(out)
+    write_atomic(out / "config.toml", cfg.to_toml())
+    write_atomic(out / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    plot_convergence({summary.get("label") or out.name: records}, out / "convergence.png",
+                     protocol=cfg.eval.select_protocol, best_rounds={summary.get("label") or out.name: summary["best_round"]})
+    return out
+
+
+def read_run(folder: str | Path) -> tuple[dict[str, Any], list[dict]]:
+    """Read a results folder's summary and records, with errors that name the file."""
+    folder = Path(folder)
+    summary_path, metrics_path = folder / "summary.json", folder / "metrics.jsonl"
+    for p in (summary_path, metrics_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: missing; is {folder} a p2prec results folder?")
+    try:
+        summary = json.loads(summary_path.read_text())
+        records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{folder}: corrupt results file ({exc})") from None
+    return summary, records

@@ -1,0 +1,133 @@
+"""The message schema and its encoder: a msgpack header frame plus one raw frame per tensor.
+
+Why this shape: tensors travel as their own ZeroMQ frames straight from the array's
+buffer, so a megabyte adapter is never copied into a serialisation buffer, and the
+receiver can view each frame with ``np.frombuffer`` without copying either. The header
+is plain msgpack data (no pickle, nothing that runs code) and describes every tensor, so
+a receiver can check sizes before it looks at a single payload byte.
+
+Header (frame 0), a msgpack map with exactly these keys::
+
+    {"v": PROTOCOL_VERSION, "type": int (MessageType), "sender": int, "round": int,
+     "codec": str, "meta": {str: int | float | str},
+     "tensors": [[name: str, dtype: str, shape: [int, ...], nbytes: int], ...]}
+
+The payload frames that follow hold the tensors' bytes, little-endian, C order: small
+tensors share one packed frame, large ones get a frame each (see
+:mod:`p2prec.wire.layout`, which derives the layout from the declared ``nbytes``).
+Decoding lives in :mod:`p2prec.wire.validate`, because there is deliberately no way to
+turn received bytes into a :class:`Message` without validating them.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import msgpack
+import numpy as np
+
+from p2prec.wire.layout import frame_layout
+
+PROTOCOL_VERSION = 1
+
+Scalar = int | float | str
+"""The value type of ``Message.meta``: small scalars only, never nested data."""
+
+WIRE_DTYPES: dict[str, np.dtype] = {
+    "float32": np.dtype("<f4"),
+    "float16": np.dtype("<f2"),
+    # numpy has no bfloat16: its bit patterns travel, and are held, as uint16.
+    "bfloat16": np.dtype("<u2"),
+    "int8": np.dtype("i1"),
+    "uint8": np.dtype("u1"),
+    "int32": np.dtype("<i4"),
+    "int64": np.dtype("<i8"),
+}
+"""Wire dtype tag -> the numpy dtype a tensor with that tag is held in.
+
+The integer types exist for codec payloads (quantised values, top-k indices). A uint16
+array is always read as bfloat16 bits, because no other tag uses uint16.
+"""
+
+_TAG_OF_DTYPE: dict[np.dtype, str] = {dtype: tag for tag, dtype in WIRE_DTYPES.items()}
+
+
+class MessageType(enum.IntEnum):
+    """What a message is for; it travels as its integer value."""
+
+    GOSSIP = 1
+    """A node's shared adapter, for its neighbours to mix."""
+    AGGREGATE_UP = 2
+    """A client's shared adapter for its edge aggregator; ``meta["samples"]`` weights it."""
+    AGGREGATE_DOWN = 3
+    """An aggregator's mixed adapter, sent back to its member clients."""
+    HELLO = 4
+    """A node announcing itself; carries no tensors."""
+    BYE = 5
+    """A node leaving cleanly; carries no tensors."""
+
+
+TENSORLESS_TYPES = frozenset({MessageType.HELLO, MessageType.BYE})
+"""Control messages, which must carry no tensors; every other type carries a full set."""
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One wire message.
+
+    ``tensors`` maps codec payload names to arrays. Arrays from
+    :func:`p2prec.wire.validate_and_decode` are read-only views of the received frames:
+    the receiver copies them once, into its own buffer, when it aggregates.
+    """
+
+    type: MessageType
+    sender: int
+    round: int
+    codec: str
+    tensors: dict[str, np.ndarray]
+    meta: dict[str, Scalar] = field(default_factory=dict)
+
+
+def wire_dtype_tag(dtype: np.dtype) -> str:
+    """Return the wire tag of a numpy dtype, refusing dtypes the protocol cannot carry."""
+    tag = _TAG_OF_DTYPE.get(np.dtype(dtype))
+    if tag is None:
+        raise TypeError(f"dtype {dtype} cannot go on the wire; allowed: {sorted(WIRE_DTYPES)}")
+    return tag
+
+
+def encode(msg: Message) -> list[bytes | memoryview]:
+    """Encode ``msg`` as ZeroMQ frames: the header, then the payload frames.
+
+    A large C-contiguous array is sent from its own memory (no copy); small ones are
+    copied into the packed frame, and any other array is made contiguous once. With
+    ``send_multipart(..., copy=False)`` ZeroMQ may still read the arrays after this
+    returns, so the caller must not modify them in place until the message has left
+    (send codec output or a snapshot, not live parameters).
+    """
+    arrays = [np.asarray(arr, order="C") for arr in msg.tensors.values()]
+    header = {
+        "v": PROTOCOL_VERSION,
+        "type": int(msg.type),
+        "sender": msg.sender,
+        "round": msg.round,
+        "codec": msg.codec,
+        "meta": msg.meta,
+        "tensors": [
+            [name, wire_dtype_tag(arr.dtype), list(arr.shape), arr.nbytes]
+            for name, arr in zip(msg.tensors, arrays)
+        ],
+    }
+    layout = frame_layout([arr.nbytes for arr in arrays])
+    packed = np.zeros(layout.frame_bytes[0] if layout.packed else 0, dtype=np.uint8)
+    frames: list[bytes | memoryview] = [msgpack.packb(header)]
+    for arr, (frame, offset) in zip(arrays, layout.slots):
+        data = arr.reshape(-1).view(np.uint8)
+        if layout.packed and frame == 0:
+            packed[offset : offset + data.size] = data
+        else:
+            frames.append(memoryview(data))
+    if layout.packed:
+        frames.insert(1, memoryview(packed))
+    return frames

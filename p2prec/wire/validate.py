@@ -1,0 +1,282 @@
+"""Turn received frames into a :class:`Message`, treating every byte as hostile.
+
+Invariants a returned message satisfies (the node relies on them and checks nothing
+again): the header is exactly the schema of :mod:`p2prec.wire.message`, every field is
+in bounds, the tensors are exactly the receiver's expected names with the expected
+shapes, the payload is no larger than the receiver allows, and every float is finite.
+
+Order matters: the header frame is size-checked before msgpack sees it and unpacked
+with per-object limits, and the declared tensor sizes are checked against the budget
+before any payload frame is touched, so a hostile peer cannot make the receiver
+allocate or scan more than the spec allows. Arrays are zero-copy, read-only views of
+the frames; the receiver copies them once, into its own buffer, when it aggregates.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import msgpack
+import numpy as np
+import zmq
+
+from p2prec.wire.layout import frame_layout
+from p2prec.wire.message import (
+    PROTOCOL_VERSION,
+    TENSORLESS_TYPES,
+    WIRE_DTYPES,
+    Message,
+    MessageType,
+    Scalar,
+)
+
+MAX_STR = 64
+"""Longest codec name, meta key or meta string, in characters."""
+MAX_META = 8
+"""Most entries in ``meta``: it carries a few scalars such as ``samples``, not data."""
+MAX_NDIM = 8
+MAX_DIM = 2**31 - 1
+MAX_SENDER = 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+HEADER_KEYS = frozenset({"v", "type", "sender", "round", "codec", "meta", "tensors"})
+_TYPE_VALUES = frozenset(int(t) for t in MessageType)
+_HEADER_BASE_BYTES = 4096
+"""Header budget for everything but the tensor table: the envelope plus a full meta map."""
+_TENSOR_ENTRY_BYTES = 64
+"""Header budget per tensor entry, besides its name: dtype tag, 8-dim shape, nbytes."""
+_EXPONENT_MASK = {"float16": 0x7C00, "bfloat16": 0x7F80}
+"""A 16-bit float is NaN or Inf exactly when all its exponent bits are set."""
+
+Frame = zmq.Frame | bytes | bytearray | memoryview
+
+
+class WireError(ValueError):
+    """A received message broke the protocol; the message says which rule, in one line."""
+
+
+@dataclass(frozen=True)
+class WireSpec:
+    """What a receiver accepts.
+
+    ``tensors`` maps each expected tensor name to its shape. Codecs whose payload
+    shapes vary (top-k indices, say) set ``shape_check=False``; the names are still
+    checked, and each tensor's declared byte count must match its declared shape.
+    ``max_bytes`` caps the sum of the tensors' bytes. ``known_senders=None`` accepts
+    any sender id (the transport's key allow-list is then the only gate).
+    """
+
+    tensors: Mapping[str, tuple[int, ...]]
+    max_bytes: int
+    allowed_dtypes: frozenset[str] = frozenset(WIRE_DTYPES)
+    known_senders: frozenset[int] | None = None
+    max_round: int = 2**31
+    shape_check: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = self.allowed_dtypes - WIRE_DTYPES.keys()
+        if unknown:
+            raise ValueError(f"WireSpec.allowed_dtypes has dtypes the wire cannot carry: {sorted(unknown)}")
+        if self.max_bytes <= 0 or self.max_round < 0:
+            raise ValueError("WireSpec.max_bytes must be positive and max_round non-negative")
+        for name, shape in self.tensors.items():
+            if len(shape) > MAX_NDIM or any(not 0 <= d <= MAX_DIM for d in shape):
+                raise ValueError(f"WireSpec shape for {name!r} is out of bounds: {shape}")
+
+    @cached_property
+    def max_header_bytes(self) -> int:
+        """The largest header frame a valid message for this spec can have."""
+        names = sum(len(name.encode()) for name in self.tensors)
+        return _HEADER_BASE_BYTES + names + _TENSOR_ENTRY_BYTES * len(self.tensors)
+
+    @cached_property
+    def max_str_bytes(self) -> int:
+        """msgpack's string limit: long enough for the longest expected tensor name."""
+        return max([MAX_STR, *(len(name.encode()) for name in self.tensors)])
+
+
+def validate_and_decode(frames: Sequence[Frame], spec: WireSpec) -> Message:
+    """Check ``frames`` against ``spec`` and return the message; raise :class:`WireError` otherwise.
+
+    This is the only way received bytes become a :class:`Message`.
+    """
+    if not frames:
+        raise WireError("empty message: no header frame")
+    header = _unpack_header(_byte_view(frames[0]), spec)
+    msg_type = _message_type(header["type"])
+    sender = _bounded_int(header["sender"], "sender", 0, MAX_SENDER)
+    if spec.known_senders is not None and sender not in spec.known_senders:
+        raise WireError(f"unknown sender {sender}")
+    round_ = _bounded_int(header["round"], "round", 0, spec.max_round)
+    codec = _short_str(header["codec"], "codec")
+    meta = _meta(header["meta"], msg_type)
+    entries = _tensor_table(header["tensors"], msg_type, spec)
+    layout = frame_layout([entry[3] for entry in entries])
+    if len(frames) != 1 + len(layout.frame_bytes):
+        raise WireError(f"frame count {len(frames)} != 1 header + {len(layout.frame_bytes)} payload frames")
+    payload = [_byte_view(frame) for frame in frames[1:]]
+    for index, (view, nbytes) in enumerate(zip(payload, layout.frame_bytes)):
+        if view.nbytes != nbytes:
+            raise WireError(f"payload frame {index} has {view.nbytes} bytes, header implies {nbytes}")
+    tensors = {entry[0]: _tensor(entry, payload[frame], offset) for entry, (frame, offset) in zip(entries, layout.slots)}
+    return Message(type=msg_type, sender=sender, round=round_, codec=codec, tensors=tensors, meta=meta)
+
+
+_Entry = tuple[str, str, tuple[int, ...], int]
+"""A checked tensor table entry: name, dtype tag, shape, nbytes."""
+
+
+def _byte_view(frame: Frame) -> memoryview:
+    view = memoryview(frame)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+def _show(value: Any) -> str:
+    """A short repr of a hostile value, so an error message stays one short line."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _unpack_header(raw: memoryview, spec: WireSpec) -> dict[str, Any]:
+    """Unpack frame 0 under size limits; check the version first, then the exact key set.
+
+    The length check stands in for an Unpacker's ``max_buffer_size``; the per-object
+    limits keep a small header from expanding into many large objects.
+    """
+    if raw.nbytes > spec.max_header_bytes:
+        raise WireError(f"header frame is {raw.nbytes} bytes, limit {spec.max_header_bytes}")
+    try:
+        header = msgpack.unpackb(
+            raw,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=spec.max_str_bytes,
+            max_bin_len=0,
+            max_ext_len=0,
+            max_array_len=max(len(spec.tensors), MAX_NDIM, 4),
+            max_map_len=max(len(HEADER_KEYS), MAX_META),
+        )
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise WireError(f"header is not valid bounded msgpack: {_show(str(exc))}") from None
+    if type(header) is not dict:
+        raise WireError(f"header is not a map but {type(header).__name__}")
+    version = header.get("v")
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        raise WireError(f"unsupported protocol version {_show(version)}, expected {PROTOCOL_VERSION}")
+    if header.keys() != HEADER_KEYS:
+        extra = sorted(map(str, header.keys() - HEADER_KEYS))
+        missing = sorted(HEADER_KEYS - header.keys())
+        raise WireError(f"header keys wrong: extra {_show(extra)}, missing {missing}")
+    return header
+
+
+def _bounded_int(value: Any, what: str, low: int, high: int) -> int:
+    if type(value) is not int or not low <= value <= high:
+        raise WireError(f"{what} must be an integer in [{low}, {high}], got {_show(value)}")
+    return value
+
+
+def _short_str(value: Any, what: str) -> str:
+    if type(value) is not str or len(value) > MAX_STR:
+        raise WireError(f"{what} must be a string of at most {MAX_STR} chars, got {_show(value)}")
+    return value
+
+
+def _message_type(value: Any) -> MessageType:
+    if type(value) is not int or value not in _TYPE_VALUES:
+        raise WireError(f"unknown message type {_show(value)}")
+    return MessageType(value)
+
+
+def _meta(meta: Any, msg_type: MessageType) -> dict[str, Scalar]:
+    """Check the small scalar map; an AGGREGATE_UP must say how many samples it weighs.
+
+    Its size is already bounded: the header was unpacked with ``max_map_len=MAX_META``.
+    """
+    if type(meta) is not dict:
+        raise WireError(f"meta must be a map, got {_show(meta)}")
+    for key, value in meta.items():
+        _short_str(key, "meta key")
+        if type(value) is int:
+            _bounded_int(value, f"meta {key!r}", INT64_MIN, INT64_MAX)
+        elif type(value) is float:
+            if not math.isfinite(value):
+                raise WireError(f"meta {key!r} is not finite: {value}")
+        else:
+            _short_str(value, f"meta {key!r}")
+    if msg_type is MessageType.AGGREGATE_UP:
+        _bounded_int(meta.get("samples"), "meta 'samples' of AGGREGATE_UP", 1, INT64_MAX)
+    return meta
+
+
+def _tensor_table(table: Any, msg_type: MessageType, spec: WireSpec) -> list[_Entry]:
+    """Check every declared tensor and the total size, before any payload frame is read."""
+    if type(table) is not list:
+        raise WireError(f"tensors must be a list, got {_show(table)}")
+    entries: list[_Entry] = []
+    names: set[str] = set()
+    total = 0
+    for item in table:
+        entry = _tensor_entry(item, spec)
+        if entry[0] in names:
+            raise WireError(f"duplicate tensor name {entry[0]!r}")
+        names.add(entry[0])
+        total += entry[3]
+        if total > spec.max_bytes:
+            raise WireError(f"declared tensor bytes exceed the limit of {spec.max_bytes}")
+        entries.append(entry)
+    if msg_type in TENSORLESS_TYPES:
+        if entries:
+            raise WireError(f"{msg_type.name} must carry no tensors, got {len(entries)}")
+    else:
+        missing = spec.tensors.keys() - names
+        if missing:
+            raise WireError(f"{msg_type.name} is missing tensors {_show(sorted(missing))}")
+    return entries
+
+
+def _tensor_entry(item: Any, spec: WireSpec) -> _Entry:
+    if type(item) is not list or len(item) != 4:
+        raise WireError(f"tensor entry must be [name, dtype, shape, nbytes], got {_show(item)}")
+    name, tag, shape, nbytes = item
+    if type(name) is not str or name not in spec.tensors:
+        raise WireError(f"unexpected tensor name {_show(name)}")
+    if type(tag) is not str or tag not in spec.allowed_dtypes:
+        raise WireError(f"tensor {name!r}: dtype {_show(tag)} not allowed")
+    if type(shape) is not list or len(shape) > MAX_NDIM:
+        raise WireError(f"tensor {name!r}: shape must be a list of at most {MAX_NDIM} dims")
+    dims = tuple(_bounded_int(d, f"tensor {name!r} shape dim", 0, MAX_DIM) for d in shape)
+    if spec.shape_check and dims != tuple(spec.tensors[name]):
+        raise WireError(f"tensor {name!r}: shape {dims} != expected {tuple(spec.tensors[name])}")
+    expected_bytes = math.prod(dims) * WIRE_DTYPES[tag].itemsize
+    if type(nbytes) is not int or nbytes != expected_bytes:
+        raise WireError(f"tensor {name!r}: nbytes {_show(nbytes)} != {expected_bytes} implied by shape and dtype")
+    return name, tag, dims, nbytes
+
+
+def _tensor(entry: _Entry, frame: memoryview, offset: int) -> np.ndarray:
+    """View one tensor inside its (length-checked) frame, without copying; reject NaN and Inf."""
+    name, tag, shape, _ = entry
+    array = np.frombuffer(frame, WIRE_DTYPES[tag], math.prod(shape), offset).reshape(shape)
+    if not _all_finite(array, tag):
+        raise WireError(f"tensor {name!r}: non-finite value (NaN or Inf)")
+    return array
+
+
+def _all_finite(array: np.ndarray, tag: str) -> bool:
+    """True when no element is NaN or Inf; integer tensors always are.
+
+    16-bit floats are checked on their bits: bfloat16 has no numpy type, and the bit
+    test is also several times faster than ``np.isfinite`` on float16.
+    """
+    if tag == "float32":
+        return bool(np.isfinite(array).all())
+    mask = _EXPONENT_MASK.get(tag)
+    if mask is None:
+        return True
+    magnitude = np.bitwise_and(array.view(np.uint16), 0x7FFF)
+    return int(magnitude.max(initial=0)) < mask
