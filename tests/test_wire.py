@@ -26,9 +26,9 @@ from p2prec.wire.layout import PACK_ALIGN, PACK_BELOW, frame_layout
 ADAPTER_SHAPES = {
     "item_emb.lora_A": (8, 1683),
     "item_emb.lora_B": (64, 8),
-    "item_emb.lora_wide": (8, 4096),  # over PACK_BELOW: travels in its own frame
     **{f"layer{i}.{p}.lora_A": (8, 64) for i in range(2) for p in ("query", "value")},
     **{f"layer{i}.{p}.lora_B": (64, 8) for i in range(2) for p in ("query", "value")},
+    "item_emb.lora_wide": (8, 4096),  # over PACK_BELOW: travels in its own, last, frame
 }
 BF16_NAN, BF16_INF = 0x7FC0, 0x7F80
 
@@ -42,7 +42,7 @@ def spec_for(tensors: dict[str, np.ndarray], **overrides: Any) -> WireSpec:
     fields: dict[str, Any] = {
         "tensors": {name: arr.shape for name, arr in tensors.items()},
         "max_bytes": sum(arr.nbytes for arr in tensors.values()),
-        "allowed_dtypes": frozenset(wire_dtype_tag(arr.dtype) for arr in tensors.values()) or frozenset({"float32"}),
+        "allowed_dtypes": frozenset(wire_dtype_tag(a.dtype) for a in tensors.values()) or frozenset({"float32"}),
         "known_senders": frozenset({1, 2, 3}),
         **overrides,
     }
@@ -50,8 +50,8 @@ def spec_for(tensors: dict[str, np.ndarray], **overrides: Any) -> WireSpec:
 
 
 def gossip(tensors: dict[str, np.ndarray], **overrides: Any) -> Message:
-    fields: dict[str, Any] = {"type": MessageType.GOSSIP, "sender": 2, "round": 7, "codec": "none", "tensors": tensors}
-    return Message(**{**fields, **overrides})
+    fields: dict[str, Any] = {"type": MessageType.GOSSIP, "sender": 2, "round": 7, "codec": "none"}
+    return Message(**{**fields, "tensors": tensors, **overrides})
 
 
 def as_bytes(frames: list[bytes | memoryview]) -> list[bytes]:
@@ -100,7 +100,7 @@ def test_round_trip_realistic_adapter_and_non_contiguous_input() -> None:
     tensors["layer0.query.lora_B"] = np.asfortranarray(tensors["layer0.query.lora_B"])
     msg = gossip(tensors)
     frames = encode(msg)
-    assert len(frames) == 1 + 2  # header, packed small tensors, the one wide tensor
+    assert len(frames) == 1 + 3  # header, two packed frames under 64 KiB, the wide tensor
     wire_bytes = sum(len(f) for f in frames)
     assert wire_bytes / sum(a.nbytes for a in tensors.values()) < 1.01
     assert_same(validate_and_decode(as_bytes(frames), spec_for(tensors)), msg)
@@ -115,17 +115,18 @@ def test_control_message_and_aggregate_up_round_trip() -> None:
 
 
 def test_layout_packs_small_tensors_aligned_and_keeps_large_ones_apart() -> None:
-    layout = frame_layout([3, PACK_BELOW, 8, 0, PACK_BELOW + 1])
-    assert layout.packed
-    assert layout.slots == [(0, 0), (1, 0), (0, PACK_ALIGN), (0, 2 * PACK_ALIGN), (2, 0)]
-    assert layout.frame_bytes == [2 * PACK_ALIGN, PACK_BELOW, PACK_BELOW + 1]
-    assert not frame_layout([PACK_BELOW]).packed
+    half = PACK_BELOW // 2
+    layout = frame_layout([3, PACK_BELOW, 8, 0, half, half - PACK_ALIGN])
+    assert layout.slots == [(0, 0), (1, 0), (0, PACK_ALIGN), (0, 2 * PACK_ALIGN), (0, 2 * PACK_ALIGN), (2, 0)]
+    assert layout.frame_bytes == [2 * PACK_ALIGN + half, PACK_BELOW, half - PACK_ALIGN]
+    assert layout.packed == [True, False, True]
+    assert all(n < PACK_BELOW for n, packed in zip(layout.frame_bytes, layout.packed) if packed)
 
 
 def test_decoded_arrays_are_views_of_received_frames() -> None:
     frames = as_bytes(encode(gossip(adapter())))
     decoded = validate_and_decode(frames, spec_for(adapter()))
-    packed, wide = (np.frombuffer(f, np.uint8) for f in frames[1:])
+    packed, wide = np.frombuffer(frames[1], np.uint8), np.frombuffer(frames[-1], np.uint8)
     assert np.shares_memory(decoded.tensors["item_emb.lora_wide"], wide)
     assert np.shares_memory(decoded.tensors["item_emb.lora_A"], packed)
     assert not decoded.tensors["item_emb.lora_A"].flags.writeable

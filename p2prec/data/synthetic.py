@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 
-def generate(out: str | Path, users: int = 120, items: int = 200, communities: int = 4,
+def generate(out: str | Path, users: int = 200, items: int = 500, communities: int = 4,
              min_len: int = 8, max_len: int = 24, noise: float = 0.1, seed: int = 0) -> Path:
     """Write ``u.data`` and ``u.item`` to ``out`` and return the folder.
 

@@ -1,10 +1,10 @@
-"""The message schema and its encoder: a msgpack header frame plus one raw frame per tensor.
+"""The message schema and its encoder: a msgpack header frame plus raw tensor frames.
 
-Why this shape: tensors travel as their own ZeroMQ frames straight from the array's
-buffer, so a megabyte adapter is never copied into a serialisation buffer, and the
-receiver can view each frame with ``np.frombuffer`` without copying either. The header
-is plain msgpack data (no pickle, nothing that runs code) and describes every tensor, so
-a receiver can check sizes before it looks at a single payload byte.
+Why this shape: a large tensor travels as its own ZeroMQ frame straight from the
+array's buffer, so a megabyte adapter is never copied into a serialisation buffer, and
+the receiver views every tensor with ``np.frombuffer`` without copying either. The
+header is plain msgpack data (no pickle, nothing that runs code) and describes every
+tensor, so a receiver can check sizes before it looks at a single payload byte.
 
 Header (frame 0), a msgpack map with exactly these keys::
 
@@ -13,7 +13,7 @@ Header (frame 0), a msgpack map with exactly these keys::
      "tensors": [[name: str, dtype: str, shape: [int, ...], nbytes: int], ...]}
 
 The payload frames that follow hold the tensors' bytes, little-endian, C order: small
-tensors share one packed frame, large ones get a frame each (see
+tensors share packed frames, large ones get a frame each (see
 :mod:`p2prec.wire.layout`, which derives the layout from the declared ``nbytes``).
 Decoding lives in :mod:`p2prec.wire.validate`, because there is deliberately no way to
 turn received bytes into a :class:`Message` without validating them.
@@ -101,7 +101,7 @@ def encode(msg: Message) -> list[bytes | memoryview]:
     """Encode ``msg`` as ZeroMQ frames: the header, then the payload frames.
 
     A large C-contiguous array is sent from its own memory (no copy); small ones are
-    copied into the packed frame, and any other array is made contiguous once. With
+    copied into packed frames, and any other array is made contiguous once. With
     ``send_multipart(..., copy=False)`` ZeroMQ may still read the arrays after this
     returns, so the caller must not modify them in place until the message has left
     (send codec output or a snapshot, not live parameters).
@@ -120,14 +120,11 @@ def encode(msg: Message) -> list[bytes | memoryview]:
         ],
     }
     layout = frame_layout([arr.nbytes for arr in arrays])
-    packed = np.zeros(layout.frame_bytes[0] if layout.packed else 0, dtype=np.uint8)
-    frames: list[bytes | memoryview] = [msgpack.packb(header)]
+    payload = {j: np.zeros(n, np.uint8) for j, n in enumerate(layout.frame_bytes) if layout.packed[j]}
     for arr, (frame, offset) in zip(arrays, layout.slots):
         data = arr.reshape(-1).view(np.uint8)
-        if layout.packed and frame == 0:
-            packed[offset : offset + data.size] = data
+        if layout.packed[frame]:
+            payload[frame][offset : offset + data.size] = data
         else:
-            frames.append(memoryview(data))
-    if layout.packed:
-        frames.insert(1, memoryview(packed))
-    return frames
+            payload[frame] = data
+    return [msgpack.packb(header), *(memoryview(payload[j]) for j in range(len(layout.frame_bytes)))]

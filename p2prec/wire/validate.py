@@ -24,7 +24,8 @@ import msgpack
 import numpy as np
 import zmq
 
-from p2prec.wire.layout import frame_layout
+from p2prec.wire.finite import all_finite, float_runs
+from p2prec.wire.layout import FrameLayout, frame_layout
 from p2prec.wire.message import (
     PROTOCOL_VERSION,
     TENSORLESS_TYPES,
@@ -49,9 +50,6 @@ _HEADER_BASE_BYTES = 4096
 """Header budget for everything but the tensor table: the envelope plus a full meta map."""
 _TENSOR_ENTRY_BYTES = 64
 """Header budget per tensor entry, besides its name: dtype tag, 8-dim shape, nbytes."""
-_EXPONENT_MASK = {"float16": 0x7C00, "bfloat16": 0x7F80}
-"""A 16-bit float is NaN or Inf exactly when all its exponent bits are set."""
-
 Frame = zmq.Frame | bytes | bytearray | memoryview
 
 
@@ -83,9 +81,11 @@ class WireSpec:
             raise ValueError(f"WireSpec.allowed_dtypes has dtypes the wire cannot carry: {sorted(unknown)}")
         if self.max_bytes <= 0 or self.max_round < 0:
             raise ValueError("WireSpec.max_bytes must be positive and max_round non-negative")
-        for name, shape in self.tensors.items():
+        shapes = {name: tuple(int(d) for d in shape) for name, shape in self.tensors.items()}
+        for name, shape in shapes.items():
             if len(shape) > MAX_NDIM or any(not 0 <= d <= MAX_DIM for d in shape):
                 raise ValueError(f"WireSpec shape for {name!r} is out of bounds: {shape}")
+        object.__setattr__(self, "tensors", shapes)  # tuples of ints, to compare with headers
 
     @cached_property
     def max_header_bytes(self) -> int:
@@ -122,7 +122,11 @@ def validate_and_decode(frames: Sequence[Frame], spec: WireSpec) -> Message:
     for index, (view, nbytes) in enumerate(zip(payload, layout.frame_bytes)):
         if view.nbytes != nbytes:
             raise WireError(f"payload frame {index} has {view.nbytes} bytes, header implies {nbytes}")
-    tensors = {entry[0]: _tensor(entry, payload[frame], offset) for entry, (frame, offset) in zip(entries, layout.slots)}
+    _check_finite(entries, layout, payload)
+    tensors = {
+        name: np.frombuffer(payload[frame], WIRE_DTYPES[tag], math.prod(shape), offset).reshape(shape)
+        for (name, tag, shape, _), (frame, offset) in zip(entries, layout.slots)
+    }
     return Message(type=msg_type, sender=sender, round=round_, codec=codec, tensors=tensors, meta=meta)
 
 
@@ -247,36 +251,28 @@ def _tensor_entry(item: Any, spec: WireSpec) -> _Entry:
         raise WireError(f"unexpected tensor name {_show(name)}")
     if type(tag) is not str or tag not in spec.allowed_dtypes:
         raise WireError(f"tensor {name!r}: dtype {_show(tag)} not allowed")
-    if type(shape) is not list or len(shape) > MAX_NDIM:
-        raise WireError(f"tensor {name!r}: shape must be a list of at most {MAX_NDIM} dims")
-    dims = tuple(_bounded_int(d, f"tensor {name!r} shape dim", 0, MAX_DIM) for d in shape)
-    if spec.shape_check and dims != tuple(spec.tensors[name]):
-        raise WireError(f"tensor {name!r}: shape {dims} != expected {tuple(spec.tensors[name])}")
+    if (
+        type(shape) is not list
+        or len(shape) > MAX_NDIM
+        or not all(type(d) is int and 0 <= d <= MAX_DIM for d in shape)
+    ):
+        bounds = f"up to {MAX_NDIM} ints in [0, {MAX_DIM}]"
+        raise WireError(f"tensor {name!r}: shape must be {bounds}, got {_show(shape)}")
+    dims = tuple(shape)
+    if spec.shape_check and dims != spec.tensors[name]:
+        raise WireError(f"tensor {name!r}: shape {dims} != expected {spec.tensors[name]}")
     expected_bytes = math.prod(dims) * WIRE_DTYPES[tag].itemsize
     if type(nbytes) is not int or nbytes != expected_bytes:
-        raise WireError(f"tensor {name!r}: nbytes {_show(nbytes)} != {expected_bytes} implied by shape and dtype")
+        raise WireError(f"tensor {name!r}: nbytes {_show(nbytes)} != {expected_bytes} from shape and dtype")
     return name, tag, dims, nbytes
 
 
-def _tensor(entry: _Entry, frame: memoryview, offset: int) -> np.ndarray:
-    """View one tensor inside its (length-checked) frame, without copying; reject NaN and Inf."""
-    name, tag, shape, _ = entry
-    array = np.frombuffer(frame, WIRE_DTYPES[tag], math.prod(shape), offset).reshape(shape)
-    if not _all_finite(array, tag):
-        raise WireError(f"tensor {name!r}: non-finite value (NaN or Inf)")
-    return array
-
-
-def _all_finite(array: np.ndarray, tag: str) -> bool:
-    """True when no element is NaN or Inf; integer tensors always are.
-
-    16-bit floats are checked on their bits: bfloat16 has no numpy type, and the bit
-    test is also several times faster than ``np.isfinite`` on float16.
-    """
-    if tag == "float32":
-        return bool(np.isfinite(array).all())
-    mask = _EXPONENT_MASK.get(tag)
-    if mask is None:
-        return True
-    magnitude = np.bitwise_and(array.view(np.uint16), 0x7FFF)
-    return int(magnitude.max(initial=0)) < mask
+def _check_finite(entries: list[_Entry], layout: FrameLayout, payload: list[memoryview]) -> None:
+    """Reject NaN and Inf, scanning each run of same-dtype float tensors in one call."""
+    placements = [
+        (tag, frame, offset, offset + nbytes)
+        for (_, tag, _, nbytes), (frame, offset) in zip(entries, layout.slots)
+    ]
+    for tag, frame, start, end in float_runs(placements):
+        if not all_finite(payload[frame][start:end], tag):
+            raise WireError(f"payload frame {frame} bytes {start}..{end}: non-finite {tag} (NaN or Inf)")
