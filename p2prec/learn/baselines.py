@@ -66,8 +66,12 @@ def run_backbone_only(model: DualAdapterModel, data: Dataset, cfg: Config) -> Ba
     return BaselineResult([record], 0, time.perf_counter() - start)
 
 
-def run_centralized(model: DualAdapterModel, data: Dataset, cfg: Config, epochs: int) -> BaselineResult:
-    """Pool every federated user's training data and train one set of adapters."""
+def run_centralized(model: DualAdapterModel, data: Dataset, cfg: Config, epochs: int = 0) -> BaselineResult:
+    """Pool every federated user's training data and train one set of adapters.
+
+    Uses ``[central]`` for learning rate, batch size, epochs (unless ``epochs`` is given)
+    and early-stopping patience, and ``[train]`` for the loss and negatives.
+    """
     start = time.perf_counter()
     sampler = NegativeSampler(data)
     es = federated_eval_set(data, cfg, sampler)
@@ -77,8 +81,11 @@ def run_centralized(model: DualAdapterModel, data: Dataset, cfg: Config, epochs:
         result = evaluate(model, params, es, protocols, k=cfg.eval.k)
         return selection_score(result, cfg), {"round": epoch, **result}
 
+    c = cfg.central
+    settings = StepSettings(lr=c.lr, loss=cfg.train.loss, weight_decay=cfg.train.weight_decay)
     run = train_pooled(model, model.trainable_state(), data, sampler, data.federated_users,
-                       step_settings(cfg), epochs=epochs, batch_size=cfg.pretrain.batch_size,
+                       settings, epochs=epochs or c.epochs, batch_size=c.batch_size,
                        max_len=cfg.model.max_len, negatives=cfg.train.negatives, seed=cfg.train.seed,
-                       validate=validate, eval_every=cfg.eval.every, patience=10, desc="centralized")
+                       validate=validate, eval_every=cfg.eval.every, patience=c.patience,
+                       dropout=cfg.train.backbone_dropout, desc="centralized")
     return BaselineResult(run.history, run.best_epoch, time.perf_counter() - start)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+import torch
 from torch import nn
 from tqdm import tqdm
 
@@ -35,11 +36,12 @@ def train_pooled(model: nn.Module, params: Params, data: Dataset, sampler: Negat
                  users: np.ndarray, settings: StepSettings, *, epochs: int, batch_size: int,
                  max_len: int, negatives: int, seed: int,
                  validate: Callable[[Params, int], tuple[float, dict]], eval_every: int = 1,
-                 patience: int = 0, desc: str = "train") -> PooledRun:
+                 patience: int = 0, dropout: bool = True, desc: str = "train") -> PooledRun:
     """Epochs of shuffled mini-batches over ``users``; keep the parameters with the best validation.
 
-    ``validate(params, epoch)`` returns (selection score, record). ``patience`` > 0 stops
-    after that many evaluations without improvement.
+    ``validate(params, epoch)`` returns (selection score, record) and runs with the model in
+    eval mode. ``patience`` > 0 stops after that many evaluations without improvement.
+    ``dropout`` runs the training steps in train mode, with torch's RNG seeded per epoch.
     """
     state = init_opt_state(params)
     best = PooledRun({k: v.clone() for k, v in params.items()}, 0, float("-inf"))
@@ -47,6 +49,8 @@ def train_pooled(model: nn.Module, params: Params, data: Dataset, sampler: Negat
     bar = tqdm(range(1, epochs + 1), desc=desc, unit="epoch", dynamic_ncols=True)
     for epoch in bar:
         rng = seeded_rng(seed, epoch)
+        torch.manual_seed(int(rng.integers(2**62)))
+        model.train(dropout)
         order = rng.permutation(users)
         losses = []
         for start in range(0, len(order), batch_size):
@@ -56,6 +60,7 @@ def train_pooled(model: nn.Module, params: Params, data: Dataset, sampler: Negat
             params = {k: v.detach() for k, v in params.items()}
             state = {k: v.detach() for k, v in state.items()}
             losses.append(float(loss))
+        model.eval()
         if epoch % eval_every and epoch != epochs:
             continue
         score, record = validate(params, epoch)

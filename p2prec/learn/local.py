@@ -59,36 +59,62 @@ def batch_loss(model: nn.Module, params: Params, inputs: torch.Tensor, targets: 
     return ranking_loss(scores[..., 0], scores[..., 1:], mask, kind)
 
 
+def _per_node(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Broadcast a per-node quantity (shape ``[]`` or ``[N]``) against a tensor ``[N, ...]``."""
+    return x.reshape(*x.shape, *([1] * (like.dim() - x.dim())))
+
+
 def adam_step(params: Params, grads: Params, state: Params, s: StepSettings) -> tuple[Params, Params]:
-    """One decoupled-weight-decay Adam step (AdamW; plain Adam when weight_decay is 0)."""
+    """One decoupled-weight-decay Adam step (AdamW; plain Adam when weight_decay is 0).
+
+    Works unchanged on one node's tensors (``t`` a scalar) and on tensors stacked ``[N, ...]``
+    (``t`` of shape ``[N]``, each node with its own bias correction), so the simulator runs
+    it once over a whole chunk of nodes instead of once per node.
+    """
     t = state["t"] + 1
-    bias1 = 1 - s.beta1 ** t
+    step_size = s.lr / (1 - s.beta1 ** t)
     bias2 = 1 - s.beta2 ** t
     new_params: Params = {}
     new_state: Params = {"t": t}
     for name, p in params.items():
         g = grads[name]
-        m = s.beta1 * state[f"m.{name}"] + (1 - s.beta1) * g
-        v = s.beta2 * state[f"v.{name}"] + (1 - s.beta2) * g * g
-        update = (m / bias1) / ((v / bias2).sqrt() + s.eps)
-        new_params[name] = p * (1 - s.lr * s.weight_decay) - s.lr * update
+        m = torch.lerp(state[f"m.{name}"], g, 1 - s.beta1)
+        v = torch.addcmul(state[f"v.{name}"] * s.beta2, g, g, value=1 - s.beta2)
+        denom = (v / _per_node(bias2, v)).sqrt_().add_(s.eps)
+        decayed = p * (1 - s.lr * s.weight_decay) if s.weight_decay else p
+        new_params[name] = decayed - _per_node(step_size, p) * m / denom
         new_state[f"m.{name}"] = m
         new_state[f"v.{name}"] = v
     return new_params, new_state
+
+
+def local_grads(model: nn.Module, params: Params, inputs: torch.Tensor, targets: torch.Tensor,
+                negatives: torch.Tensor, kind: str) -> tuple[Params, torch.Tensor]:
+    """Gradient of one node's batch loss with respect to its trainable tensors, and the loss."""
+    return grad_and_value(lambda p: batch_loss(model, p, inputs, targets, negatives, kind))(params)
 
 
 def local_step(model: nn.Module, params: Params, state: Params, inputs: torch.Tensor,
                targets: torch.Tensor, negatives: torch.Tensor,
                s: StepSettings) -> tuple[Params, Params, torch.Tensor]:
     """Gradient of the batch loss, then one Adam step. Returns new params, state and the loss."""
-    grads, loss = grad_and_value(lambda p: batch_loss(model, p, inputs, targets, negatives, s.loss))(params)
+    grads, loss = local_grads(model, params, inputs, targets, negatives, s.loss)
     new_params, new_state = adam_step(params, grads, state, s)
     return new_params, new_state, loss
 
 
-def batched_local_step(model: nn.Module, s: StepSettings):  # noqa: ANN201 - returns a vmapped callable
-    """:func:`local_step` vectorized over a leading node dimension of every argument."""
-    def one(params: Params, state: Params, inputs: torch.Tensor, targets: torch.Tensor,
-            negatives: torch.Tensor) -> tuple[Params, Params, torch.Tensor]:
-        return local_step(model, params, state, inputs, targets, negatives, s)
-    return torch.func.vmap(one, randomness="error")
+def batched_local_step(model: nn.Module, s: StepSettings):  # noqa: ANN201 - returns a callable
+    """:func:`local_step` for a chunk of nodes stacked along a leading dimension.
+
+    Gradients are vmapped over the nodes (each node draws its own dropout masks,
+    ``randomness="different"``; in eval mode no randomness is used and the result equals a
+    per-node loop); the Adam step then runs once on the stacked tensors.
+    """
+    grads_fn = torch.func.vmap(lambda p, x, y, z: local_grads(model, p, x, y, z, s.loss), randomness="different")
+
+    def step(params: Params, state: Params, inputs: torch.Tensor, targets: torch.Tensor,
+             negatives: torch.Tensor) -> tuple[Params, Params, torch.Tensor]:
+        grads, loss = grads_fn(params, inputs, targets, negatives)
+        new_params, new_state = adam_step(params, grads, state, s)
+        return new_params, new_state, loss
+    return step

@@ -32,7 +32,8 @@ class Population:
 
     def __init__(self, model: DualAdapterModel, data: Dataset, sampler: NegativeSampler,
                  nodes: list[np.ndarray], settings: StepSettings, *, local_steps: int,
-                 batch_size: int, max_len: int, negatives: int, seed: int, chunk: int = 128) -> None:
+                 batch_size: int, max_len: int, negatives: int, seed: int, dropout: bool = False,
+                 chunk: int = 128) -> None:
         self.model = model
         self.data = data
         self.sampler = sampler
@@ -43,6 +44,7 @@ class Population:
         self.max_len = max_len
         self.negatives = negatives
         self.seed = seed
+        self.dropout = dropout
         self.chunk = chunk
         self.params = stack(model.trainable_state(), len(nodes))
         self.state = init_opt_state(self.params, batch_dims=1)
@@ -65,10 +67,15 @@ class Population:
         losses = torch.zeros(self.size)
         for step in range(self.local_steps):
             batches = [self.node_batch(int(i), round_, step) for i in active_ids]
-            if vectorized:
-                self._vectorized_step(active_ids, batches, losses)
-            else:
-                self._looped_step(active_ids, batches, losses)
+            torch.manual_seed(int(seeded_rng(self.seed, round_, step).integers(2**62)))
+            self.model.train(self.dropout)
+            try:
+                if vectorized:
+                    self._vectorized_step(active_ids, batches, losses)
+                else:
+                    self._looped_step(active_ids, batches, losses)
+            finally:
+                self.model.eval()
         return float(losses[active_ids].mean()) if len(active_ids) and self.local_steps else float("nan")
 
     @torch.no_grad()

@@ -52,14 +52,11 @@ def pretrain(data: Dataset, cfg: Config) -> tuple[SeqRecModel, dict]:
     es = build_eval_set(data, nodes, m.max_len, sampler, cfg.eval.sampled_negatives, cfg.eval.seed)
 
     def validate(params: Params, epoch: int) -> tuple[float, dict]:
-        model.eval()
         result = evaluate(model, params, es, protocols=("sampled",), k=cfg.eval.k)
-        model.train()
         val = result["val"]["sampled"]
         return val["ndcg@10"], {"val_hr@10": val["hr@10"], "val_ndcg@10": val["ndcg@10"]}
 
     params = {n: t.detach().clone() for n, t in model.named_parameters()}
-    model.train()
     run = train_pooled(model, params, data, sampler, data.public_users,
                        StepSettings(lr=p.lr, weight_decay=p.weight_decay),
                        epochs=p.epochs, batch_size=p.batch_size, max_len=m.max_len,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import transformers
 
 from p2prec.model.backbone import SeqRecModel
 
@@ -67,6 +68,7 @@ def load_backbone(path: str | Path, item_ids: np.ndarray | None = None) -> SeqRe
     if item_ids is not None and not np.array_equal(vocab, np.asarray(item_ids)):
         raise BackboneError(f"{path}: backbone vocabulary ({len(vocab)} items) does not match "
                             f"the data set ({len(item_ids)} items); pre-train on this data")
+    transformers.utils.logging.disable_progress_bar()
     try:
         model = SeqRecModel.from_pretrained(path)
     except (OSError, ValueError) as exc:

@@ -25,7 +25,6 @@ from p2prec.learn.population import Population
 from p2prec.model.pretrain import ensure_backbone
 from p2prec.sim.results import make_record, summarize_run, write_run
 
-DEFAULT_EPOCHS = {"centralized": 100, "local-only": 100, "backbone-only": 0}
 
 
 def run_local_only(model, data: Dataset, cfg: Config, rounds: int) -> BaselineResult:  # noqa: ANN001
@@ -36,7 +35,8 @@ def run_local_only(model, data: Dataset, cfg: Config, rounds: int) -> BaselineRe
     es = federated_eval_set(data, cfg, sampler, nodes)
     t = cfg.train
     pop = Population(model, data, sampler, nodes, step_settings(cfg), local_steps=t.local_steps,
-                     batch_size=t.batch_size, max_len=cfg.model.max_len, negatives=t.negatives, seed=t.seed)
+                     batch_size=t.batch_size, max_len=cfg.model.max_len, negatives=t.negatives, seed=t.seed,
+                     dropout=t.backbone_dropout)
     records: list[dict] = []
     best = (float("-inf"), 0)
     bar = tqdm(range(1, rounds + 1), desc="local-only", unit="round", dynamic_ncols=True)
@@ -54,14 +54,13 @@ def run_local_only(model, data: Dataset, cfg: Config, rounds: int) -> BaselineRe
 def run_baseline(kind: str, cfg: Config, data: Dataset, out: str | Path, backbone_dir: str | None = None,
                  epochs: int = 0) -> dict:
     """Train and evaluate one baseline, write ``out``, and return the summary."""
-    epochs = epochs or DEFAULT_EPOCHS[kind]
     model = adapter_model(ensure_backbone(data, cfg, backbone_dir), cfg)
     if kind == "backbone-only":
         result = run_backbone_only(model, data, cfg)
     elif kind == "centralized":
         result = run_centralized(model, data, cfg, epochs)
     else:
-        result = run_local_only(model, data, cfg, epochs)
+        result = run_local_only(model, data, cfg, epochs or cfg.sim.rounds)
     nodes = len(data.nodes(cfg.data.users_per_node))
     records = [r if "bytes_sent_total" in r else
                make_record(r["round"], r, r.get("loss"), None, 0, result.wall_s) for r in result.records]

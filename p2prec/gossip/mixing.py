@@ -1,0 +1,158 @@
+"""Gossip mixing: weight matrices, their masking by faults, and applying them to adapters.
+
+One implementation serves both worlds. The simulator applies an ``N x N`` sparse matrix to
+every node's stacked shared adapter in one product; a real node builds the single row for
+itself (its own weight plus the neighbours that answered in time) and applies that row to
+the stack of its own and received adapters, with the very same functions.
+
+Invariant: after :func:`row_normalise` every row sums to one, so mixing is a convex
+combination; a row left with no weight at all becomes the identity (the node keeps its
+own state), which is how a node that heard nothing behaves.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+Params = dict[str, torch.Tensor]
+
+
+def row_normalise(w: sp.csr_matrix) -> sp.csr_matrix:
+    """Rescale each row to sum to one; an all-zero row of a square matrix becomes ``e_i``."""
+    w = sp.csr_matrix(w, dtype=np.float64)
+    w.eliminate_zeros()
+    sums = np.asarray(w.sum(axis=1)).ravel()
+    empty = sums <= 0
+    scale = np.where(empty, 0.0, 1.0 / np.where(empty, 1.0, sums))
+    out = sp.diags(scale) @ w
+    if empty.any():
+        if w.shape[0] != w.shape[1]:
+            raise ValueError(f"{int(empty.sum())} rows have no weight and the matrix is not square")
+        out = out + sp.diags(empty.astype(np.float64))
+    return sp.csr_matrix(out)
+
+
+def keep_entries(w: sp.csr_matrix, keep: np.ndarray) -> sp.csr_matrix:
+    """Zero the stored entries of ``w`` where ``keep`` (aligned with ``w.data``) is False."""
+    out = sp.csr_matrix(w, copy=True)
+    out.data = np.where(keep, out.data, 0.0)
+    out.eliminate_zeros()
+    return out
+
+
+def entry_coords(w: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column of every stored entry, aligned with ``w.data``."""
+    rows = np.repeat(np.arange(w.shape[0]), np.diff(w.indptr))
+    return rows, w.indices
+
+
+def drop_messages(w: sp.csr_matrix, p: float, rng: np.random.Generator) -> sp.csr_matrix:
+    """Lose each off-diagonal message independently with probability ``p``; keep self-weights."""
+    rows, cols = entry_coords(w)
+    keep = (rows == cols) | (rng.random(len(w.data)) >= p)
+    return keep_entries(w, keep)
+
+
+def silence_senders(w: sp.csr_matrix, silent: np.ndarray) -> sp.csr_matrix:
+    """Remove every message sent by a node in ``silent`` (boolean over columns) to others."""
+    rows, cols = entry_coords(w)
+    return keep_entries(w, (rows == cols) | ~silent[cols])
+
+
+def freeze_rows(w: sp.csr_matrix, frozen: np.ndarray) -> sp.csr_matrix:
+    """Rows of ``frozen`` nodes become identity: a node that is down neither sends nor mixes."""
+    keep_rows = sp.diags((~frozen).astype(np.float64))
+    return sp.csr_matrix(keep_rows @ w + sp.diags(frozen.astype(np.float64)))
+
+
+def uniform_peer_matrix(n: int, peers: int, rng: np.random.Generator) -> sp.csr_matrix:
+    """Epidemic-style sampling: each node pushes to ``peers`` random others this round.
+
+    The receiver averages its own state with everything it received, uniformly.
+    """
+    peers = min(peers, n - 1)
+    senders = np.repeat(np.arange(n), peers)
+    targets = np.concatenate([_choose_others(i, n, peers, rng) for i in range(n)]) if peers else np.zeros(0, int)
+    w = sp.coo_matrix((np.ones(len(senders)), (targets, senders)), shape=(n, n)) + sp.identity(n)
+    return row_normalise(sp.csr_matrix(w))
+
+
+def _choose_others(i: int, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    picks = rng.choice(n - 1, size=k, replace=False)
+    return picks + (picks >= i)
+
+
+def matching_matrix(edges: np.ndarray, n: int, rng: np.random.Generator) -> sp.csr_matrix:
+    """A random maximal matching over ``edges`` ``[E, 2]``; matched pairs average, others keep."""
+    order = rng.permutation(len(edges))
+    taken = np.zeros(n, dtype=bool)
+    pairs = []
+    for u, v in edges[order]:
+        if u != v and not taken[u] and not taken[v]:
+            taken[u] = taken[v] = True
+            pairs.append((u, v))
+    a = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    rows = np.concatenate([a[:, 0], a[:, 1], a[:, 0], a[:, 1]])
+    cols = np.concatenate([a[:, 1], a[:, 0], a[:, 0], a[:, 1]])
+    w = sp.coo_matrix((np.full(len(rows), 0.5), (rows, cols)), shape=(n, n))
+    return sp.csr_matrix(w + sp.diags((~taken).astype(np.float64)))
+
+
+def count_weighted_rows(members: list[np.ndarray], counts: np.ndarray, n: int) -> sp.csr_matrix:
+    """One row per aggregator: its members weighted by their sample counts (FedAvg weights)."""
+    rows = np.concatenate([np.full(len(m), r) for r, m in enumerate(members)]) if members else np.zeros(0, int)
+    cols = np.concatenate(members) if members else np.zeros(0, int)
+    w = sp.coo_matrix((counts[cols].astype(np.float64), (rows, cols)), shape=(len(members), n))
+    return row_normalise_rect(sp.csr_matrix(w))
+
+
+def row_normalise_rect(w: sp.csr_matrix) -> sp.csr_matrix:
+    """Rescale each non-empty row to sum to one (rectangular matrices; empty rows stay empty)."""
+    sums = np.asarray(w.sum(axis=1)).ravel()
+    return sp.csr_matrix(sp.diags(np.where(sums > 0, 1.0 / np.where(sums > 0, sums, 1.0), 0.0)) @ w)
+
+
+def flatten(params: Params, names: list[str]) -> torch.Tensor:
+    """Stacked tensors ``{name: [N, ...]}`` as one ``[N, D]`` matrix, in ``names`` order."""
+    return torch.cat([params[k].reshape(params[k].shape[0], -1) for k in names], dim=1)
+
+
+def unflatten(flat: torch.Tensor, like: Params, names: list[str]) -> Params:
+    """Inverse of :func:`flatten` for rows of ``flat``; shapes come from ``like`` (node dim first)."""
+    out: Params = {}
+    offset = 0
+    for k in names:
+        shape = like[k].shape[1:]
+        size = int(np.prod(shape)) if len(shape) else 1
+        out[k] = flat[:, offset:offset + size].reshape(flat.shape[0], *shape)
+        offset += size
+    return out
+
+
+def to_torch(w: sp.spmatrix, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A scipy sparse matrix as a torch sparse COO tensor (the stable sparse layout)."""
+    w = sp.coo_matrix(w)
+    index = torch.from_numpy(np.vstack([w.row, w.col]).astype(np.int64))
+    return torch.sparse_coo_tensor(index, torch.from_numpy(w.data).to(dtype), size=w.shape,
+                                   check_invariants=False)
+
+
+def mix(w: sp.csr_matrix, params: Params, names: list[str] | None = None) -> Params:
+    """``W @ X`` for stacked adapters ``X``: one sparse product over all tensors at once.
+
+    ``W`` is ``[R, N]`` for ``N`` stacked states; the result holds ``R`` mixed states.
+    """
+    names = names or list(params)
+    flat = flatten(params, names)
+    if w.shape[1] != flat.shape[0]:
+        raise ValueError(f"mixing matrix has {w.shape[1]} columns but {flat.shape[0]} states were given")
+    mixed = torch.sparse.mm(to_torch(w, flat.dtype), flat)
+    return unflatten(mixed, params, names)
+
+
+def consensus_distance(params: Params, names: list[str] | None = None) -> float:
+    """Root-mean-square distance of the nodes' shared adapters from their average."""
+    flat = flatten(params, names or list(params))
+    return float((flat - flat.mean(dim=0, keepdim=True)).pow(2).sum(dim=1).mean().sqrt())

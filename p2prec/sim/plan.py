@@ -1,0 +1,137 @@
+"""Each round's mixing as sparse matrices, built from the topology and that round's faults.
+
+A round maps the nodes' shared adapters ``X`` to ``A @ X_sent + diag(d) @ X``: ``X_sent``
+is what the nodes sent (stale rows for late stragglers), ``A`` holds the weights of what
+arrived, renormalised over the senders that were heard, and ``d`` is each node's weight on
+its own current state. Flat topologies use Metropolis-Hastings (or sampled peers); an edge
+hierarchy composes up (sample-count-weighted average at each aggregator), across (gossip
+between aggregators) and down (each client takes its aggregator's result).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import networkx as nx
+import numpy as np
+import scipy.sparse as sp
+
+from p2prec.config import GossipConfig
+from p2prec.data.sampler import seeded_rng
+from p2prec.gossip.mixing import (
+    count_weighted_rows,
+    drop_messages,
+    freeze_rows,
+    matching_matrix,
+    row_normalise,
+    row_normalise_rect,
+    silence_senders,
+    uniform_peer_matrix,
+)
+from p2prec.sim.faults import RoundFaults
+from p2prec.topology import aggregators, metropolis_hastings
+from p2prec.topology.roles import AGGREGATOR_ONLY
+
+
+@dataclass
+class RoundMixing:
+    """``new = A @ sent + d * own``, plus how many messages were sent this round."""
+
+    a: sp.csr_matrix
+    d: np.ndarray
+    messages: int
+
+
+def split_diagonal(w: sp.csr_matrix) -> RoundMixing:
+    """Separate a square mixing matrix into its off-diagonal part and its diagonal."""
+    d = w.diagonal().copy()
+    a = sp.csr_matrix(w - sp.diags(d))
+    a.eliminate_zeros()
+    return RoundMixing(a, d, 0)
+
+
+class MixingPlan:
+    """Static structure of who mixes with whom; :meth:`round` applies one round's faults."""
+
+    def __init__(self, graph: nx.Graph | None, n: int, counts: np.ndarray, cfg: GossipConfig) -> None:
+        self.n = n
+        self.cfg = cfg
+        self.counts = counts
+        self.aggs = aggregators(graph) if graph is not None else []
+        if graph is None:
+            self.kind = "none"
+        elif self.aggs:
+            self.kind = "hierarchy"
+            self._init_hierarchy(graph)
+        else:
+            self.kind = "flat"
+            data_graph = graph.subgraph(range(n))
+            self.base = metropolis_hastings(data_graph)
+            self.edges = np.asarray([(u, v) for u, v in data_graph.edges if u != v], dtype=np.int64).reshape(-1, 2)
+
+    def _init_hierarchy(self, graph: nx.Graph) -> None:
+        index = {a: k for k, a in enumerate(self.aggs)}
+        home = np.full(self.n, -1)
+        for node in range(self.n):
+            if node in index:
+                home[node] = index[node]
+            else:
+                home[node] = index[graph.nodes[node]["aggregator"]]
+        self.home = home
+        self.agg_is_data = np.asarray([graph.nodes[a].get("role") != AGGREGATOR_ONLY for a in self.aggs])
+        inner = nx.relabel_nodes(graph.subgraph(self.aggs), index)
+        self.agg_mixing = metropolis_hastings(inner)
+
+    def round(self, rnd: int, faults: RoundFaults) -> RoundMixing:
+        if self.kind == "none":
+            return RoundMixing(sp.csr_matrix((self.n, self.n)), np.ones(self.n), 0)
+        if self.kind == "flat":
+            return self._flat(rnd, faults)
+        return self._hierarchy(faults)
+
+    def _flat(self, rnd: int, f: RoundFaults) -> RoundMixing:
+        rng = seeded_rng(self.cfg.seed, rnd, 0x60551)
+        if self.cfg.mixing == "peers":
+            w = uniform_peer_matrix(self.n, self.cfg.peers, rng)
+        elif self.cfg.mixing == "matching":
+            w = matching_matrix(self.edges, self.n, rng)
+        else:
+            w = self.base
+        messages = _count_sent(w, ~f.down)
+        w = silence_senders(w, f.down | f.lost)
+        w = drop_messages(w, f.drop_prob, f.rng) if f.drop_prob else w
+        w = row_normalise(freeze_rows(w, f.down))
+        mixing = split_diagonal(w)
+        mixing.messages = messages
+        return mixing
+
+    def _hierarchy(self, f: RoundFaults) -> RoundMixing:
+        m = len(self.aggs)
+        members = [np.flatnonzero(self.home == k) for k in range(m)]
+        up = count_weighted_rows(members, self.counts, self.n)
+        rows = np.repeat(np.arange(m), np.diff(up.indptr))
+        cols = up.indices
+        own = np.asarray([self.agg_is_data[r] and self.aggs[r] == c for r, c in zip(rows, cols)], dtype=bool)
+        heard = ~(f.down | f.lost)[cols] & (own | (f.rng.random(len(cols)) >= f.drop_prob))
+        up.data = np.where(heard, up.data, 0.0)
+        up.eliminate_zeros()
+        up = row_normalise_rect(up)
+        silent = np.diff(up.indptr) == 0
+        across = silence_senders(self.agg_mixing, silent)
+        across = drop_messages(across, f.drop_prob, f.rng) if f.drop_prob else across
+        across = row_normalise(freeze_rows(across, silent))
+        down = ~f.down & ~silent[self.home]
+        is_own_agg = np.asarray([self.agg_is_data[self.home[i]] and self.aggs[self.home[i]] == i
+                                 for i in range(self.n)])
+        delivered = down & (is_own_agg | (f.rng.random(self.n) >= f.drop_prob))
+        pick = sp.csr_matrix((np.ones(int(delivered.sum())), (np.flatnonzero(delivered), self.home[delivered])),
+                             shape=(self.n, m))
+        a = sp.csr_matrix(pick @ across @ up)
+        messages = int((~f.down & ~is_own_agg).sum()) + int(across.nnz - (across.diagonal() != 0).sum()) \
+            + int((~f.down & ~silent[self.home] & ~is_own_agg).sum())
+        return RoundMixing(a, (~delivered).astype(np.float64), messages)
+
+
+def _count_sent(w: sp.csr_matrix, sending: np.ndarray) -> int:
+    rows = np.repeat(np.arange(w.shape[0]), np.diff(w.indptr))
+    return int(((rows != w.indices) & sending[w.indices]).sum())
