@@ -1,5 +1,12 @@
 """Negative sampling that never returns an item the user interacted with.
 
+Two views of "interacted", and the difference matters. Training negatives exclude the
+user's *training* items only: the held-out validation and test items must look like any
+other unseen item during training, otherwise a node learns "this item was never used as
+a negative" and its personal adapter leaks the answer (we measured test NDCG@10 jumping
+from 0.46 to 0.66 with that leak). Evaluation negatives exclude *every* item the user
+rated in any split, as the sampled protocol prescribes.
+
 Why a sorted-key lookup: a dense user x item mask does not fit MovieLens-latest, while
 ``searchsorted`` over ``user * (n_items + 1) + item`` keys checks a whole batch at once.
 """
@@ -17,14 +24,18 @@ def seeded_rng(*keys: int) -> np.random.Generator:
 
 
 class NegativeSampler:
-    """Uniform negatives over ``1..n_items``, rejecting every item the user interacted with."""
+    """Uniform negatives over ``1..n_items``, rejecting the user's known items.
 
-    def __init__(self, data: Dataset) -> None:
+    ``held_out=False`` (training): known items are the training split. ``held_out=True``
+    (evaluation): known items are every split, validation and test included.
+    """
+
+    def __init__(self, data: Dataset, held_out: bool = False) -> None:
         self.n_items = data.n_items
         stride = data.n_items + 1
-        keys = [u * stride + data.interacted(u) for u in range(data.n_users)]
-        self._keys = np.sort(np.concatenate(keys))
-        self._count = np.asarray([len(data.interacted(u)) for u in range(data.n_users)])
+        known = [data.interacted(u) if held_out else np.unique(data.train[u]) for u in range(data.n_users)]
+        self._keys = np.sort(np.concatenate([u * stride + k for u, k in enumerate(known)]))
+        self._count = np.asarray([len(k) for k in known])
         if np.any(self._count >= data.n_items):
             full = int(np.flatnonzero(self._count >= data.n_items)[0])
             raise ValueError(f"user index {full} interacted with every item; no negatives exist")

@@ -51,16 +51,15 @@ def selection_score(result: dict, cfg: Config) -> float:
     return float(result["val"][cfg.eval.select_protocol][cfg.eval.select_metric])
 
 
-def federated_eval_set(data: Dataset, cfg: Config, sampler: NegativeSampler,
-                       nodes: list[np.ndarray] | None = None) -> EvalSet:
+def federated_eval_set(data: Dataset, cfg: Config, nodes: list[np.ndarray] | None = None) -> EvalSet:
     nodes = nodes if nodes is not None else data.nodes(cfg.data.users_per_node)
-    return build_eval_set(data, nodes, cfg.model.max_len, sampler, cfg.eval.sampled_negatives, cfg.eval.seed)
+    return build_eval_set(data, nodes, cfg.model.max_len, cfg.eval.sampled_negatives, cfg.eval.seed)
 
 
 def run_backbone_only(model: DualAdapterModel, data: Dataset, cfg: Config) -> BaselineResult:
     """Zero-shot: evaluate the initial (no-op) adapters on the federated users."""
     start = time.perf_counter()
-    es = federated_eval_set(data, cfg, NegativeSampler(data))
+    es = federated_eval_set(data, cfg)
     result = evaluate(model, model.trainable_state(), es, tuple(cfg.eval.protocols), k=cfg.eval.k)
     record = {"round": 0, **result, "loss": None}
     return BaselineResult([record], 0, time.perf_counter() - start)
@@ -74,7 +73,7 @@ def run_centralized(model: DualAdapterModel, data: Dataset, cfg: Config, epochs:
     """
     start = time.perf_counter()
     sampler = NegativeSampler(data)
-    es = federated_eval_set(data, cfg, sampler)
+    es = federated_eval_set(data, cfg)
     protocols = tuple(cfg.eval.protocols)
 
     def validate(params: Params, epoch: int) -> tuple[float, dict]:

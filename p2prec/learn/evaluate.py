@@ -48,9 +48,14 @@ class EvalSet:
     n_items: int
 
 
-def build_eval_set(data: Dataset, nodes: list[np.ndarray], max_len: int, sampler: NegativeSampler,
-                   n_negatives: int = 99, seed: int = 0) -> EvalSet:
-    """Pre-compute inputs, targets and the seeded sampled negatives for every node's users."""
+def build_eval_set(data: Dataset, nodes: list[np.ndarray], max_len: int, n_negatives: int = 99,
+                   seed: int = 0) -> EvalSet:
+    """Pre-compute inputs, targets and the seeded sampled negatives for every node's users.
+
+    The negatives come from items the user never rated in any split, drawn per user from
+    ``(seed, user)`` alone, so every run and every code path ranks against the same items.
+    """
+    sampler = NegativeSampler(data, held_out=True)
     width = max(len(u) for u in nodes)
     users = np.stack([np.concatenate([u, np.full(width - len(u), u[0])]) for u in nodes])
     real = np.stack([np.arange(width) < len(u) for u in nodes])

@@ -28,10 +28,14 @@ from p2prec.model.store import load_backbone, save_backbone
 
 log = logging.getLogger(__name__)
 
+#: Bump when pre-training code changes what a given config produces, to invalidate caches.
+PRETRAIN_VERSION = 2
+
 
 def backbone_key(data: Dataset, cfg: Config) -> str:
     """Hash of everything that determines the pre-trained weights."""
     material = {
+        "version": PRETRAIN_VERSION,
         "checksum": data.checksum,
         "data": {k: v for k, v in vars(cfg.data).items() if k not in ("dir", "users_per_node")},
         "model": vars(cfg.model),
@@ -49,7 +53,7 @@ def pretrain(data: Dataset, cfg: Config) -> tuple[SeqRecModel, dict]:
                            m.dropout, m.causal, seed=p.seed)
     sampler = NegativeSampler(data)
     nodes = [np.asarray([u]) for u in data.public_users]
-    es = build_eval_set(data, nodes, m.max_len, sampler, cfg.eval.sampled_negatives, cfg.eval.seed)
+    es = build_eval_set(data, nodes, m.max_len, cfg.eval.sampled_negatives, cfg.eval.seed)
 
     def validate(params: Params, epoch: int) -> tuple[float, dict]:
         result = evaluate(model, params, es, protocols=("sampled",), k=cfg.eval.k)

@@ -32,7 +32,7 @@ def run_local_only(model, data: Dataset, cfg: Config, rounds: int) -> BaselineRe
     start = time.perf_counter()
     sampler = NegativeSampler(data)
     nodes = data.nodes(cfg.data.users_per_node)
-    es = federated_eval_set(data, cfg, sampler, nodes)
+    es = federated_eval_set(data, cfg, nodes)
     t = cfg.train
     pop = Population(model, data, sampler, nodes, step_settings(cfg), local_steps=t.local_steps,
                      batch_size=t.batch_size, max_len=cfg.model.max_len, negatives=t.negatives, seed=t.seed,

@@ -71,7 +71,7 @@ class Simulation:
                               local_steps=t.local_steps, batch_size=t.batch_size, max_len=cfg.model.max_len,
                               negatives=t.negatives, seed=t.seed, dropout=t.backbone_dropout,
                               chunk=cfg.sim.chunk)
-        self.eval_set = federated_eval_set(data, cfg, sampler, self.nodes)
+        self.eval_set = federated_eval_set(data, cfg, self.nodes)
         counts = np.asarray([sum(len(data.train[u]) for u in node) for node in self.nodes], dtype=np.float64)
         self.plan = MixingPlan(graph, len(self.nodes), counts, cfg.gossip)
         self.faults = FaultPlan(cfg.sim, len(self.nodes))
