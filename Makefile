@@ -1,8 +1,10 @@
-# Both targets create .venv on first use: torch==2.13.0 first (the CPU build), then the package.
+# `make demo` and `make test` both create .venv on first use: torch==2.13.0 first (the CPU
+# build, so pip never pulls a multi-GB CUDA torch), then the package with its dev extra.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DATA ?= $(if $(P2PREC_DATA),$(P2PREC_DATA),../shared/data)
+# Where MovieLens lives: $P2PREC_DATA, else ../shared/data if present, else the user cache.
+DATA ?= $(or $(P2PREC_DATA),$(if $(wildcard ../shared/data/ml-100k/u.data),../shared/data,$(HOME)/.cache/p2prec/data))
 
 .PHONY: demo test bench clean
 
@@ -14,10 +16,16 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 demo: $(BIN)/.installed
+	@test -f $(DATA)/ml-100k/u.data || $(BIN)/p2prec data download ml-100k --dest $(DATA)
 	$(BIN)/p2prec-sim --data-dir $(DATA) --topology small-world --out runs/demo
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q
+
+bench: $(BIN)/.installed
+	$(BIN)/python benchmarks/bench_local_step.py --data-dir $(DATA)
+	$(BIN)/python benchmarks/bench_sim.py --data-dir $(DATA)
+	$(BIN)/python benchmarks/bench_wire.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -152,11 +152,14 @@ class GossipConfig:
 class SimConfig:
     """The simulator: rounds, node subsampling, chunking and seeded fault injection.
 
+    ``train_rounds`` > 0 stops local training after that many rounds and keeps gossiping,
+    so the decay of the consensus distance can be compared with the spectral prediction.
     ``down`` lists scheduled outages as ``"FIRST-LAST:NODE,NODE"`` (inclusive rounds).
     Stragglers' updates arrive one round late (``straggler_mode = "late"``) or never (``"lost"``).
     """
 
     rounds: int = _field(40, lo=1)
+    train_rounds: int = _field(0, lo=0)
     nodes: int = _field(0, lo=0)
     seed: int = 0
     chunk: int = _field(128, lo=1)

@@ -12,14 +12,14 @@ import sys
 import time
 from pathlib import Path
 
-from p2prec.cli import add_config_options, config_from_args, guarded, load_data
+from p2prec.cli import add_config_options, config_from_args, guarded, load_data, run_cli
 from p2prec.config import Config
 from p2prec.data.split import Dataset
 from p2prec.learn.baselines import adapter_model, run_centralized
 from p2prec.model.pretrain import ensure_backbone
 from p2prec.sim.engine import Simulation, select_nodes
 from p2prec.sim.results import make_record, summarize_run, write_run
-from p2prec.topology import TopologyError, load, metropolis_hastings, spectral_gap, validate
+from p2prec.topology import TopologyError, load, metropolis_hastings, predicted_rate, spectral_gap, validate
 
 
 def build_topology(cfg: Config, n: int):  # noqa: ANN201 - networkx.Graph or None
@@ -47,10 +47,14 @@ def run_simulation(cfg: Config, data: Dataset, out: Path, backbone_dir: str | No
         bytes_per_node_round = 0.0
     else:
         if graph is not None and graph.number_of_nodes() == n and cfg.gossip.mixing == "metropolis":
-            extra["spectral_gap"] = spectral_gap(metropolis_hastings(graph))
+            w = metropolis_hastings(graph)
+            extra["spectral_gap"] = spectral_gap(w)
+            extra["consensus_rate_predicted"] = predicted_rate(w)
         sim = Simulation(cfg, data, backbone, graph)
         extra["message_bytes"] = sim.msg_bytes
         records = sim.run(progress=progress, label=label)
+        extra["consensus_by_round"] = sim.consensus
+        extra["consensus_rate_measured"] = sim.measured_rate()
         bytes_per_node_round = sim.bytes_sent_total / (n * cfg.sim.rounds)
     summary = summarize_run(records, cfg, nodes=n, rounds=max(r["round"] for r in records),
                             bytes_per_node_per_round=bytes_per_node_round,
@@ -104,11 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import logging
-
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    return run_cli(build_parser(), argv)
 
 
 if __name__ == "__main__":

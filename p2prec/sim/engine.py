@@ -77,6 +77,7 @@ class Simulation:
         self.faults = FaultPlan(cfg.sim, len(self.nodes))
         self.msg_bytes = message_bytes(self.model.shared_state())
         self.bytes_sent_total = 0
+        self.consensus: list[float] = []
         self._previous_sent: dict[str, torch.Tensor] | None = None
 
     @property
@@ -86,7 +87,8 @@ class Simulation:
     def step(self, rnd: int, vectorized: bool = True) -> RoundStats:
         """One round: local updates on the nodes that are up, then mixing of the shared adapters."""
         faults = self.faults.round(rnd)
-        loss = self.pop.train_round(rnd, active=~faults.down, vectorized=vectorized)
+        training = not self.cfg.sim.train_rounds or rnd <= self.cfg.sim.train_rounds
+        loss = self.pop.train_round(rnd, active=~faults.down, vectorized=vectorized) if training else float("nan")
         own = self.pop.shared()
         names = list(own)
         sent = own
@@ -102,7 +104,17 @@ class Simulation:
             self.pop.params[k].copy_(mixed[k] + d.view(-1, *([1] * (own[k].dim() - 1))) * own[k])
         sent_bytes = mixing.messages * self.msg_bytes
         self.bytes_sent_total += sent_bytes
-        return RoundStats(loss, consensus_distance(self.pop.shared(), names), mixing.messages, sent_bytes)
+        self.consensus.append(consensus_distance(self.pop.shared(), names))
+        return RoundStats(loss, self.consensus[-1], mixing.messages, sent_bytes)
+
+    def measured_rate(self, skip: int = 5) -> float | None:
+        """Per-round contraction of the consensus distance once training has stopped (log-linear fit)."""
+        start = self.cfg.sim.train_rounds + skip
+        tail = np.asarray(self.consensus[start:])
+        if not self.cfg.sim.train_rounds or len(tail) < 3 or (tail <= 0).any():
+            return None
+        slope = np.polyfit(np.arange(len(tail)), np.log(tail), 1)[0]
+        return float(np.exp(slope))
 
     def evaluate(self) -> dict:
         return evaluate(self.model, self.pop.params, self.eval_set, tuple(self.cfg.eval.protocols),

@@ -26,11 +26,28 @@ def table(folders: list[Path], protocol: str) -> str:
     return "\n".join(rows)
 
 
+def consensus_table(folders: list[Path]) -> str | None:
+    """Spectral gap, predicted and measured consensus rates, for runs that stopped training."""
+    rows = ["| run | spectral gap | predicted rate | measured rate |", "|---|---|---|---|"]
+    for folder in folders:
+        summary, _ = read_run(folder)
+        if summary.get("consensus_rate_measured") is None:
+            continue
+        rows.append(f"| {summary.get('label') or folder.name} | {summary.get('spectral_gap', float('nan')):.4f} "
+                    f"| {summary.get('consensus_rate_predicted', float('nan')):.4f} "
+                    f"| {summary['consensus_rate_measured']:.4f} |")
+    return "\n".join(rows) if len(rows) > 2 else None
+
+
 def run(args: argparse.Namespace) -> int:
     folders = [Path(d) for d in args.dirs]
     try:
         print(f"test at the best-validation round, {args.protocol} protocol\n")
         print(table(folders, args.protocol))
+        consensus = consensus_table(folders)
+        if consensus:
+            print("\nconsensus after training stops (distance shrinks by this factor per round)\n")
+            print(consensus)
         runs = {}
         best = {}
         for folder in folders:

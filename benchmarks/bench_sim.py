@@ -1,0 +1,82 @@
+"""Simulator speed and memory on the quality run's own workload (all federated ML-100K nodes).
+
+Measured side by side in one run:
+1. time per round, vectorized (vmapped chunks) against a plain per-node loop over the same
+   local-step and mixing code, and their ratio (the bar is at least 20x);
+2. memory growth per extra simulated node (peak RSS of two child processes at two node
+   counts) against the bytes of one node's adapters plus Adam state (the bar is at most 3x).
+
+Run: ``python benchmarks/bench_sim.py [--data-dir DIR] [--set k=v] [--threads N]``.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import median_time, parser, setup  # noqa: E402
+
+from p2prec.sim.cli import build_topology  # noqa: E402
+from p2prec.sim.engine import Simulation, select_nodes  # noqa: E402
+
+
+def per_node_state_bytes(sim: Simulation) -> int:
+    """Bytes of one node's stacked adapters, gate and Adam state."""
+    tensors = list(sim.pop.params.values()) + list(sim.pop.state.values())
+    return sum(t[0].numel() * t.element_size() for t in tensors)
+
+
+def child_peak_rss(args: list[str], nodes: int) -> int:
+    """Peak RSS (bytes) of a child that builds a simulation of ``nodes`` nodes and runs 2 rounds."""
+    code = ("import sys, json, resource; sys.argv=sys.argv[:1]+json.loads(sys.argv[1]); "
+            "sys.path.insert(0, %r); import bench_sim; bench_sim.child()" % str(Path(__file__).resolve().parent))
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(args + ["--set", f"sim.nodes={nodes}"])],
+                         check=True, capture_output=True, text=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def child() -> None:
+    args = parser("child").parse_args()
+    cfg, data, backbone = setup(args)
+    sim = Simulation(cfg, data, backbone, build_topology(cfg, len(select_nodes(data, cfg))))
+    sim.step(1)
+    sim.step(2)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--loop-rounds", type=int, default=2, help="timed rounds of the slow per-node loop")
+    args = p.parse_args()
+    cfg, data, backbone = setup(args)
+    n = len(select_nodes(data, cfg))
+    sim = Simulation(cfg, data, backbone, build_topology(cfg, n))
+    counter = iter(range(1, 10_000))
+    vec = median_time(lambda: sim.step(next(counter), vectorized=True), args.repeats, warmup=1)
+    loop = median_time(lambda: sim.step(next(counter), vectorized=False), args.loop_rounds, warmup=0)
+    print(f"workload: {n} nodes, {cfg.train.local_steps} local step(s) of batch {cfg.train.batch_size} x "
+          f"max_len {cfg.model.max_len}, {cfg.train.negatives} negatives, chunk {cfg.sim.chunk}, "
+          f"{args.threads} thread(s), topology {cfg.gossip.topology}")
+    print("| path | median s/round | ms per node-round |\n|---|---|---|")
+    print(f"| vectorized (vmap chunks) | {vec:.3f} | {vec / n * 1000:.2f} |")
+    print(f"| per-node loop, same code | {loop:.3f} | {loop / n * 1000:.2f} |")
+    ratio = loop / vec
+    print(f"speed-up: {ratio:.1f}x  [{'PASS' if ratio >= 20 else 'FAIL'}: bar >= 20x]")
+
+    small = max(50, n // 4)
+    base = [f"--data-dir={args.data_dir}", f"--threads={args.threads}"] + [a for o in args.overrides for a in ("--set", o)]
+    rss_small, rss_full = child_peak_rss(base, small), child_peak_rss(base, n)
+    growth = (rss_full - rss_small) / (n - small)
+    state = per_node_state_bytes(sim)
+    print(f"memory: peak RSS {rss_small / 2**20:.0f} MiB at {small} nodes, {rss_full / 2**20:.0f} MiB at {n} nodes")
+    print(f"growth per extra node: {growth / 1024:.1f} KiB; adapters + optimizer state per node: {state / 1024:.1f} KiB; "
+          f"ratio {growth / state:.2f}  [{'PASS' if growth <= 3 * state else 'FAIL'}: bar <= 3x]")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Re-run every experiment behind the README's results section and print its tables.
+# Usage: sim/reproduce.sh [DATA_DIR] [a|b|c ...]   (default: $P2PREC_DATA or ../shared/data; all groups)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+data="${1:-${P2PREC_DATA:-../shared/data}}"
+shift || true
+groups="${*:-a b c}"
+for group in $groups; do
+  for spec in sim/"$group"-*.toml; do
+    name=$(basename "$spec" .toml)
+    .venv/bin/p2prec-sim --config "$spec" --data-dir "$data" --out "runs/$name"
+  done
+  .venv/bin/p2prec report runs/"$group"-* --plot "runs/report-$group.png"
+done

@@ -1,0 +1,61 @@
+"""The ``p2prec`` command end to end on synthetic data: pretrain, baselines, report, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from p2prec.cli import main
+from p2prec.model.store import load_backbone
+from tests.conftest import TINY
+
+SETS = [a for o in TINY for a in ("--set", o)]
+
+
+@pytest.mark.slow
+def test_pretrain_baselines_and_report(tmp_path: Path, synth_dir: Path, synth_data, cache_dir: Path,  # noqa: ANN001
+                                       capsys: pytest.CaptureFixture) -> None:
+    data = ["--dataset", "synthetic", "--data-dir", str(synth_dir)]
+    assert main(["pretrain", *data, "--out", str(tmp_path / "bb"), *SETS]) == 0
+    assert load_backbone(tmp_path / "bb") is not None
+    runs = []
+    for kind in ("backbone-only", "centralized", "local-only"):
+        out = tmp_path / kind
+        assert main(["baseline", "--kind", kind, *data, "--backbone", str(tmp_path / "bb"), "--out", str(out),
+                     "--epochs", "3", *SETS]) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["baseline"] == kind and summary["nodes"] == len(synth_data.federated_users)
+        assert {"sampled", "full"} <= set(summary["test_at_best"])
+        assert (out / "convergence.png").stat().st_size > 0
+        runs.append(str(out))
+    assert main(["report", *runs, "--plot", str(tmp_path / "overlay.png")]) == 0
+    table = capsys.readouterr().out
+    assert all(kind in table for kind in ("backbone-only", "centralized", "local-only"))
+    assert (tmp_path / "overlay.png").stat().st_size > 0
+
+
+def test_baseline_without_backbone_pretrains_and_caches(tmp_path: Path, synth_dir: Path, cache_dir: Path) -> None:
+    args = ["baseline", "--kind", "backbone-only", "--dataset", "synthetic", "--data-dir", str(synth_dir),
+            "--out", str(tmp_path / "r"), *SETS]
+    assert main(args) == 0
+    cached = list((cache_dir / "backbones").iterdir())
+    assert len(cached) == 1 and (cached[0] / "model.safetensors").is_file()
+    assert main(args) == 0
+    assert list((cache_dir / "backbones").iterdir()) == cached
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["baseline", "--kind", "centralized", "--data-dir", "/nonexistent", "--out", "x"], "no u.data"),
+    (["pretrain", "--set", "train.nope=1", "--out", "x"], "train.nope"),
+    (["baseline", "--kind", "centralized", "--backbone", "/nonexistent", "--dataset", "synthetic",
+      "--out", "x"], "not a p2prec backbone"),
+    (["report", "/nonexistent"], "missing"),
+])
+def test_user_errors_are_one_line(args: list[str], needle: str, synth_dir: Path, cache_dir: Path,
+                                  capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("P2PREC_DATA", str(synth_dir))
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
