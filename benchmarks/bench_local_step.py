@@ -46,8 +46,8 @@ def main() -> None:
     seconds = median_time(update, args.repeats, warmup=2)
     counts = model.parameter_counts()
     shared_bytes = message_bytes(model.shared_state())
-    backbone_state = {k: v for k, v in backbone.state_dict().items()}
-    backbone_bytes = message_bytes({k: v for k, v in backbone_state.items() if v.is_floating_point()})
+    frozen = {name: p for name, p in model.named_parameters() if not p.requires_grad}
+    backbone_bytes = message_bytes(frozen)
     print(f"median user: {len(data.train[user])} training interactions; {t.local_steps} local step(s), "
           f"batch {t.batch_size}, {t.negatives} negatives, max_len {cfg.model.max_len}, {args.threads} thread(s)")
     print(f"local update: median {seconds * 1000:.1f} ms over {args.repeats} runs")

@@ -75,13 +75,18 @@ class PretrainConfig:
 
 @dataclass
 class AdapterConfig:
-    """The two LoRA adapters. Target names are module-name suffixes inside the backbone."""
+    """The two LoRA adapters. Target names are module-name suffixes inside the backbone.
+
+    The personal adapter defaults to attention only: with one user per node, a personal
+    LoRA on the item embedding memorises that user's history within a few rounds (measured:
+    validation NDCG@10 falls from round 6 on), while the shared one is regularised by gossip.
+    """
 
     rank_personal: int = _field(8, lo=1)
     rank_shared: int = _field(8, lo=1)
     alpha_personal: float = _field(8.0, lo=0.0)
     alpha_shared: float = _field(8.0, lo=0.0)
-    targets_personal: list = _field(["query", "value", "item_emb"])
+    targets_personal: list = _field(["query", "value"])
     targets_shared: list = _field(["query", "value", "item_emb"])
     dropout: float = _field(0.0, lo=0.0, hi=0.9)
     seed: int = 0
@@ -96,7 +101,7 @@ class TrainConfig:
     """
 
     local_steps: int = _field(1, lo=0)
-    lr: float = _field(5e-3, lo=0.0)
+    lr: float = _field(3e-3, lo=0.0)
     loss: str = _field("bce", choices=("bce", "bpr"))
     negatives: int = _field(4, lo=1)
     batch_size: int = _field(1, lo=1)
@@ -127,7 +132,7 @@ class EvalConfig:
     k: int = _field(10, lo=1)
     sampled_negatives: int = _field(99, lo=1)
     seed: int = 0
-    every: int = _field(1, lo=1)
+    every: int = _field(2, lo=1)
     select_protocol: str = _field("sampled", choices=("sampled", "full"))
     select_metric: str = _field("ndcg@10", choices=("hr@10", "ndcg@10", "mrr"))
 
@@ -158,7 +163,7 @@ class SimConfig:
     Stragglers' updates arrive one round late (``straggler_mode = "late"``) or never (``"lost"``).
     """
 
-    rounds: int = _field(40, lo=1)
+    rounds: int = _field(100, lo=1)
     train_rounds: int = _field(0, lo=0)
     nodes: int = _field(0, lo=0)
     seed: int = 0
