@@ -41,6 +41,7 @@ def plot_convergence(runs: dict[str, list[dict]], out: Path, protocol: str = "sa
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, out)
     finally:
         plt.close(fig)
