@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Iterable
 
 import torch
-from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from p2prec.model.backbone import SeqRecModel
@@ -95,10 +95,6 @@ class DualAdapterModel(nn.Module):
         """Names of the gossiped tensors: the shared adapter's LoRA factors, nothing else."""
         return [n for n in self.trainable_names() if n.endswith(f".{SHARED}") or f".{SHARED}." in n]
 
-    def private_names(self) -> list[str]:
-        shared = set(self.shared_names())
-        return [n for n in self.trainable_names() if n not in shared]
-
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in self.named_parameters() if p.requires_grad}
 
@@ -125,10 +121,6 @@ class DualAdapterModel(nn.Module):
         with torch.no_grad():
             for name, value in state.items():
                 params[name].copy_(value)
-
-    def peft_state(self, adapter: str) -> dict[str, torch.Tensor]:
-        """peft's own state dict for one adapter, for interchange with other peft tooling."""
-        return get_peft_model_state_dict(self.peft, adapter_name=adapter)
 
     def parameter_counts(self) -> dict[str, int]:
         """Counts of backbone, personal, shared and gate parameters."""

@@ -76,8 +76,3 @@ def load_backbone(path: str | Path, item_ids: np.ndarray | None = None) -> SeqRe
     model.requires_grad_(False)
     return model.eval()
 
-
-def read_info(path: str | Path) -> dict[str, Any]:
-    """The metadata written at pre-training time (data checksum, config, validation score)."""
-    file = Path(path) / INFO_FILE
-    return json.loads(file.read_text()) if file.is_file() else {}

@@ -9,7 +9,7 @@ shared adapters. The node runtime calls the same local-step and mixing functions
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import networkx as nx
 import numpy as np
@@ -54,7 +54,6 @@ class RoundStats:
     consensus: float
     messages: int
     bytes_sent: int
-    extra: dict = field(default_factory=dict)
 
 
 class Simulation:
@@ -79,10 +78,6 @@ class Simulation:
         self.bytes_sent_total = 0
         self.consensus: list[float] = []
         self._previous_sent: dict[str, torch.Tensor] | None = None
-
-    @property
-    def size(self) -> int:
-        return len(self.nodes)
 
     def step(self, rnd: int, vectorized: bool = True) -> RoundStats:
         """One round: local updates on the nodes that are up, then mixing of the shared adapters."""
