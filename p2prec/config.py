@@ -57,7 +57,7 @@ class ModelConfig:
     heads: int = _field(2, lo=1)
     intermediate: int = _field(256, lo=8)
     max_len: int = _field(50, lo=2, hi=4096)
-    dropout: float = _field(0.2, lo=0.0, hi=0.9)
+    dropout: float = _field(0.35, lo=0.0, hi=0.9)
     causal: bool = True
 
 
@@ -118,7 +118,7 @@ class CentralConfig:
     a different optimisation problem from one node's step on its own history.
     """
 
-    lr: float = _field(3e-4, lo=0.0)
+    lr: float = _field(5e-4, lo=0.0)
     batch_size: int = _field(64, lo=1)
     epochs: int = _field(100, lo=1)
     patience: int = _field(10, lo=0)

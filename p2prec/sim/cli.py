@@ -38,7 +38,7 @@ def run_simulation(cfg: Config, data: Dataset, out: Path, backbone_dir: str | No
     n = len(select_nodes(data, cfg))
     graph = build_topology(cfg, n) if cfg.sim.baseline != "centralized" else None
     backbone = ensure_backbone(data, cfg, backbone_dir)
-    label = cfg.sim.baseline or cfg.gossip.topology.split(":")[0].split("/")[-1]
+    label = out.name
     start = time.perf_counter()
     extra: dict = {"label": label, "topology": cfg.gossip.topology, "mixing": cfg.gossip.mixing}
     if cfg.sim.baseline == "centralized":

@@ -33,9 +33,9 @@ def consensus_table(folders: list[Path]) -> str | None:
         summary, _ = read_run(folder)
         if summary.get("consensus_rate_measured") is None:
             continue
-        rows.append(f"| {summary.get('label') or folder.name} | {summary.get('spectral_gap', float('nan')):.4f} "
-                    f"| {summary.get('consensus_rate_predicted', float('nan')):.4f} "
-                    f"| {summary['consensus_rate_measured']:.4f} |")
+        rows.append(f"| {summary.get('label') or folder.name} | {summary.get('spectral_gap', float('nan')):.2e} "
+                    f"| {summary.get('consensus_rate_predicted', float('nan')):.5f} "
+                    f"| {summary['consensus_rate_measured']:.5f} |")
     return "\n".join(rows) if len(rows) > 2 else None
 
 
