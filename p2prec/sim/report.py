@@ -12,8 +12,9 @@ from p2prec.sim.results import read_run
 
 def table(folders: list[Path], protocol: str) -> str:
     """A Markdown table of test metrics at the best-validation round, one row per folder."""
-    head = (f"| run | nodes | best round | HR@10 | NDCG@10 | MRR | NDCG@10 p10-p90 | bytes/node/round |\n"
-            f"|---|---|---|---|---|---|---|---|")
+    other = "full" if protocol == "sampled" else "sampled"
+    head = (f"| run | nodes | best round | HR@10 | NDCG@10 | MRR | NDCG@10 node p10-p90 | NDCG@10 ({other}) "
+            f"| bytes/node/round |\n|---|---|---|---|---|---|---|---|---|")
     rows = [head]
     for folder in folders:
         summary, _ = read_run(folder)
@@ -22,6 +23,7 @@ def table(folders: list[Path], protocol: str) -> str:
         rows.append(f"| {summary.get('label') or folder.name} | {summary['nodes']} | {summary['best_round']} "
                     f"| {t['hr@10']:.4f} | {t['ndcg@10']:.4f} | {t['mrr']:.4f} "
                     f"| {spread.get('p10', float('nan')):.3f}-{spread.get('p90', float('nan')):.3f} "
+                    f"| {summary['test_at_best'].get(other, {}).get('ndcg@10', float('nan')):.4f} "
                     f"| {summary['bytes_per_node_per_round']:.0f} |")
     return "\n".join(rows)
 
