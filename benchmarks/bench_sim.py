@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import median_time, parser, setup  # noqa: E402
 
-from p2prec.sim.cli import build_topology  # noqa: E402
+from p2prec.sim.runner import build_topology  # noqa: E402
 from p2prec.sim.engine import Simulation, select_nodes  # noqa: E402
 
 

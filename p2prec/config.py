@@ -173,7 +173,7 @@ class SimConfig:
     down: list = _field([])
     stragglers: float = _field(0.0, lo=0.0, hi=1.0)
     straggler_mode: str = _field("late", choices=("late", "lost"))
-    baseline: str = _field("", choices=("", "local-only", "fedavg-server", "centralized"))
+    baseline: str = _field("", choices=("", "local-only", "fedavg-server", "centralized", "backbone-only"))
 
 
 @dataclass

@@ -16,7 +16,8 @@ from p2prec.learn.batches import train_batch
 from p2prec.learn.baselines import step_settings
 from p2prec.learn.local import init_opt_state, local_step
 from p2prec.model.backbone import build_backbone
-from p2prec.sim.cli import build_topology, main
+from p2prec.sim.cli import main
+from p2prec.sim.runner import build_topology
 from p2prec.sim.engine import Simulation
 from p2prec.data.sampler import seeded_rng
 from p2prec.topology import metropolis_hastings, predicted_rate

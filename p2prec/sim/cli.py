@@ -9,58 +9,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 from p2prec.cli import add_config_options, config_from_args, guarded, load_data, run_cli
-from p2prec.config import Config
-from p2prec.data.split import Dataset
-from p2prec.learn.baselines import adapter_model, run_centralized
-from p2prec.model.pretrain import ensure_backbone
-from p2prec.sim.engine import Simulation, select_nodes
-from p2prec.sim.results import make_record, summarize_run, write_run
-from p2prec.topology import TopologyError, load, metropolis_hastings, predicted_rate, spectral_gap, validate
-
-
-def build_topology(cfg: Config, n: int):  # noqa: ANN201 - networkx.Graph or None
-    """The topology for ``n`` data nodes, validated; ``None`` for local-only."""
-    if cfg.sim.baseline == "local-only":
-        return None
-    spec = "star" if cfg.sim.baseline == "fedavg-server" else cfg.gossip.topology
-    graph = load(spec, n, cfg.gossip.seed)
-    validate(graph, n_data_nodes=n)
-    return graph
-
-
-def run_simulation(cfg: Config, data: Dataset, out: Path, backbone_dir: str | None = None,
-                   progress: bool = True) -> dict:
-    """Run the configured simulation or baseline, write ``out`` and return the summary."""
-    n = len(select_nodes(data, cfg))
-    graph = build_topology(cfg, n) if cfg.sim.baseline != "centralized" else None
-    backbone = ensure_backbone(data, cfg, backbone_dir)
-    label = out.name
-    start = time.perf_counter()
-    extra: dict = {"label": label, "topology": cfg.gossip.topology, "mixing": cfg.gossip.mixing}
-    if cfg.sim.baseline == "centralized":
-        run = run_centralized(adapter_model(backbone, cfg), data, cfg)
-        records = [make_record(r["round"], r, r.get("loss"), None, 0, run.wall_s) for r in run.records]
-        bytes_per_node_round = 0.0
-    else:
-        if graph is not None and graph.number_of_nodes() == n and cfg.gossip.mixing == "metropolis":
-            w = metropolis_hastings(graph)
-            extra["spectral_gap"] = spectral_gap(w)
-            extra["consensus_rate_predicted"] = predicted_rate(w)
-        sim = Simulation(cfg, data, backbone, graph)
-        extra["message_bytes"] = sim.msg_bytes
-        records = sim.run(progress=progress, label=label)
-        extra["consensus_by_round"] = sim.consensus
-        extra["consensus_rate_measured"] = sim.measured_rate()
-        bytes_per_node_round = sim.bytes_sent_total / (n * cfg.sim.rounds)
-    summary = summarize_run(records, cfg, nodes=n, rounds=max(r["round"] for r in records),
-                            bytes_per_node_per_round=bytes_per_node_round,
-                            wall_s=time.perf_counter() - start, baseline=cfg.sim.baseline or None, **extra)
-    write_run(out, cfg, records, summary)
-    return summary
+from p2prec.sim.runner import run_simulation
+from p2prec.topology import TopologyError
 
 
 def print_summary(summary: dict, out: Path) -> None:
