@@ -23,10 +23,8 @@ def row_normalise(w: sp.csr_matrix) -> sp.csr_matrix:
     """Rescale each row to sum to one; an all-zero row of a square matrix becomes ``e_i``."""
     w = sp.csr_matrix(w, dtype=np.float64)
     w.eliminate_zeros()
-    sums = np.asarray(w.sum(axis=1)).ravel()
-    empty = sums <= 0
-    scale = np.where(empty, 0.0, 1.0 / np.where(empty, 1.0, sums))
-    out = sp.diags(scale) @ w
+    empty = np.diff(w.indptr) == 0
+    out = row_normalise_rect(w)
     if empty.any():
         if w.shape[0] != w.shape[1]:
             raise ValueError(f"{int(empty.sum())} rows have no weight and the matrix is not square")
@@ -111,7 +109,8 @@ def count_weighted_rows(members: list[np.ndarray], counts: np.ndarray, n: int) -
 def row_normalise_rect(w: sp.csr_matrix) -> sp.csr_matrix:
     """Rescale each non-empty row to sum to one (rectangular matrices; empty rows stay empty)."""
     sums = np.asarray(w.sum(axis=1)).ravel()
-    return sp.csr_matrix(sp.diags(np.where(sums > 0, 1.0 / np.where(sums > 0, sums, 1.0), 0.0)) @ w)
+    return sp.csr_matrix(sp.diags(np.where(sums > 0, 1.0 / np.where(sums > 0, sums, 1.0), 0.0)) @ w,
+                         dtype=np.float64)
 
 
 def flatten(params: Params, names: list[str]) -> torch.Tensor:

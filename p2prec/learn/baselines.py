@@ -27,10 +27,9 @@ KINDS = ("centralized", "local-only", "backbone-only")
 
 @dataclass
 class BaselineResult:
-    """Per-round (or per-epoch) records and the summary fields of DESIGN section 7."""
+    """Per-epoch records (the best one is picked from them by validation) and the wall time."""
 
     records: list[dict]
-    best_round: int
     wall_s: float
 
 
@@ -62,7 +61,7 @@ def run_backbone_only(model: DualAdapterModel, data: Dataset, cfg: Config) -> Ba
     es = federated_eval_set(data, cfg)
     result = evaluate(model, model.trainable_state(), es, tuple(cfg.eval.protocols), k=cfg.eval.k)
     record = {"round": 0, **result, "loss": None}
-    return BaselineResult([record], 0, time.perf_counter() - start)
+    return BaselineResult([record], time.perf_counter() - start)
 
 
 def run_centralized(model: DualAdapterModel, data: Dataset, cfg: Config, epochs: int = 0) -> BaselineResult:
@@ -87,4 +86,4 @@ def run_centralized(model: DualAdapterModel, data: Dataset, cfg: Config, epochs:
                        max_len=cfg.model.max_len, negatives=cfg.train.negatives, seed=cfg.train.seed,
                        validate=validate, eval_every=cfg.eval.every, patience=c.patience,
                        dropout=cfg.train.backbone_dropout, desc="centralized")
-    return BaselineResult(run.history, run.best_epoch, time.perf_counter() - start)
+    return BaselineResult(run.history, time.perf_counter() - start)

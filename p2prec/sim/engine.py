@@ -91,7 +91,8 @@ class Simulation:
             late = torch.from_numpy(faults.late)
             sent = {k: torch.where(late.view(-1, *([1] * (v.dim() - 1))), self._previous_sent[k], v)
                     for k, v in own.items()}
-        self._previous_sent = {k: v.clone() for k, v in own.items()}
+        if self.cfg.sim.stragglers and self.cfg.sim.straggler_mode == "late":
+            self._previous_sent = {k: v.clone() for k, v in own.items()}
         mixing = self.plan.round(rnd, faults)
         mixed = mix(mixing.a, sent, names)
         d = torch.from_numpy(mixing.d).to(torch.float32)

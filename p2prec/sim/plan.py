@@ -78,9 +78,17 @@ class MixingPlan:
             else:
                 home[node] = index[graph.nodes[node]["aggregator"]]
         self.home = home
-        self.agg_is_data = np.asarray([graph.nodes[a].get("role") != AGGREGATOR_ONLY for a in self.aggs])
+        agg_is_data = np.asarray([graph.nodes[a].get("role") != AGGREGATOR_ONLY for a in self.aggs])
         inner = nx.relabel_nodes(graph.subgraph(self.aggs), index)
         self.agg_mixing = metropolis_hastings(inner)
+        members = [np.flatnonzero(home == k) for k in range(len(self.aggs))]
+        self.up = count_weighted_rows(members, self.counts, self.n)
+        self.up_cols = self.up.indices.copy()
+        up_rows = np.repeat(np.arange(len(self.aggs)), np.diff(self.up.indptr))
+        aggs = np.asarray(self.aggs)
+        # An aggregator that holds data is its own member: that contribution never crosses the network.
+        self.own_entry = agg_is_data[up_rows] & (aggs[up_rows] == self.up_cols)
+        self.is_own_agg = agg_is_data[home] & (aggs[home] == np.arange(self.n))
 
     def round(self, rnd: int, faults: RoundFaults) -> RoundMixing:
         if self.kind == "none":
@@ -107,12 +115,9 @@ class MixingPlan:
 
     def _hierarchy(self, f: RoundFaults) -> RoundMixing:
         m = len(self.aggs)
-        members = [np.flatnonzero(self.home == k) for k in range(m)]
-        up = count_weighted_rows(members, self.counts, self.n)
-        rows = np.repeat(np.arange(m), np.diff(up.indptr))
-        cols = up.indices
-        own = np.asarray([self.agg_is_data[r] and self.aggs[r] == c for r, c in zip(rows, cols)], dtype=bool)
-        heard = ~(f.down | f.lost)[cols] & (own | (f.rng.random(len(cols)) >= f.drop_prob))
+        cols = self.up_cols
+        heard = ~(f.down | f.lost)[cols] & (self.own_entry | (f.rng.random(len(cols)) >= f.drop_prob))
+        up = sp.csr_matrix(self.up, copy=True)
         up.data = np.where(heard, up.data, 0.0)
         up.eliminate_zeros()
         up = row_normalise_rect(up)
@@ -121,8 +126,7 @@ class MixingPlan:
         across = drop_messages(across, f.drop_prob, f.rng) if f.drop_prob else across
         across = row_normalise(freeze_rows(across, silent))
         down = ~f.down & ~silent[self.home]
-        is_own_agg = np.asarray([self.agg_is_data[self.home[i]] and self.aggs[self.home[i]] == i
-                                 for i in range(self.n)])
+        is_own_agg = self.is_own_agg
         delivered = down & (is_own_agg | (f.rng.random(self.n) >= f.drop_prob))
         pick = sp.csr_matrix((np.ones(int(delivered.sum())), (np.flatnonzero(delivered), self.home[delivered])),
                              shape=(self.n, m))
