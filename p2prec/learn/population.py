@@ -33,7 +33,7 @@ class Population:
     def __init__(self, model: DualAdapterModel, data: Dataset, sampler: NegativeSampler,
                  nodes: list[np.ndarray], settings: StepSettings, *, local_steps: int,
                  batch_size: int, max_len: int, negatives: int, seed: int, dropout: bool = False,
-                 chunk: int = 128) -> None:
+                 chunk: int = 128, ids: np.ndarray | None = None) -> None:
         self.model = model
         self.data = data
         self.sampler = sampler
@@ -46,6 +46,11 @@ class Population:
         self.seed = seed
         self.dropout = dropout
         self.chunk = chunk
+        # Global node ids seed each node's batches, so a real node holding a population of one
+        # (its own) draws exactly the batches the simulator draws for it.
+        self.ids = np.arange(len(nodes)) if ids is None else np.asarray(ids, dtype=np.int64)
+        if len(self.ids) != len(nodes):
+            raise ValueError(f"population: {len(self.ids)} ids for {len(nodes)} nodes")
         self.params = stack(model.trainable_state(), len(nodes))
         self.state = init_opt_state(self.params, batch_dims=1)
         self.shared_names = model.shared_names()
@@ -56,8 +61,8 @@ class Population:
         return len(self.nodes)
 
     def node_batch(self, node: int, round_: int, step: int) -> TrainBatch:
-        """Node ``node``'s batch for a step; seeded by (seed, round, node, step) alone."""
-        rng = seeded_rng(self.seed, round_, node, step)
+        """Node ``node``'s batch for a step; seeded by (seed, round, global node id, step) alone."""
+        rng = seeded_rng(self.seed, round_, int(self.ids[node]), step)
         return train_batch(self.data, self.sampler, self.nodes[node], self.batch_size, self.max_len,
                            self.negatives, rng)
 
