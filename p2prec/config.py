@@ -145,12 +145,20 @@ class GossipConfig:
     topology file. ``mixing``: ``metropolis`` (static Metropolis-Hastings weights on the
     topology), ``peers`` (each round every node pushes to ``peers`` random nodes, as in
     Epidemic Learning) or ``matching`` (a random matching over the topology's edges).
+
+    ``codec`` compresses what is sent: ``none`` (float32), ``fp16``, ``bf16``, ``int8``,
+    ``topk`` or a pipeline such as ``topk+int8`` (see :mod:`p2prec.gossip.codecs`);
+    ``topk_fraction`` is the share of entries top-k keeps and ``int8_block`` the int8
+    block size (0: one scale per tensor).
     """
 
     topology: str = "small-world"
     mixing: str = _field("metropolis", choices=("metropolis", "peers", "matching"))
     peers: int = _field(2, lo=1)
     seed: int = 0
+    codec: str = "none"
+    topk_fraction: float = _field(0.1, lo=1e-6, hi=1.0)
+    int8_block: int = _field(0, lo=0)
 
 
 @dataclass
@@ -161,6 +169,8 @@ class SimConfig:
     so the decay of the consensus distance can be compared with the spectral prediction.
     ``down`` lists scheduled outages as ``"FIRST-LAST:NODE,NODE"`` (inclusive rounds).
     Stragglers' updates arrive one round late (``straggler_mode = "late"``) or never (``"lost"``).
+    ``byzantine`` nodes (a count if >= 1, else a fraction of the nodes) send ``attack``
+    instead of their state, with ``attack_scale`` as its size (see :mod:`p2prec.sim.attacks`).
     """
 
     rounds: int = _field(100, lo=1)
@@ -174,6 +184,47 @@ class SimConfig:
     stragglers: float = _field(0.0, lo=0.0, hi=1.0)
     straggler_mode: str = _field("late", choices=("late", "lost"))
     baseline: str = _field("", choices=("", "local-only", "fedavg-server", "centralized", "backbone-only"))
+    byzantine: float = _field(0.0, lo=0.0)
+    attack: str = _field("none", choices=("none", "sign-flip", "noise", "constant"))
+    attack_scale: float = 1.0
+
+
+@dataclass
+class PrivacyConfig:
+    """Local differential privacy of the shared update (see :mod:`p2prec.gossip.privacy`).
+
+    Each round's update is clipped to L2 norm ``clip`` and gets Gaussian noise of std
+    ``noise_multiplier * clip``. ``target_epsilon`` > 0 replaces ``noise_multiplier`` by
+    the noise that reaches that epsilon at ``delta`` after all rounds.
+    """
+
+    enabled: bool = False
+    clip: float = _field(1.0, lo=1e-12)
+    noise_multiplier: float = _field(1.0, lo=0.0)
+    target_epsilon: float = _field(0.0, lo=0.0)
+    delta: float = _field(1e-5, lo=1e-300, hi=0.5)
+    seed: int = 0
+
+
+@dataclass
+class RobustConfig:
+    """The aggregation rule (see :mod:`p2prec.gossip.robust`): ``trim`` is the trimmed
+    mean's fraction cut at each end, ``tau`` ClippedGossip's clipping radius."""
+
+    rule: str = _field("mean", choices=("mean", "median", "trimmed-mean", "clipped"))
+    trim: float = _field(0.1, lo=0.0, hi=0.49)
+    tau: float = _field(1.0, lo=1e-12)
+
+
+@dataclass
+class SecurityConfig:
+    """CurveZMQ for real nodes (see :mod:`p2prec.node.security`). When ``enabled``, a node
+    reads its keypair from ``secret_key``, or ``key_dir/node<id>.key_secret``, and its
+    peers' public keys from the topology file; it refuses to start without them."""
+
+    enabled: bool = False
+    key_dir: str = ""
+    secret_key: str = ""
 
 
 @dataclass
@@ -189,6 +240,9 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     gossip: GossipConfig = field(default_factory=GossipConfig)
     sim: SimConfig = field(default_factory=SimConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    robust: RobustConfig = field(default_factory=RobustConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -267,7 +321,22 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"eval.protocols: {cfg.eval.protocols!r} must be a non-empty subset of sampled, full")
     if cfg.eval.select_protocol not in cfg.eval.protocols:
         raise ConfigError(f"eval.select_protocol: {cfg.eval.select_protocol!r} is not in eval.protocols")
+    _validate_trust(cfg)
     return cfg
+
+
+def _validate_trust(cfg: Config) -> None:
+    """Cross-field checks of the codec, Byzantine and security settings."""
+    from p2prec.gossip.codecs import CodecError, parse
+
+    try:
+        parse(cfg.gossip.codec)
+    except CodecError as exc:
+        raise ConfigError(f"gossip.codec: {exc}") from None
+    if cfg.sim.byzantine >= 1 and not float(cfg.sim.byzantine).is_integer():
+        raise ConfigError(f"sim.byzantine: {cfg.sim.byzantine!r} must be a whole count (>= 1) or a fraction (< 1)")
+    if cfg.security.enabled and not (cfg.security.key_dir or cfg.security.secret_key):
+        raise ConfigError("security.enabled: needs security.key_dir or security.secret_key")
 
 
 def parse_override(text: str) -> tuple[str, str, str]:

@@ -1,0 +1,454 @@
+"""Compression codecs for the shared adapter: stages registered by name, applied as a pipeline.
+
+One implementation serves both worlds. A real node calls :meth:`Codec.encode` on its own
+tensors, puts the payload in a :class:`p2prec.wire.Message` whose ``codec`` field is
+:attr:`Codec.name`, and a receiver calls :meth:`Codec.decode` on what
+:func:`p2prec.wire.validate_and_decode` returned. The simulator calls
+:meth:`Codec.roundtrip` on the stacked ``[N, ...]`` tensors of all senders at once and gets
+exactly what each receiver would decode; it counts bytes by encoding one node's real
+payload with :func:`p2prec.wire.encode`. Both paths run the same stage code: every stage
+works on tensors with a leading batch dimension, and one node is a batch of one.
+
+Stages, and what they put on the wire:
+
+- ``fp16``, ``bf16``: each float32 tensor as 16-bit floats under its own name (values
+  beyond the 16-bit range saturate, so an honest message is always finite);
+- ``int8``: each float32 tensor as int8 in ``[-127, 127]`` under its own name, plus one
+  float32 tensor ``int8.scales`` holding every scale in payload order. The scale is
+  ``max|x| / 127`` per tensor (``int8_block = 0``) or per block of ``int8_block``
+  consecutive elements of each flattened tensor, so the error is at most half a scale per
+  element. One shared scales tensor, rather than one per tensor, keeps the header small:
+  with ten tensors of peft names the header is a tenth of an int8 message;
+- ``topk``: the ``k = ceil(fraction * D)`` largest-magnitude entries of the whole adapter
+  flattened in name order (``D`` elements), as ``topk.values`` (float32) and
+  ``topk.indices`` (int32, strictly increasing). ``k`` depends only on ``D`` and the
+  fraction, so payload shapes are fixed and the receiver checks them exactly.
+
+A pipeline is at most one ``topk`` followed by at most one quantiser (``fp16``, ``bf16``
+or ``int8``), named by joining stage names with ``+`` (``"topk+int8"``); ``"none"`` is
+the empty pipeline, plain float32 under the adapter's own names. Receiver and sender must
+share ``topk_fraction`` and ``int8_block`` (they read one config); a mismatch shows up as
+a payload of the wrong shape, which :meth:`Codec.decode` rejects.
+
+Error feedback: a lossy sender may keep what its messages did not carry in an
+:class:`ErrorFeedback` and add it to the next input, so that over many rounds the sum of
+what was sent tracks the sum of the inputs. Top-k without it loses small coordinates
+forever. The state is explicit so the simulator holds all senders' residuals stacked
+``[N, ...]`` and a node holds its own; it belongs to the sender and never travels. It
+suits a stream whose sum matters, such as updates (deltas), not absolute states.
+
+Received bytes are hostile: :meth:`Codec.decode` checks names, dtypes and shapes against
+:meth:`Codec.payload_spec`, then each stage checks its own invariants (int8 range, scales
+finite and non-negative, indices strictly increasing and in range) and the result is
+checked finite. Every failure is a one-line :class:`CodecError`.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+import torch
+
+from p2prec.wire import WIRE_DTYPES, WireError, WireSpec
+
+if TYPE_CHECKING:
+    from p2prec.config import GossipConfig
+
+Batch = dict[str, torch.Tensor]
+"""Named tensors that all carry a leading batch dimension (senders)."""
+Shapes = Mapping[str, Sequence[int]]
+
+_TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int8": torch.int8,
+    "int32": torch.int32,
+}
+
+
+class CodecError(WireError):
+    """A payload that its codec cannot have produced; the message names the rule, in one line."""
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """One payload tensor as the receiver expects it: wire dtype tag and shape."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * WIRE_DTYPES[self.dtype].itemsize
+
+
+PayloadSpec = dict[str, TensorSpec]
+
+
+@dataclass
+class ErrorFeedback:
+    """A sender's residual: what its messages have not carried yet, per input tensor.
+
+    Empty until the first encode. A node keeps one with its own tensor shapes; the
+    simulator keeps one whose tensors are stacked ``[N, ...]`` over senders. Pass the
+    same object to every encode of one stream; it is updated in place.
+    """
+
+    residual: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Stage(ABC):
+    """One transformation of a payload; works on a batch of senders at once.
+
+    ``out_spec`` says what the stage makes of a payload spec. ``decode`` receives a batch
+    that already has exactly ``out_spec(spec)``'s names, dtypes and shapes, and must check
+    everything else about it that could break the inversion.
+    """
+
+    name: ClassVar[str]
+    kind: ClassVar[str]
+    """``"sparsify"`` or ``"quantize"``: a pipeline has at most one of each, sparsifier first."""
+
+    @classmethod
+    @abstractmethod
+    def from_options(cls, options: CodecOptions) -> Stage: ...
+
+    @abstractmethod
+    def out_spec(self, spec: PayloadSpec) -> PayloadSpec: ...
+
+    @abstractmethod
+    def encode(self, x: Batch) -> Batch: ...
+
+    @abstractmethod
+    def decode(self, y: Batch, spec: PayloadSpec) -> Batch: ...
+
+
+@dataclass(frozen=True)
+class CodecOptions:
+    """The stage parameters, which sender and receiver must share (one config)."""
+
+    topk_fraction: float = 0.1
+    int8_block: int = 0
+
+
+def _floats(spec: PayloadSpec) -> list[str]:
+    """The float32 entries of a spec, in payload order: what quantisers transform."""
+    return [name for name, t in spec.items() if t.dtype == "float32"]
+
+
+def _claim(spec: PayloadSpec, *names: str) -> None:
+    """Refuse input names that collide with names a stage generates."""
+    taken = sorted(set(names) & spec.keys())
+    if taken:
+        raise CodecError(f"tensor names {taken} are reserved by the codec")
+
+
+class Cast16(Stage):
+    """float32 to a 16-bit float type, saturating at its largest finite value."""
+
+    kind = "quantize"
+    tag: ClassVar[str]
+
+    @classmethod
+    def from_options(cls, options: CodecOptions) -> Stage:
+        return cls()
+
+    def out_spec(self, spec: PayloadSpec) -> PayloadSpec:
+        return {name: TensorSpec(self.tag, t.shape) if t.dtype == "float32" else t for name, t in spec.items()}
+
+    def encode(self, x: Batch) -> Batch:
+        dtype = _TORCH_DTYPES[self.tag]
+        top = torch.finfo(dtype).max
+        return {name: v.clamp(-top, top).to(dtype) if v.dtype == torch.float32 else v for name, v in x.items()}
+
+    def decode(self, y: Batch, spec: PayloadSpec) -> Batch:
+        return {name: v.float() if spec[name].dtype == "float32" else v for name, v in y.items()}
+
+
+class Fp16(Cast16):
+    name = "fp16"
+    tag = "float16"
+
+
+class Bf16(Cast16):
+    name = "bf16"
+    tag = "bfloat16"
+
+
+class Int8(Stage):
+    """Uniform symmetric int8 quantisation, one scale per tensor or per block of elements."""
+
+    name = "int8"
+    kind = "quantize"
+    SCALES = "int8.scales"
+
+    def __init__(self, block: int) -> None:
+        if block < 0:
+            raise CodecError(f"int8 block size must be >= 0 (0 = one scale per tensor), got {block}")
+        self.block = block
+
+    @classmethod
+    def from_options(cls, options: CodecOptions) -> Stage:
+        return cls(options.int8_block)
+
+    def _blocks(self, numel: int) -> int:
+        return -(-numel // self.block) if self.block else min(numel, 1)
+
+    def out_spec(self, spec: PayloadSpec) -> PayloadSpec:
+        _claim(spec, self.SCALES)
+        out = {name: TensorSpec("int8", t.shape) if t.dtype == "float32" else t for name, t in spec.items()}
+        scales = sum(self._blocks(math.prod(spec[name].shape)) for name in _floats(spec))
+        return {**out, self.SCALES: TensorSpec("float32", (scales,))}
+
+    def _blocked(self, flat: torch.Tensor) -> torch.Tensor:
+        """``[B, n]`` as ``[B, blocks, size]``, zero-padded at the end."""
+        numel = flat.shape[1]
+        size = self.block or max(numel, 1)
+        blocks = self._blocks(numel)
+        padded = torch.nn.functional.pad(flat, (0, blocks * size - numel))
+        return padded.reshape(flat.shape[0], blocks, size)
+
+    def encode(self, x: Batch) -> Batch:
+        out: Batch = {}
+        scales = []
+        for name, v in x.items():
+            if v.dtype != torch.float32:
+                out[name] = v
+                continue
+            blocked = self._blocked(v.reshape(v.shape[0], -1))
+            scale = blocked.abs().amax(dim=2) / 127.0
+            safe = torch.where(scale > 0, scale, 1.0).unsqueeze(2)
+            q = torch.round(blocked / safe).clamp(-127, 127).to(torch.int8)
+            out[name] = q.reshape(v.shape[0], -1)[:, : math.prod(v.shape[1:])].reshape(v.shape)
+            scales.append(scale)
+        out[self.SCALES] = torch.cat(scales, dim=1) if scales else torch.zeros(next(iter(x.values())).shape[0], 0)
+        return out
+
+    def decode(self, y: Batch, spec: PayloadSpec) -> Batch:
+        scales = y[self.SCALES]
+        if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
+            raise CodecError(f"{self.SCALES}: scales must be finite and non-negative")
+        out: Batch = {}
+        offset = 0
+        for name, t in spec.items():
+            v = y[name]
+            if t.dtype != "float32":
+                out[name] = v
+                continue
+            if bool((v == -128).any()):
+                raise CodecError(f"tensor {name!r}: int8 value -128 is outside the codec's range [-127, 127]")
+            numel = math.prod(t.shape)
+            blocks = self._blocks(numel)
+            scale = scales[:, offset : offset + blocks].unsqueeze(2)
+            offset += blocks
+            values = self._blocked(v.reshape(v.shape[0], -1).float()) * scale
+            out[name] = values.reshape(v.shape[0], -1)[:, :numel].reshape(v.shape)
+        return out
+
+
+class TopK(Stage):
+    """Keep the largest-magnitude ``ceil(fraction * D)`` entries of the whole flattened payload."""
+
+    name = "topk"
+    kind = "sparsify"
+    VALUES = "topk.values"
+    INDICES = "topk.indices"
+
+    def __init__(self, fraction: float) -> None:
+        if not 0.0 < fraction <= 1.0:
+            raise CodecError(f"topk fraction must be in (0, 1], got {fraction}")
+        self.fraction = fraction
+
+    @classmethod
+    def from_options(cls, options: CodecOptions) -> Stage:
+        return cls(options.topk_fraction)
+
+    @staticmethod
+    def _size(spec: PayloadSpec) -> int:
+        return sum(math.prod(t.shape) for t in spec.values())
+
+    def keep(self, size: int) -> int:
+        """How many entries a payload of ``size`` elements keeps: at least one, if any."""
+        return min(size, max(1, math.ceil(self.fraction * size)))
+
+    def out_spec(self, spec: PayloadSpec) -> PayloadSpec:
+        if any(t.dtype != "float32" for t in spec.values()):
+            raise CodecError("topk must come first in a codec pipeline: it sparsifies float32 tensors only")
+        size = self._size(spec)
+        if size >= 2**31:
+            raise CodecError(f"topk cannot index {size} elements with int32")
+        k = self.keep(size)
+        return {self.VALUES: TensorSpec("float32", (k,)), self.INDICES: TensorSpec("int32", (k,))}
+
+    def encode(self, x: Batch) -> Batch:
+        flat = torch.cat([v.reshape(v.shape[0], -1) for v in x.values()], dim=1)
+        k = self.keep(flat.shape[1])
+        indices = flat.abs().topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+        return {self.VALUES: flat.gather(1, indices), self.INDICES: indices.to(torch.int32)}
+
+    def decode(self, y: Batch, spec: PayloadSpec) -> Batch:
+        indices = y[self.INDICES].long()
+        size = self._size(spec)
+        if indices.shape[1]:
+            if bool((indices[:, 0] < 0).any()) or bool((indices[:, -1] >= size).any()):
+                raise CodecError(f"{self.INDICES}: an index is outside [0, {size})")
+            if bool((indices.diff(dim=1) <= 0).any()):
+                raise CodecError(f"{self.INDICES}: indices are not strictly increasing")
+        flat = torch.zeros(indices.shape[0], size).scatter_(1, indices, y[self.VALUES])
+        out: Batch = {}
+        offset = 0
+        for name, t in spec.items():
+            numel = math.prod(t.shape)
+            out[name] = flat[:, offset : offset + numel].reshape(flat.shape[0], *t.shape)
+            offset += numel
+        return out
+
+
+STAGES: dict[str, type[Stage]] = {stage.name: stage for stage in (Fp16, Bf16, Int8, TopK)}
+"""The registry: stage name -> class. A new codec is one :class:`Stage` and one entry here."""
+
+NONE = "none"
+
+
+class Codec:
+    """A pipeline of stages; :attr:`name` is what a message's ``codec`` header field carries."""
+
+    def __init__(self, stages: Sequence[Stage]) -> None:
+        self.stages = list(stages)
+        self.name = "+".join(stage.name for stage in self.stages) or NONE
+        self._specs: dict[tuple[tuple[str, tuple[int, ...]], ...], list[PayloadSpec]] = {}
+
+    def _chain(self, shapes: Shapes) -> list[PayloadSpec]:
+        """The payload spec before each stage and after the last; inputs sorted by name."""
+        key = tuple(sorted((name, tuple(int(d) for d in shape)) for name, shape in shapes.items()))
+        if key not in self._specs:
+            chain = [{name: TensorSpec("float32", shape) for name, shape in key}]
+            for stage in self.stages:
+                chain.append(stage.out_spec(chain[-1]))
+            self._specs[key] = chain
+        return self._specs[key]
+
+    def payload_spec(self, shapes: Shapes) -> PayloadSpec:
+        """What a message from this codec carries for an adapter of these tensor shapes."""
+        return self._chain(shapes)[-1]
+
+    def wire_spec(self, shapes: Shapes, known_senders: frozenset[int] | None = None,
+                  max_round: int = 2**31) -> WireSpec:
+        """A :class:`WireSpec` admitting exactly this codec's payload for ``shapes``: exact
+        names and shapes, only the payload's dtypes, and its exact byte count as the cap."""
+        spec = self.payload_spec(shapes)
+        return WireSpec(
+            tensors={name: t.shape for name, t in spec.items()},
+            max_bytes=max(1, sum(t.nbytes for t in spec.values())),
+            allowed_dtypes=frozenset(t.dtype for t in spec.values()) or frozenset({"float32"}),
+            known_senders=known_senders,
+            max_round=max_round,
+        )
+
+    def encode(self, tensors: Mapping[str, np.ndarray | torch.Tensor],
+               feedback: ErrorFeedback | None = None) -> dict[str, np.ndarray]:
+        """One node's tensors as the wire payload (name -> array), in payload-spec order.
+
+        With ``feedback``, the residual is added first and replaced by what this message
+        leaves out.
+        """
+        batch = {name: torch.as_tensor(tensors[name]).detach().float().cpu().unsqueeze(0) for name in sorted(tensors)}
+        payload = self._encode(batch, feedback, stacked=False)
+        return {name: _to_numpy(v[0]) for name, v in payload.items()}
+
+    def decode(self, payload: Mapping[str, np.ndarray], shapes: Shapes) -> dict[str, torch.Tensor]:
+        """A received payload back to float32 tensors of ``shapes``; :class:`CodecError` if it
+        cannot be this codec's output for them."""
+        spec = self.payload_spec(shapes)
+        if payload.keys() != spec.keys():
+            extra, missing = sorted(payload.keys() - spec.keys()), sorted(spec.keys() - payload.keys())
+            raise CodecError(f"codec {self.name}: payload names wrong: extra {extra[:3]}, missing {missing[:3]}")
+        batch: Batch = {}
+        for name, t in spec.items():
+            arr = payload[name]
+            if arr.dtype != WIRE_DTYPES[t.dtype] or arr.shape != t.shape:
+                raise CodecError(f"codec {self.name}: tensor {name!r} is {arr.dtype}{list(arr.shape)}, "
+                                 f"expected {t.dtype}{list(t.shape)}")
+            batch[name] = _from_numpy(arr, t.dtype).unsqueeze(0)
+        return {name: v[0] for name, v in self._decode(batch, shapes).items()}
+
+    def roundtrip(self, stacked: Mapping[str, torch.Tensor],
+                  feedback: ErrorFeedback | None = None) -> dict[str, torch.Tensor]:
+        """What receivers decode from each of ``N`` senders' messages, for ``[N, ...]`` tensors.
+
+        Row ``i`` equals ``decode(encode(row i))``; ``feedback`` holds stacked residuals.
+        """
+        batch = {name: stacked[name].detach().float() for name in sorted(stacked)}
+        shapes = {name: v.shape[1:] for name, v in batch.items()}
+        return self._decode(self._encode(batch, feedback, stacked=True), shapes)
+
+    def _encode(self, batch: Batch, feedback: ErrorFeedback | None, stacked: bool) -> Batch:
+        if feedback is not None and feedback.residual:
+            if feedback.residual.keys() != batch.keys():
+                raise ValueError("error-feedback residual names differ from the tensors being encoded")
+            batch = {name: v + (feedback.residual[name] if stacked else feedback.residual[name].unsqueeze(0))
+                     for name, v in batch.items()}
+        payload = batch
+        for stage in self.stages:
+            payload = stage.encode(payload)
+        if feedback is not None:
+            sent = self._decode(payload, {name: v.shape[1:] for name, v in batch.items()})
+            feedback.residual = {name: (v - sent[name]) if stacked else (v - sent[name])[0]
+                                 for name, v in batch.items()}
+        return payload
+
+    def _decode(self, payload: Batch, shapes: Shapes) -> Batch:
+        chain = self._chain(shapes)
+        for stage, spec in zip(reversed(self.stages), reversed(chain[:-1])):
+            payload = stage.decode(payload, spec)
+        if not all(bool(torch.isfinite(v).all()) for v in payload.values()):
+            raise CodecError(f"codec {self.name}: decoded tensors are not finite")
+        return {name: payload[name] for name in chain[0]}
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    """A payload tensor as the array the wire carries; bfloat16 travels as its uint16 bits."""
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.contiguous().numpy()
+
+
+def _from_numpy(arr: np.ndarray, tag: str) -> torch.Tensor:
+    """A received (possibly read-only, zero-copy) array as a tensor that owns its memory."""
+    if tag == "bfloat16":
+        return torch.from_numpy(arr.view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(np.array(arr))
+
+
+def parse(name: str | Sequence[str]) -> list[str]:
+    """Stage names of a pipeline name (``"topk+int8"``) or list; ``"none"`` is the empty one.
+
+    Checks names against the registry and the order rule; :class:`CodecError` otherwise.
+    """
+    parts = [p.strip() for p in (name.split("+") if isinstance(name, str) else name)]
+    if parts == [NONE]:
+        return []
+    unknown = [p for p in parts if p not in STAGES]
+    if unknown:
+        raise CodecError(f"unknown codec {unknown[0]!r} in {name!r}; known: {NONE}, {', '.join(STAGES)} "
+                         "(pipelines like topk+int8)")
+    kinds = [STAGES[p].kind for p in parts]
+    if kinds not in (["sparsify"], ["quantize"], ["sparsify", "quantize"]):
+        raise CodecError(f"codec pipeline {name!r} must be one topk and/or one of fp16, bf16, int8, topk first")
+    return parts
+
+
+def get_codec(name: str | Sequence[str], options: CodecOptions = CodecOptions()) -> Codec:
+    """The codec for a pipeline name or list of stage names, e.g. ``get_codec("topk+int8")``."""
+    return Codec([STAGES[part].from_options(options) for part in parse(name)])
+
+
+def codec_from_config(gossip: GossipConfig) -> Codec:
+    """The codec that ``gossip.codec``, ``gossip.topk_fraction`` and ``gossip.int8_block`` select."""
+    return get_codec(gossip.codec, CodecOptions(gossip.topk_fraction, gossip.int8_block))

@@ -1,0 +1,124 @@
+"""Local differential privacy for the shared adapter: clip the update, add Gaussian noise, account.
+
+What is protected (the privacy unit): a node's whole local dataset is one record, as in
+user-level DP-FedAvg (McMahan et al., 2018); a node holds one user by default. Each round
+the node releases its shared-adapter *update* (the delta since a reference state) after
+clipping it to L2 norm ``C`` over all tensors together and adding ``N(0, (sigma C)^2)``
+noise to every coordinate. That is the Gaussian mechanism with sensitivity ``C`` under
+add/remove of the record (a node without data releases only noise), composed over the
+rounds with sample rate 1, since every node releases every round. Under replace-one
+semantics the sensitivity is ``2C``: read the epsilon of ``sigma / 2``.
+
+The accounting is Google's ``dp-accounting`` library (its RDP accountant), not our own
+maths: :func:`epsilon` gives ``(epsilon, delta)`` after R rounds, :func:`noise_for_epsilon`
+calibrates ``sigma`` for a target epsilon with the library's own search.
+
+What the caller must keep true, or the accounting does not hold:
+
+- the reference state is a function of released values only, for example the shared
+  adapter right after last round's mixing, whose inputs were all privatised messages;
+- the node continues from what it released: its shared adapter becomes
+  ``reference + privatize(update)`` before mixing, so that everything later (mixing,
+  compression, the next round) is post-processing of released values;
+- each node draws noise from its own generator, seeded independently of its data.
+
+The functions take one node's tensors, or ``stacked=True`` tensors ``[N, ...]`` with one
+row per node, where clipping is per row. The simulator draws all nodes' noise from one
+generator; a node draws from its own.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import dp_accounting
+import torch
+from dp_accounting.rdp import RdpAccountant
+
+if TYPE_CHECKING:
+    from p2prec.config import PrivacyConfig
+
+Tensors = Mapping[str, torch.Tensor]
+
+
+def update_norms(update: Tensors, *, stacked: bool = False) -> torch.Tensor:
+    """L2 norm over all tensors together: a scalar, or ``[N]`` for stacked tensors."""
+    if stacked:
+        squares = sum(v.reshape(v.shape[0], -1).pow(2).sum(dim=1) for v in update.values())
+    else:
+        squares = sum(v.pow(2).sum() for v in update.values())
+    return torch.as_tensor(squares).sqrt()
+
+
+def clip_update(update: Tensors, clip: float, *, stacked: bool = False) -> dict[str, torch.Tensor]:
+    """Scale the update (each row, if stacked) down to L2 norm ``clip`` if it is longer."""
+    if clip <= 0:
+        raise ValueError(f"clip norm must be positive, got {clip}")
+    norms = update_norms(update, stacked=stacked)
+    factor = torch.clamp(clip / torch.clamp(norms, min=torch.finfo(norms.dtype).tiny), max=1.0)
+    return {name: v * factor.reshape(-1, *[1] * (v.dim() - 1)) if stacked else v * factor
+            for name, v in update.items()}
+
+
+def privatize(update: Tensors, clip: float, noise_multiplier: float, generator: torch.Generator,
+              *, stacked: bool = False) -> dict[str, torch.Tensor]:
+    """Clip to ``clip``, then add Gaussian noise of std ``noise_multiplier * clip`` per coordinate.
+
+    Noise is drawn tensor by tensor in name order, so a seeded generator gives the same
+    noise whatever order the mapping has.
+    """
+    if noise_multiplier < 0:
+        raise ValueError(f"noise multiplier must be non-negative, got {noise_multiplier}")
+    clipped = clip_update(update, clip, stacked=stacked)
+    std = noise_multiplier * clip
+    return {name: clipped[name] + std * torch.randn(clipped[name].shape, generator=generator,
+                                                    dtype=clipped[name].dtype)
+            for name in sorted(clipped)}
+
+
+def _event(noise_multiplier: float, rounds: int, sample_rate: float) -> dp_accounting.DpEvent:
+    gaussian = dp_accounting.GaussianDpEvent(noise_multiplier)
+    step = gaussian if sample_rate == 1.0 else dp_accounting.PoissonSampledDpEvent(sample_rate, gaussian)
+    return dp_accounting.SelfComposedDpEvent(step, rounds)
+
+
+def _check(rounds: int, delta: float, sample_rate: float) -> None:
+    if rounds < 0:
+        raise ValueError(f"rounds must be non-negative, got {rounds}")
+    if not 0.0 < delta < 1.0:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    if not 0.0 < sample_rate <= 1.0:
+        raise ValueError(f"sample rate must be in (0, 1], got {sample_rate}")
+
+
+def epsilon(noise_multiplier: float, rounds: int, delta: float, sample_rate: float = 1.0) -> float:
+    """Epsilon at ``delta`` after ``rounds`` Gaussian releases (RDP accountant); inf without noise."""
+    _check(rounds, delta, sample_rate)
+    if rounds == 0:
+        return 0.0
+    if noise_multiplier <= 0:
+        return math.inf
+    accountant = RdpAccountant()
+    accountant.compose(_event(noise_multiplier, rounds, sample_rate))
+    return float(accountant.get_epsilon(delta))
+
+
+def noise_for_epsilon(target_epsilon: float, rounds: int, delta: float, sample_rate: float = 1.0) -> float:
+    """The smallest noise multiplier (within 1e-6) whose :func:`epsilon` is at most the target."""
+    _check(rounds, delta, sample_rate)
+    if target_epsilon <= 0:
+        raise ValueError(f"target epsilon must be positive, got {target_epsilon}")
+    if rounds == 0:
+        return 0.0
+    return float(dp_accounting.calibrate_dp_mechanism(
+        RdpAccountant, lambda sigma: _event(sigma, rounds, sample_rate), target_epsilon, delta))
+
+
+def noise_multiplier(privacy: PrivacyConfig, rounds: int) -> float:
+    """The configured noise: derived from ``privacy.target_epsilon`` over ``rounds`` when it is
+    set (> 0), else ``privacy.noise_multiplier``."""
+    if privacy.target_epsilon > 0:
+        return noise_for_epsilon(privacy.target_epsilon, rounds, privacy.delta)
+    return privacy.noise_multiplier
