@@ -1,0 +1,208 @@
+"""Robust aggregation rules for the shared adapter, selectable per node by name.
+
+One implementation serves both worlds. Every rule takes a :class:`Neighbourhood`: for
+``N`` receiving nodes, each one's own flattened state ``[N, P]`` and the states it
+received, padded to ``[N, K, P]`` with a mask ``[N, K]`` of the slots that hold a message
+that arrived, and mixing weights. It returns the ``N`` aggregated states ``[N, P]``. A
+real node builds a neighbourhood of one with :meth:`Neighbourhood.for_node`; the
+simulator turns its (fault-masked) mixing matrix into neighbourhoods with
+:func:`robust_mix`, chunk by chunk, so a hub with hundreds of neighbours does not pad
+every other node to its degree.
+
+The own state is passed separately from the received ones because the rules use it
+differently: the order statistics (``median``, ``trimmed-mean``) count it as one more
+value, while ``clipped`` measures every neighbour's disagreement from it.
+
+Rules:
+
+- ``mean``: the weighted mean of the own and received states, weights renormalised over
+  the messages that arrived. The same result as plain mixing; not robust.
+- ``median``: coordinate-wise median of own and received (mean of the two middle values
+  when their count is even). Weights are ignored: order statistics are unweighted.
+- ``trimmed-mean``: per coordinate, drop the ``floor(trim * m)`` largest and smallest of
+  the ``m`` values, average the rest. Weights are ignored.
+- ``clipped``: ClippedGossip (He, Karimireddy and Jaggi, 2022),
+  ``x_i + sum_j w_ij clip(x_j - x_i, tau)`` with weights renormalised as for ``mean``;
+  each neighbour moves a node by at most ``w_ij * tau``. With ``tau = inf`` it is ``mean``.
+
+Invariant: a node that received nothing keeps its own state under every rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+RULES = ("mean", "median", "trimmed-mean", "clipped")
+"""The rule names :func:`get_rule` accepts (``robust.rule`` in the config)."""
+
+_CHUNK_ELEMENTS = 2**24
+"""Padded received floats per chunk in :func:`robust_mix` (64 MB; sorting needs a few times that)."""
+
+
+@dataclass(frozen=True)
+class Neighbourhood:
+    """What ``N`` receiving nodes aggregate in one round.
+
+    ``own`` ``[N, P]``; ``received`` ``[N, K, P]``, where slot ``k`` of node ``i`` holds a
+    message iff ``mask[i, k]``, other slots hold anything finite; ``weights`` ``[N, K]`` and
+    ``own_weight`` ``[N]`` are non-negative mixing weights, renormalised by the rules that
+    use them over the own state and the slots in ``mask``.
+    """
+
+    own: torch.Tensor
+    received: torch.Tensor
+    mask: torch.Tensor
+    weights: torch.Tensor
+    own_weight: torch.Tensor
+
+    def __post_init__(self) -> None:
+        n, p = self.own.shape
+        k = self.mask.shape[1]
+        if self.received.shape != (n, k, p) or self.weights.shape != (n, k) or self.own_weight.shape != (n,):
+            raise ValueError(f"neighbourhood shapes disagree: own {tuple(self.own.shape)}, received "
+                             f"{tuple(self.received.shape)}, mask {tuple(self.mask.shape)}, weights "
+                             f"{tuple(self.weights.shape)}, own_weight {tuple(self.own_weight.shape)}")
+
+    @classmethod
+    def for_node(cls, own: torch.Tensor, received: Sequence[torch.Tensor],
+                 weights: Sequence[float] | None = None, own_weight: float = 1.0) -> Neighbourhood:
+        """One node's neighbourhood: its flat state ``[P]`` and the flat states that arrived.
+
+        Without ``weights`` every arrived state weighs as much as the own one.
+        """
+        p = own.shape[0]
+        stack = torch.stack(list(received)) if received else own.new_zeros(0, p)
+        w = torch.tensor([1.0] * len(received) if weights is None else list(weights), dtype=own.dtype)
+        return cls(own.unsqueeze(0), stack.unsqueeze(0), torch.ones(1, len(received), dtype=torch.bool),
+                   w.unsqueeze(0), torch.tensor([own_weight], dtype=own.dtype))
+
+    def normalised_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(own ``[N]``, received ``[N, K]``) weights summing to one per node over what arrived."""
+        received = torch.where(self.mask, self.weights, 0.0)
+        total = self.own_weight + received.sum(dim=1)
+        if bool((total <= 0).any()):
+            raise ValueError("a node's own and received weights sum to zero")
+        return self.own_weight / total, received / total.unsqueeze(1)
+
+
+Rule = Callable[[Neighbourhood], torch.Tensor]
+
+
+def weighted_mean(hood: Neighbourhood) -> torch.Tensor:
+    """The renormalised weighted mean of the own and received states (not robust)."""
+    own_w, w = hood.normalised_weights()
+    return own_w.unsqueeze(1) * hood.own + torch.einsum("nk,nkp->np", w, hood.received)
+
+
+def _sorted_band(hood: Neighbourhood, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """Mean of the sorted values at positions ``[low, high)`` per node and coordinate.
+
+    Values are the own state and the received ones; missing slots sort last (as +inf), so
+    positions ``0 .. m - 1`` of a node with ``m`` values are exactly its values in order.
+    """
+    values = torch.cat([hood.own.unsqueeze(1), hood.received], dim=1)
+    present = torch.cat([hood.mask.new_ones(hood.mask.shape[0], 1), hood.mask], dim=1)
+    ordered = torch.where(present.unsqueeze(2), values, torch.inf).sort(dim=1).values
+    position = torch.arange(values.shape[1]).unsqueeze(0)
+    band = (position >= low.unsqueeze(1)) & (position < high.unsqueeze(1))
+    total = torch.where(band.unsqueeze(2), ordered, 0.0).sum(dim=1)
+    return total / (high - low).unsqueeze(1).to(values.dtype)
+
+
+def coordinate_median(hood: Neighbourhood) -> torch.Tensor:
+    """Coordinate-wise median of the own and received states."""
+    m = hood.mask.sum(dim=1) + 1
+    return _sorted_band(hood, (m - 1) // 2, m // 2 + 1)
+
+
+def trimmed_mean(hood: Neighbourhood, trim: float) -> torch.Tensor:
+    """Coordinate-wise mean after dropping the ``floor(trim * m)`` lowest and highest of ``m`` values."""
+    if not 0.0 <= trim < 0.5:
+        raise ValueError(f"trim fraction must be in [0, 0.5), got {trim}")
+    m = hood.mask.sum(dim=1) + 1
+    cut = torch.floor(trim * m.double()).long()
+    return _sorted_band(hood, cut, m - cut)
+
+
+def clipped_gossip(hood: Neighbourhood, tau: float) -> torch.Tensor:
+    """ClippedGossip: move towards each neighbour by its weight times its difference clipped to ``tau``."""
+    if tau <= 0:
+        raise ValueError(f"clipping radius tau must be positive, got {tau}")
+    _, w = hood.normalised_weights()
+    diff = hood.received - hood.own.unsqueeze(1)
+    norms = diff.norm(dim=2, keepdim=True)
+    clipped = diff * torch.clamp(tau / torch.clamp(norms, min=torch.finfo(diff.dtype).tiny), max=1.0)
+    return hood.own + torch.einsum("nk,nkp->np", w, clipped)
+
+
+def get_rule(name: str, *, trim: float = 0.1, tau: float = 1.0) -> Rule:
+    """The rule called ``name`` (one of :data:`RULES`), with its parameter bound."""
+    rules: dict[str, Rule] = {
+        "mean": weighted_mean,
+        "median": coordinate_median,
+        "trimmed-mean": partial(trimmed_mean, trim=trim),
+        "clipped": partial(clipped_gossip, tau=tau),
+    }
+    if name not in rules:
+        raise ValueError(f"unknown robust rule {name!r}; known: {', '.join(RULES)}")
+    return rules[name]
+
+
+def robust_mix(rule: Rule, w: sp.spmatrix, flat: torch.Tensor) -> torch.Tensor:
+    """Apply ``rule`` to every node of a square mixing matrix: the robust ``W @ X``.
+
+    Row ``i`` of ``w`` is node ``i``'s receipt: its diagonal entry is the own weight and
+    every other stored entry ``(i, j)`` a message from ``j`` that arrived, with its weight.
+    ``flat`` is ``[N, P]`` (see :func:`p2prec.gossip.mixing.flatten`). With ``mean`` this
+    equals :func:`p2prec.gossip.mixing.mix` of the row-normalised matrix.
+    """
+    w = sp.csr_matrix(w, copy=True)
+    n = flat.shape[0]
+    if w.shape != (n, n):
+        raise ValueError(f"robust mixing needs a square matrix over the {n} states, got {w.shape}")
+    w.sum_duplicates()
+    w.eliminate_zeros()
+    return torch.cat([rule(hood) for hood in _neighbourhoods(w, flat)], dim=0)
+
+
+def _neighbourhoods(w: sp.csr_matrix, flat: torch.Tensor) -> Iterator[Neighbourhood]:
+    """Rows of ``w`` as neighbourhoods, chunked so that ``rows * max degree * P`` stays bounded."""
+    rows = np.repeat(np.arange(w.shape[0]), np.diff(w.indptr))
+    off = w.indices != rows
+    own_weight = np.asarray(w.diagonal(), dtype=np.float64)
+    degree = np.bincount(rows[off], minlength=w.shape[0])
+    slots = max(1, _CHUNK_ELEMENTS // max(1, flat.shape[1]))
+    start = 0
+    while start < w.shape[0]:
+        stop, widest = start + 1, int(degree[start])
+        while stop < w.shape[0] and (stop - start + 1) * max(widest, int(degree[stop])) <= slots:
+            widest = max(widest, int(degree[stop]))
+            stop += 1
+        yield _chunk(w, flat, start, stop, widest, own_weight)
+        start = stop
+
+
+def _chunk(w: sp.csr_matrix, flat: torch.Tensor, start: int, stop: int, widest: int,
+           own_weight: np.ndarray) -> Neighbourhood:
+    """The neighbourhoods of rows ``start .. stop - 1``, padded to ``widest`` received slots."""
+    block = w[start:stop].tocoo()
+    off = block.col != block.row + start
+    row, col, weight = block.row[off], block.col[off], block.data[off]
+    order = np.lexsort((col, row))
+    row, col, weight = row[order], col[order], weight[order]
+    slot = np.arange(len(row)) - np.searchsorted(row, row)
+    index = torch.zeros(stop - start, widest, dtype=torch.long)
+    mask = torch.zeros(stop - start, widest, dtype=torch.bool)
+    weights = torch.zeros(stop - start, widest, dtype=flat.dtype)
+    at = (torch.from_numpy(row).long(), torch.from_numpy(slot).long())
+    index[at] = torch.from_numpy(col).long()
+    mask[at] = True
+    weights[at] = torch.from_numpy(weight).to(flat.dtype)
+    return Neighbourhood(flat[start:stop], flat[index], mask, weights,
+                         torch.from_numpy(own_weight[start:stop]).to(flat.dtype))

@@ -1,0 +1,119 @@
+"""Robust rules: known values, resistance to a scaled sign-flip, stacked = per node = plain mixing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from p2prec.config import RobustConfig
+from p2prec.gossip.mixing import drop_messages, mix, row_normalise
+from p2prec.gossip.robust import (
+    RULES,
+    Neighbourhood,
+    clipped_gossip,
+    coordinate_median,
+    get_rule,
+    robust_mix,
+    trimmed_mean,
+    weighted_mean,
+)
+from p2prec.topology import build, metropolis_hastings
+
+
+def one(own: list[float], received: list[list[float]], weights: list[float] | None = None) -> Neighbourhood:
+    return Neighbourhood.for_node(torch.tensor(own), [torch.tensor(r) for r in received], weights)
+
+
+def test_rules_on_known_values() -> None:
+    hood = one([0.0, 10.0], [[1.0, 20.0], [2.0, 30.0], [100.0, -50.0]])
+    assert coordinate_median(hood).tolist() == [[1.5, 15.0]]
+    assert weighted_mean(hood).tolist() == [[103 / 4, 10 / 4]]
+    assert trimmed_mean(hood, 0.25).tolist() == [[1.5, 15.0]]  # one cut at each end of 4 values
+    assert trimmed_mean(hood, 0.0).tolist() == weighted_mean(hood).tolist()
+    odd = one([0.0], [[1.0], [7.0], [3.0], [-9.0]])
+    assert coordinate_median(odd).tolist() == [[1.0]]
+    assert trimmed_mean(odd, 0.2).item() == pytest.approx(4 / 3)  # floor(0.2 * 5) = 1 cut at each end
+
+
+def test_weights_are_renormalised_and_clipping_bounds_each_pull() -> None:
+    hood = one([0.0, 0.0], [[3.0, 4.0], [0.0, 1.0]], weights=[1.0, 2.0])
+    assert torch.allclose(weighted_mean(hood), torch.tensor([[3 / 4, 6 / 4]]))
+    # the first neighbour is 5 away and clipped to 1, the second is 1 away and kept
+    assert torch.allclose(clipped_gossip(hood, 1.0), torch.tensor([[0.6 / 4, 0.8 / 4 + 2 / 4]]))
+    assert torch.allclose(clipped_gossip(hood, 1e9), weighted_mean(hood))
+
+
+def test_a_node_that_heard_nothing_keeps_its_state_under_every_rule() -> None:
+    hood = Neighbourhood.for_node(torch.tensor([1.0, -2.0]), [])
+    for name in RULES:
+        assert get_rule(name)(hood).tolist() == [[1.0, -2.0]], name
+
+
+def test_median_and_trimmed_mean_resist_a_scaled_sign_flip_while_mean_does_not() -> None:
+    g = torch.Generator().manual_seed(0)
+    truth = torch.randn(50, generator=g)
+    honest = [truth + 0.01 * torch.randn(50, generator=g) for _ in range(5)]
+    attacker = -100.0 * truth
+    hood = Neighbourhood.for_node(honest[0], [*honest[1:], attacker])
+    error = {name: float((get_rule(name, trim=0.2, tau=0.1)(hood)[0] - truth).norm()) for name in RULES}
+    assert error["mean"] > 10 * truth.norm()
+    for name in ("median", "trimmed-mean", "clipped"):
+        assert error[name] < 0.1 * float(truth.norm()), (name, error)
+
+
+def test_masked_slots_are_ignored_whatever_they_hold() -> None:
+    own, received = torch.randn(3, 4), torch.randn(3, 2, 4)
+    mask = torch.tensor([[True, False], [False, False], [True, True]])
+    poisoned = received.clone()
+    poisoned[~mask] = 1e30
+    for name in RULES:
+        rule = get_rule(name)
+        a = rule(Neighbourhood(own, received, mask, torch.ones(3, 2), torch.ones(3)))
+        b = rule(Neighbourhood(own, poisoned, mask, torch.ones(3, 2), torch.ones(3)))
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("name", RULES)
+def test_stacked_robust_mix_equals_each_node_alone(name: str) -> None:
+    w = drop_messages(metropolis_hastings(build("small-world", 30, seed=2)), 0.3, np.random.default_rng(1))
+    flat = torch.randn(30, 40, generator=torch.Generator().manual_seed(3))
+    rule = get_rule(name, trim=0.2, tau=0.5)
+    together = robust_mix(rule, w, flat)
+    w = sp.csr_matrix(w)
+    for i in range(30):
+        row = w.getrow(i)
+        senders = [j for j in row.indices if j != i]
+        alone = rule(Neighbourhood.for_node(flat[i], [flat[j] for j in senders],
+                                            [row[0, j] for j in senders], own_weight=row[0, i]))
+        assert torch.equal(together[i], alone[0]), i
+
+
+def test_robust_mean_is_plain_mixing_and_chunking_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    w = drop_messages(metropolis_hastings(build("small-world", 40, seed=1)), 0.2, np.random.default_rng(0))
+    flat = torch.randn(40, 25, generator=torch.Generator().manual_seed(4))
+    assert torch.allclose(robust_mix(weighted_mean, w, flat), mix(row_normalise(w), {"x": flat})["x"], atol=1e-6)
+    whole = robust_mix(get_rule("median"), w, flat)
+    monkeypatch.setattr("p2prec.gossip.robust._CHUNK_ELEMENTS", 3 * 25)  # a few rows per chunk
+    assert torch.equal(robust_mix(get_rule("median"), w, flat), whole)
+
+
+def test_a_hub_does_not_pad_everyone_to_its_degree(monkeypatch: pytest.MonkeyPatch) -> None:
+    w = metropolis_hastings(build("star", 60))
+    n = w.shape[0]
+    assert np.diff(w.indptr)[-1] == n  # the last node is the hub: everyone else, and itself
+    monkeypatch.setattr("p2prec.gossip.robust._CHUNK_ELEMENTS", 2 * (n - 1) * 10)
+    seen: list[tuple[int, ...]] = []
+    monkeypatch.setattr("p2prec.gossip.robust.Neighbourhood.__post_init__",
+                        lambda self: seen.append(tuple(self.received.shape)))
+    robust_mix(weighted_mean, w, torch.randn(n, 10))
+    # the leaves are padded to one slot only, the hub alone to its degree
+    assert seen == [(n - 1, 1, 10), (1, n - 1, 10)]
+
+
+def test_config_rule_names_match_the_registry() -> None:
+    field = RobustConfig.__dataclass_fields__["rule"]
+    assert field.metadata["choices"] == RULES
+    with pytest.raises(ValueError, match="unknown robust rule"):
+        get_rule("krum")
