@@ -1,4 +1,4 @@
-"""The ``p2prec`` command: pretrain, baseline, data, topology and report.
+"""The ``p2prec`` command: pretrain, baseline, data, keys, topology and report.
 
 Every sub-command shares the config options (``--config``, ``--set``, ``--data-dir``), and
 every user-facing failure is one line on stderr with exit status 2, never a stack trace.
@@ -106,6 +106,19 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    from p2prec.node.security import generate_keys, key_name
+
+    if args.count is not None and args.count < 1:
+        raise ValueError(f"--count must be at least 1, got {args.count}")
+    names = [n.strip() for n in args.names.split(",")] if args.names else [key_name(i) for i in range(args.count)]
+    for name, public in generate_keys(args.out, names).items():
+        print(f"{name} {public.decode()}")
+    print(f"keys in {args.out}: NAME.key (public, for the topology file) and NAME.key_secret (mode 0600)",
+          file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from p2prec.learn.baselines import KINDS
     from p2prec.sim.report import add_parser as add_report
@@ -139,6 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--communities", type=int, default=4)
     s.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=guarded(cmd_data))
+
+    p = sub.add_parser("keys", help="CurveZMQ keypairs for secured real nodes")
+    actions = p.add_subparsers(dest="action", required=True)
+    g = actions.add_parser("generate", help="write NAME.key (public) and NAME.key_secret (0600) per name")
+    g.add_argument("--out", required=True, help="folder for the key files (existing keys are never overwritten)")
+    who = g.add_mutually_exclusive_group(required=True)
+    who.add_argument("--names", help="comma-separated key names")
+    who.add_argument("--count", type=int, help="N keys named node0 .. node<N-1>, after the topology's node ids")
+    p.set_defaults(func=guarded(cmd_keys))
 
     add_topology(sub)
     add_report(sub)
