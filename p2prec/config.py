@@ -69,6 +69,7 @@ class PretrainConfig:
     lr: float = _field(1e-3, lo=0.0)
     batch_size: int = _field(64, lo=1)
     negatives: int = _field(1, lo=1)
+    loss: str = _field("bce", choices=("bce", "bpr", "ce"))
     weight_decay: float = _field(0.0, lo=0.0)
     seed: int = 0
 
@@ -94,7 +95,11 @@ class AdapterConfig:
 
 @dataclass
 class TrainConfig:
-    """One node's local update: E steps of Adam on BCE (or BPR) with sampled negatives.
+    """One node's local update: E steps on BCE (or BPR) with sampled negatives.
+
+    Personal adapter and gate take Adam at ``lr``; the shared adapter takes its own
+    optimizer (Adam, or SGD with ``momentum``) at ``shared_lr``, because averaging across
+    nodes cancels its gradient noise (see :class:`p2prec.learn.local.StepSettings`).
 
     ``backbone_dropout`` keeps the frozen backbone's dropout active during local steps: it
     regularises the adapters. Set it false for bit-for-bit comparisons between code paths.
@@ -102,10 +107,13 @@ class TrainConfig:
 
     local_steps: int = _field(1, lo=0)
     lr: float = _field(3e-3, lo=0.0)
-    loss: str = _field("bce", choices=("bce", "bpr"))
+    loss: str = _field("bce", choices=("bce", "bpr", "ce"))
     negatives: int = _field(4, lo=1)
     batch_size: int = _field(1, lo=1)
     weight_decay: float = _field(0.0, lo=0.0)
+    shared_optimizer: str = _field("adam", choices=("adam", "sgd"))
+    shared_lr: float = _field(3e-3, lo=0.0)
+    momentum: float = _field(0.9, lo=0.0, hi=0.999)
     backbone_dropout: bool = True
     seed: int = 0
 
@@ -190,6 +198,28 @@ class SimConfig:
 
 
 @dataclass
+class NodeConfig:
+    """One real node's runtime (``p2prec-node``): where it keeps state, how long it waits, its sockets.
+
+    Rounds, seeds, training and evaluation come from the same ``[sim]``, ``[train]`` and
+    ``[eval]`` keys the simulator reads, so a study switches between simulated and real
+    networking without translating anything. ``deadline_s`` bounds one exchange (a client
+    of an edge aggregator waits for up to three: up, across, down); ``start_timeout_s``
+    bounds the wait for neighbours that are still starting. Messages for up to
+    ``future_rounds`` rounds ahead are buffered; later ones are dropped. ``bind`` overrides
+    the endpoint the node binds (default: its topology ``address``), e.g. ``tcp://*:5555``.
+    """
+
+    dir: str = "node-state"
+    bind: str = ""
+    deadline_s: float = _field(30.0, lo=0.01)
+    start_timeout_s: float = _field(120.0, lo=0.0)
+    future_rounds: int = _field(2, lo=0, hi=64)
+    hwm: int = _field(64, lo=1)
+    linger_ms: int = _field(1000, lo=0)
+
+
+@dataclass
 class PrivacyConfig:
     """Local differential privacy of the shared update (see :mod:`p2prec.gossip.privacy`).
 
@@ -243,6 +273,7 @@ class Config:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     robust: RobustConfig = field(default_factory=RobustConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    node: NodeConfig = field(default_factory=NodeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

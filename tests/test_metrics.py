@@ -39,3 +39,10 @@ def test_summary_spread_is_over_nodes() -> None:
 
 def test_item_coverage() -> None:
     assert item_coverage(np.array([[1, 2], [2, 3]]), n_items=6) == 0.5
+
+
+def test_nan_scores_rank_last_not_first() -> None:
+    """A diverged model (NaN scores) must score zero, not a perfect HR@10."""
+    nan = float("nan")
+    scores = torch.tensor([[nan, 0.1, 0.2], [0.5, nan, 0.1], [nan, nan, nan]])
+    assert rank_of_first(scores).tolist() == [2, 1, 2]

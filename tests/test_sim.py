@@ -47,7 +47,7 @@ def test_vectorized_simulator_matches_a_plain_per_node_loop(synth_dir, synth_dat
                 b = train_batch(synth_data, sampler, sim.nodes[i], cfg.train.batch_size, cfg.model.max_len,
                                 cfg.train.negatives, seeded_rng(cfg.train.seed, rnd, i, step))
                 params[i], states[i], _ = local_step(model, params[i], states[i], b.inputs, b.targets,
-                                                     b.negatives, step_settings(cfg))
+                                                     b.negatives, step_settings(cfg, pop.shared_names))
         mixed = []
         for i in range(8):
             row = w[i]

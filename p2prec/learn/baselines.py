@@ -33,9 +33,11 @@ class BaselineResult:
     wall_s: float
 
 
-def step_settings(cfg: Config) -> StepSettings:
+def step_settings(cfg: Config, shared_names: list[str] | tuple[str, ...] = ()) -> StepSettings:
+    """A node's step settings; ``shared_names`` get the shared adapter's own optimizer and lr."""
     t = cfg.train
-    return StepSettings(lr=t.lr, loss=t.loss, weight_decay=t.weight_decay)
+    return StepSettings(lr=t.lr, loss=t.loss, weight_decay=t.weight_decay, shared_names=frozenset(shared_names),
+                        shared_lr=t.shared_lr, shared_optimizer=t.shared_optimizer, momentum=t.momentum)
 
 
 def adapter_model(backbone: SeqRecModel, cfg: Config) -> DualAdapterModel:

@@ -22,7 +22,15 @@ Params = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class StepSettings:
-    """Hyper-parameters of one local step (Adam on a sampled-negative ranking loss)."""
+    """Hyper-parameters of one local step on a sampled-negative ranking loss.
+
+    Tensors named in ``shared_names`` (the shared adapter) take their own learning rate
+    ``shared_lr`` and optimizer ``shared_optimizer``: Adam, or SGD with heavy-ball
+    ``momentum``. Why separate: the shared adapter is averaged across nodes after every
+    round, which cancels the noise of single-user gradients, so it can take much larger
+    steps than the personal adapter, which sees one user's history only and overfits it
+    at the same rate. Empty ``shared_names`` means one Adam for everything at ``lr``.
+    """
 
     lr: float = 5e-3
     loss: str = "bce"
@@ -30,6 +38,10 @@ class StepSettings:
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
+    shared_names: frozenset[str] = frozenset()
+    shared_lr: float = 0.0
+    shared_optimizer: str = "adam"
+    momentum: float = 0.0
 
 
 def init_opt_state(params: Params, batch_dims: int = 0) -> Params:
@@ -42,9 +54,16 @@ def init_opt_state(params: Params, batch_dims: int = 0) -> Params:
 
 
 def ranking_loss(pos: torch.Tensor, neg: torch.Tensor, mask: torch.Tensor, kind: str) -> torch.Tensor:
-    """BCE (positive vs. each negative) or BPR, averaged over positions where ``mask`` is 1."""
+    """BCE (positive vs. each negative), BPR, or sampled softmax cross-entropy ("ce").
+
+    Averaged over positions where ``mask`` is 1. "ce" treats the positive and its
+    negatives as one softmax; with many negatives it is the strongest of the three for
+    next-item ranking (it approximates the full softmax that the full protocol ranks by).
+    """
     if kind == "bce":
         per = -F.logsigmoid(pos) - F.logsigmoid(-neg).sum(-1)
+    elif kind == "ce":
+        per = -torch.log_softmax(torch.cat([pos.unsqueeze(-1), neg], dim=-1), dim=-1)[..., 0]
     else:
         per = -F.logsigmoid(pos.unsqueeze(-1) - neg).mean(-1)
     return (per * mask).sum() / mask.sum().clamp(min=1.0)
@@ -67,22 +86,30 @@ def _per_node(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def adam_step(params: Params, grads: Params, state: Params, s: StepSettings) -> tuple[Params, Params]:
     """One decoupled-weight-decay Adam step (AdamW; plain Adam when weight_decay is 0).
 
-    Works unchanged on one node's tensors (``t`` a scalar) and on tensors stacked ``[N, ...]``
-    (``t`` of shape ``[N]``, each node with its own bias correction), so the simulator runs
-    it once over a whole chunk of nodes instead of once per node.
+    Shared tensors (``s.shared_names``) step at ``s.shared_lr``; with
+    ``s.shared_optimizer == "sgd"`` they take a momentum-SGD step instead, reusing the
+    ``m.*`` slot as the momentum buffer (their ``v.*`` slot stays zero).
     """
     t = state["t"] + 1
-    step_size = s.lr / (1 - s.beta1 ** t)
+    bias1 = 1 - s.beta1 ** t
     bias2 = 1 - s.beta2 ** t
     new_params: Params = {}
     new_state: Params = {"t": t}
     for name, p in params.items():
         g = grads[name]
+        shared = name in s.shared_names
+        lr = s.shared_lr if shared else s.lr
+        if shared and s.shared_optimizer == "sgd":
+            buf = state[f"m.{name}"] * s.momentum + g
+            new_params[name] = p - lr * buf
+            new_state[f"m.{name}"] = buf
+            new_state[f"v.{name}"] = state[f"v.{name}"]
+            continue
         m = torch.lerp(state[f"m.{name}"], g, 1 - s.beta1)
         v = torch.addcmul(state[f"v.{name}"] * s.beta2, g, g, value=1 - s.beta2)
         denom = (v / _per_node(bias2, v)).sqrt_().add_(s.eps)
-        decayed = p * (1 - s.lr * s.weight_decay) if s.weight_decay else p
-        new_params[name] = decayed - _per_node(step_size, p) * m / denom
+        decayed = p * (1 - lr * s.weight_decay) if s.weight_decay else p
+        new_params[name] = decayed - _per_node(lr / bias1, p) * m / denom
         new_state[f"m.{name}"] = m
         new_state[f"v.{name}"] = v
     return new_params, new_state

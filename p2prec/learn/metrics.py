@@ -15,8 +15,11 @@ def rank_of_first(scores: torch.Tensor, valid: torch.Tensor | None = None) -> to
 
     Counts the other columns scoring at least as high (ties count against the held-out
     item). ``valid`` ``[U, C]`` excludes columns (e.g. items the user interacted with).
+    A NaN score also counts against the held-out item, so a diverged model ranks last
+    instead of looking perfect (NaN compares false with everything).
     """
-    beats = scores[:, 1:] >= scores[:, :1]
+    nan = scores.isnan()
+    beats = (scores[:, 1:] >= scores[:, :1]) | nan[:, 1:] | nan[:, :1]
     if valid is not None:
         beats = beats & valid[:, 1:]
     return beats.sum(dim=1)

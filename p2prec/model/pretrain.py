@@ -62,7 +62,7 @@ def pretrain(data: Dataset, cfg: Config) -> tuple[SeqRecModel, dict]:
 
     params = {n: t.detach().clone() for n, t in model.named_parameters()}
     run = train_pooled(model, params, data, sampler, data.public_users,
-                       StepSettings(lr=p.lr, weight_decay=p.weight_decay),
+                       StepSettings(lr=p.lr, loss=p.loss, weight_decay=p.weight_decay),
                        epochs=p.epochs, batch_size=p.batch_size, max_len=m.max_len,
                        negatives=p.negatives, seed=p.seed, validate=validate,
                        eval_every=5, patience=8, desc="pretrain")

@@ -66,7 +66,7 @@ class Simulation:
         self.nodes = select_nodes(data, cfg)
         sampler = NegativeSampler(data)
         t = cfg.train
-        self.pop = Population(self.model, data, sampler, self.nodes, step_settings(cfg),
+        self.pop = Population(self.model, data, sampler, self.nodes, step_settings(cfg, self.model.shared_names()),
                               local_steps=t.local_steps, batch_size=t.batch_size, max_len=cfg.model.max_len,
                               negatives=t.negatives, seed=t.seed, dropout=t.backbone_dropout,
                               chunk=cfg.sim.chunk)
