@@ -139,3 +139,10 @@ def test_bad_specs_are_one_line_errors(tmp_path: Path, synth_dir: Path, cache_di
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and "\n" not in err
+
+
+def test_a_diverging_run_stops_with_a_clear_error(synth_dir, synth_data) -> None:  # noqa: ANN001
+    sim = _sim(synth_dir, synth_data, ["sim.nodes=6", "gossip.topology=ring", "train.shared_optimizer=sgd",
+                                       "train.shared_lr=1e30"])
+    with pytest.raises(ValueError, match="diverged at round"):
+        sim.run(rounds=5, progress=False)

@@ -125,6 +125,9 @@ class Simulation:
         bar = tqdm(range(1, rounds + 1), desc=label, unit="round", disable=not progress, dynamic_ncols=True)
         for rnd in bar:
             stats = self.step(rnd)
+            if not np.isfinite(stats.consensus):
+                raise ValueError(f"training diverged at round {rnd} (shared adapters are not finite, loss "
+                                 f"{stats.loss:.4g}): lower train.lr or train.shared_lr")
             if rnd % self.cfg.eval.every == 0 or rnd == rounds:
                 result = self.evaluate()
                 records.append(make_record(rnd, result, stats.loss, stats.consensus, self.bytes_sent_total,
