@@ -18,7 +18,8 @@ Stages, and what they put on the wire:
   ``max|x| / 127`` per tensor (``int8_block = 0``) or per block of ``int8_block``
   consecutive elements of each flattened tensor, so the error is at most half a scale per
   element. One shared scales tensor, rather than one per tensor, keeps the header small:
-  with ten tensors of peft names the header is a tenth of an int8 message;
+  for the real adapter (ten tensors with long peft names) the header is already 1 KB of a
+  19 KB int8 message, and a scales entry per tensor would double it;
 - ``topk``: the ``k = ceil(fraction * D)`` largest-magnitude entries of the whole adapter
   flattened in name order (``D`` elements), as ``topk.values`` (float32) and
   ``topk.indices`` (int32, strictly increasing). ``k`` depends only on ``D`` and the
@@ -27,8 +28,10 @@ Stages, and what they put on the wire:
 A pipeline is at most one ``topk`` followed by at most one quantiser (``fp16``, ``bf16``
 or ``int8``), named by joining stage names with ``+`` (``"topk+int8"``); ``"none"`` is
 the empty pipeline, plain float32 under the adapter's own names. Receiver and sender must
-share ``topk_fraction`` and ``int8_block`` (they read one config); a mismatch shows up as
-a payload of the wrong shape, which :meth:`Codec.decode` rejects.
+share ``topk_fraction`` and ``int8_block``: the name does not carry them, one config does.
+A different fraction changes ``k`` and a different block size the number of scales, so
+the payload has the wrong shape and is rejected; only two block sizes that cut every
+tensor into the same number of blocks would go unnoticed.
 
 Error feedback: a lossy sender may keep what its messages did not carry in an
 :class:`ErrorFeedback` and add it to the next input, so that over many rounds the sum of
@@ -62,15 +65,6 @@ if TYPE_CHECKING:
 Batch = dict[str, torch.Tensor]
 """Named tensors that all carry a leading batch dimension (senders)."""
 Shapes = Mapping[str, Sequence[int]]
-
-_TORCH_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int8": torch.int8,
-    "int32": torch.int32,
-}
-
 
 class CodecError(WireError):
     """A payload that its codec cannot have produced; the message names the rule, in one line."""
@@ -154,6 +148,7 @@ class Cast16(Stage):
 
     kind = "quantize"
     tag: ClassVar[str]
+    dtype: ClassVar[torch.dtype]
 
     @classmethod
     def from_options(cls, options: CodecOptions) -> Stage:
@@ -163,9 +158,9 @@ class Cast16(Stage):
         return {name: TensorSpec(self.tag, t.shape) if t.dtype == "float32" else t for name, t in spec.items()}
 
     def encode(self, x: Batch) -> Batch:
-        dtype = _TORCH_DTYPES[self.tag]
-        top = torch.finfo(dtype).max
-        return {name: v.clamp(-top, top).to(dtype) if v.dtype == torch.float32 else v for name, v in x.items()}
+        top = torch.finfo(self.dtype).max
+        return {name: v.clamp(-top, top).to(self.dtype) if v.dtype == torch.float32 else v
+                for name, v in x.items()}
 
     def decode(self, y: Batch, spec: PayloadSpec) -> Batch:
         return {name: v.float() if spec[name].dtype == "float32" else v for name, v in y.items()}
@@ -174,11 +169,13 @@ class Cast16(Stage):
 class Fp16(Cast16):
     name = "fp16"
     tag = "float16"
+    dtype = torch.float16
 
 
 class Bf16(Cast16):
     name = "bf16"
     tag = "bfloat16"
+    dtype = torch.bfloat16
 
 
 class Int8(Stage):
@@ -359,7 +356,7 @@ class Codec:
         leaves out.
         """
         batch = {name: torch.as_tensor(tensors[name]).detach().float().cpu().unsqueeze(0) for name in sorted(tensors)}
-        payload = self._encode(batch, feedback, stacked=False)
+        payload, _ = self._encode(batch, feedback, stacked=False)
         return {name: _to_numpy(v[0]) for name, v in payload.items()}
 
     def decode(self, payload: Mapping[str, np.ndarray], shapes: Shapes) -> dict[str, torch.Tensor]:
@@ -385,10 +382,12 @@ class Codec:
         Row ``i`` equals ``decode(encode(row i))``; ``feedback`` holds stacked residuals.
         """
         batch = {name: stacked[name].detach().float() for name in sorted(stacked)}
-        shapes = {name: v.shape[1:] for name, v in batch.items()}
-        return self._decode(self._encode(batch, feedback, stacked=True), shapes)
+        payload, sent = self._encode(batch, feedback, stacked=True)
+        return sent if sent is not None else self._decode(payload, {name: v.shape[1:] for name, v in batch.items()})
 
-    def _encode(self, batch: Batch, feedback: ErrorFeedback | None, stacked: bool) -> Batch:
+    def _encode(self, batch: Batch, feedback: ErrorFeedback | None,
+                stacked: bool) -> tuple[Batch, Batch | None]:
+        """The payload of a batch, and with ``feedback`` also what it decodes to (for the residual)."""
         if feedback is not None and feedback.residual:
             if feedback.residual.keys() != batch.keys():
                 raise ValueError("error-feedback residual names differ from the tensors being encoded")
@@ -397,11 +396,11 @@ class Codec:
         payload = batch
         for stage in self.stages:
             payload = stage.encode(payload)
-        if feedback is not None:
-            sent = self._decode(payload, {name: v.shape[1:] for name, v in batch.items()})
-            feedback.residual = {name: (v - sent[name]) if stacked else (v - sent[name])[0]
-                                 for name, v in batch.items()}
-        return payload
+        if feedback is None:
+            return payload, None
+        sent = self._decode(payload, {name: v.shape[1:] for name, v in batch.items()})
+        feedback.residual = {name: (v - sent[name]) if stacked else (v - sent[name])[0] for name, v in batch.items()}
+        return payload, sent
 
     def _decode(self, payload: Batch, shapes: Shapes) -> Batch:
         chain = self._chain(shapes)
