@@ -106,6 +106,21 @@ def test_round_trip_realistic_adapter_and_non_contiguous_input() -> None:
     assert_same(validate_and_decode(as_bytes(frames), spec_for(tensors)), msg)
 
 
+@pytest.mark.parametrize(
+    "tensors",
+    [
+        {"empty": np.zeros((0, 4), np.float32)},
+        {"scalar": np.asarray(5, np.int64)},
+        {"wide": np.ones(PACK_BELOW, np.uint8), "empty": np.zeros((2, 0), np.int64)},
+        {"a": np.ones(PACK_BELOW // 8 - 1, np.int64), "b": np.ones(3, np.int64)},  # one tensor per packed frame
+    ],
+)
+def test_round_trip_frames_holding_a_single_tensor(tensors: dict[str, np.ndarray]) -> None:
+    msg = gossip(tensors)
+    spec = spec_for(tensors, max_bytes=max(1, sum(a.nbytes for a in tensors.values())))
+    assert_same(validate_and_decode(as_bytes(encode(msg)), spec), msg)
+
+
 def test_control_message_and_aggregate_up_round_trip() -> None:
     spec = spec_for(adapter())
     hello = gossip({}, type=MessageType.HELLO)
@@ -116,10 +131,10 @@ def test_control_message_and_aggregate_up_round_trip() -> None:
 
 def test_layout_packs_small_tensors_aligned_and_keeps_large_ones_apart() -> None:
     half = PACK_BELOW // 2
-    layout = frame_layout([3, PACK_BELOW, 8, 0, half, half - PACK_ALIGN])
-    assert layout.slots == [(0, 0), (1, 0), (0, PACK_ALIGN), (0, 2 * PACK_ALIGN), (0, 2 * PACK_ALIGN), (2, 0)]
-    assert layout.frame_bytes == [2 * PACK_ALIGN + half, PACK_BELOW, half - PACK_ALIGN]
-    assert layout.packed == [True, False, True]
+    layout = frame_layout((3, PACK_BELOW, 8, 0, half, half - PACK_ALIGN))
+    assert layout.slots == ((0, 0), (1, 0), (0, PACK_ALIGN), (0, 2 * PACK_ALIGN), (0, 2 * PACK_ALIGN), (2, 0))
+    assert layout.frame_bytes == (2 * PACK_ALIGN + half, PACK_BELOW, half - PACK_ALIGN)
+    assert layout.packed == (True, False, True)
     assert all(n < PACK_BELOW for n, packed in zip(layout.frame_bytes, layout.packed) if packed)
 
 
@@ -263,6 +278,69 @@ def test_unchecked_shapes_still_bound_bytes_and_names() -> None:
     big = {"values": np.ones(50, np.float16), "indices": np.arange(50, dtype=np.int32)}
     with pytest.raises(WireError, match="limit"):
         validate_and_decode(as_bytes(encode(gossip(big))), spec)
+
+
+# --- remembered tensor tables ---------------------------------------------------------
+
+
+def raw_header(pairs: list[tuple[object, object]], tail: bytes = b"") -> bytes:
+    """A header map written pair by pair, so keys may repeat and values be anything."""
+    packer = msgpack.Packer()
+    return packer.pack_map_header(len(pairs)) + b"".join(packer.pack(k) + packer.pack(v) for k, v in pairs) + tail
+
+
+def test_a_remembered_table_still_gets_every_per_message_check() -> None:
+    spec = spec_for(adapter())
+    validate_and_decode(VALID, spec)  # the table is now remembered
+    assert len(spec.checked_tables) == 1
+    for edit, word in [
+        (set_key("type", int(MessageType.HELLO)), "no tensors"),
+        (set_key("sender", 9), "sender"),
+        (set_key("round", -1), "round"),
+        (edit_entry("item_emb.lora_B", 2, [64.0, 8]), "shape"),  # equal to the remembered one in Python
+        (edit_entry("item_emb.lora_B", 3, True), "nbytes"),
+    ]:
+        with pytest.raises(WireError, match=word):
+            validate_and_decode(forge(VALID, edit), spec)
+    for frames, word in [(VALID[:-1], "frame count"), ([*VALID[:-1], VALID[-1][:-4]], "bytes"),
+                         (poisoned("item_emb.lora_wide", -np.inf), "non-finite")]:
+        with pytest.raises(WireError, match=word):
+            validate_and_decode(frames, spec)
+    assert len(spec.checked_tables) == 1  # the same table bytes throughout
+
+
+def test_remembered_tables_are_bounded() -> None:
+    spec = WireSpec({"values": (1000,)}, max_bytes=4000, shape_check=False)
+    for n in range(1, 41):
+        tensors = {"values": np.full(n, 0.5, np.float32)}
+        assert_same(validate_and_decode(as_bytes(encode(gossip(tensors))), spec), gossip(tensors))
+    assert len(spec.checked_tables) <= 16
+
+
+@pytest.mark.parametrize(
+    ("frame0", "word"),
+    [
+        (raw_header([("v", PROTOCOL_VERSION), ("v", PROTOCOL_VERSION)]), "duplicate"),
+        (raw_header([("v", PROTOCOL_VERSION), (b"", 1)]), "keys"),  # the only bytes key max_bin_len allows
+        (raw_header([("v", PROTOCOL_VERSION), (b"type", 1)]), "max_bin_len"),
+        (raw_header([("v", PROTOCOL_VERSION), (7, 1)]), "map key"),
+        (raw_header([(f"k{i}", i) for i in range(9)]), "max_map_len"),
+        (raw_header([("v", PROTOCOL_VERSION), ("tensors", [])], tail=b"\x00"), "after the header"),
+        (raw_header([("v", PROTOCOL_VERSION), ("tensors", [])])[:-1], "msgpack"),
+    ],
+)
+def test_header_map_rules(frame0: bytes, word: str) -> None:
+    with pytest.raises(WireError, match=word):
+        validate_and_decode([frame0, *VALID[1:]], SPEC)
+
+
+@pytest.mark.parametrize(
+    ("table", "word"),
+    [([["x" * 100, "float32", [1], 4]], "max_str_len"), ([[] for _ in range(40)], "max_array_len"), (7, "list")],
+)
+def test_tensor_table_gets_msgpack_limits_although_the_header_skips_it(table: object, word: str) -> None:
+    with pytest.raises(WireError, match=word):
+        validate_and_decode(forge(VALID, set_key("tensors", table)), SPEC)
 
 
 # --- fuzzing -------------------------------------------------------------------------

@@ -16,8 +16,8 @@ needs no layout field, and sender and receiver cannot disagree.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 PACK_BELOW = 65536
 """Packed frames stay shorter than this (pyzmq's default copy threshold)."""
@@ -29,11 +29,13 @@ PACK_ALIGN = 8
 class FrameLayout:
     """``slots[i]`` is (payload frame index, byte offset) of tensor i;
     ``frame_bytes[j]`` is payload frame j's length and ``packed[j]`` whether it is a
-    packed frame (zero-padded tensors) rather than one large tensor's own bytes."""
+    packed frame (zero-padded tensors) rather than one large tensor's own bytes.
 
-    slots: list[tuple[int, int]]
-    frame_bytes: list[int]
-    packed: list[bool]
+    Tuples, because :func:`frame_layout` hands the same cached instance to every caller."""
+
+    slots: tuple[tuple[int, int], ...]
+    frame_bytes: tuple[int, ...]
+    packed: tuple[bool, ...]
 
 
 def padded(nbytes: int) -> int:
@@ -41,12 +43,17 @@ def padded(nbytes: int) -> int:
     return -(-nbytes // PACK_ALIGN) * PACK_ALIGN
 
 
-def frame_layout(sizes: Sequence[int]) -> FrameLayout:
+@lru_cache(maxsize=256)
+def frame_layout(sizes: tuple[int, ...]) -> FrameLayout:
     """Lay out tensors of the given byte counts, in header order.
 
     A tensor whose padded size is under PACK_BELOW joins the most recently opened packed
     frame if it still fits under PACK_BELOW, else opens a new one; a larger tensor gets
     a frame of its own.
+
+    Cached because a node sends and receives the same adapter shapes every round, and
+    the layout loop costs as much as the rest of encoding a small adapter. The cache is
+    bounded, so a peer varying its sizes (where the spec allows) only evicts entries.
     """
     slots: list[tuple[int, int]] = []
     frame_bytes: list[int] = []
@@ -65,4 +72,4 @@ def frame_layout(sizes: Sequence[int]) -> FrameLayout:
             packed.append(True)
         slots.append((filling, frame_bytes[filling]))
         frame_bytes[filling] += size
-    return FrameLayout(slots, frame_bytes, packed)
+    return FrameLayout(tuple(slots), tuple(frame_bytes), tuple(packed))

