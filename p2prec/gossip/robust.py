@@ -26,6 +26,10 @@ Rules:
   each neighbour moves a node by at most ``w_ij * tau``. With ``tau = inf`` it is ``mean``.
 
 Invariant: a node that received nothing keeps its own state under every rule.
+
+Cost: the order statistics sort ``K + 1`` values per coordinate, which makes them the
+expensive rules; measured on one thread for 754 nodes of 18,072 floats on a small-world
+graph, ``mean`` took 0.5 s, ``clipped`` 1.5 s, ``median`` 4.3 s and ``trimmed-mean`` 4.9 s.
 """
 
 from __future__ import annotations
