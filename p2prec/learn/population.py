@@ -11,8 +11,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from p2prec.config import Config
 from p2prec.data.sampler import NegativeSampler, seeded_rng
 from p2prec.data.split import Dataset
+from p2prec.learn.baselines import step_settings
 from p2prec.learn.batches import TrainBatch, train_batch
 from p2prec.learn.local import Params, StepSettings, batched_local_step, init_opt_state, local_step
 from p2prec.model.adapters import DualAdapterModel
@@ -118,3 +120,14 @@ class Population:
     def shared(self) -> Params:
         """The stacked shared-adapter tensors (views into :attr:`params`)."""
         return {k: self.params[k] for k in self.shared_names}
+
+
+def configured_population(model: DualAdapterModel, data: Dataset, cfg: Config, nodes: list[np.ndarray],
+                          ids: np.ndarray | None = None) -> Population:
+    """The population ``cfg`` describes. The simulator (all its nodes) and a real node (itself
+    alone, with its global id in ``ids``) both build it here, so their local updates cannot drift."""
+    t = cfg.train
+    return Population(model, data, NegativeSampler(data), nodes, step_settings(cfg, model.shared_names()),
+                      local_steps=t.local_steps, batch_size=t.batch_size, max_len=cfg.model.max_len,
+                      negatives=t.negatives, seed=t.seed, dropout=t.backbone_dropout, chunk=cfg.sim.chunk,
+                      ids=ids)

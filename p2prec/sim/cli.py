@@ -38,7 +38,12 @@ def cmd_sim(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     out = Path(args.out or f"runs/{cfg.sim.baseline or cfg.gossip.topology.split(':')[0].split('/')[-1]}")
     try:
-        summary = run_simulation(cfg, load_data(cfg), out, args.backbone)
+        if args.processes:
+            from p2prec.sim.launcher import run_processes
+
+            summary = run_processes(cfg, load_data(cfg), out, args.processes, args.backbone)
+        else:
+            summary = run_simulation(cfg, load_data(cfg), out, args.backbone)
     except TopologyError as exc:
         raise ValueError(str(exc)) from None
     print_summary(summary, out)
@@ -55,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, help="seed for training, gossip and faults (not the data split)")
     parser.add_argument("--baseline", choices=("local-only", "fedavg-server", "centralized"))
     parser.add_argument("--backbone", help="backbone folder (default: pre-train on public users, cached)")
+    parser.add_argument("--processes", type=int, metavar="N",
+                        help="run N data nodes as real p2prec-node processes on 127.0.0.1 instead of simulating")
     parser.add_argument("--out", help="results folder (default: runs/<topology or baseline>)")
     parser.set_defaults(func=guarded(cmd_sim))
     return parser

@@ -17,12 +17,12 @@ import torch
 from tqdm import tqdm
 
 from p2prec.config import Config
-from p2prec.data.sampler import NegativeSampler, seeded_rng
+from p2prec.data.sampler import seeded_rng
 from p2prec.data.split import Dataset
 from p2prec.gossip.mixing import consensus_distance, mix
-from p2prec.learn.baselines import adapter_model, federated_eval_set, selection_score, step_settings
+from p2prec.learn.baselines import adapter_model, federated_eval_set, selection_score
 from p2prec.learn.evaluate import evaluate
-from p2prec.learn.population import Population
+from p2prec.learn.population import configured_population
 from p2prec.model.backbone import SeqRecModel
 from p2prec.sim.faults import FaultPlan
 from p2prec.sim.plan import MixingPlan
@@ -64,12 +64,7 @@ class Simulation:
         self.data = data
         self.model = adapter_model(backbone, cfg)
         self.nodes = select_nodes(data, cfg)
-        sampler = NegativeSampler(data)
-        t = cfg.train
-        self.pop = Population(self.model, data, sampler, self.nodes, step_settings(cfg, self.model.shared_names()),
-                              local_steps=t.local_steps, batch_size=t.batch_size, max_len=cfg.model.max_len,
-                              negatives=t.negatives, seed=t.seed, dropout=t.backbone_dropout,
-                              chunk=cfg.sim.chunk)
+        self.pop = configured_population(self.model, data, cfg, self.nodes)
         self.eval_set = federated_eval_set(data, cfg, self.nodes)
         counts = np.asarray([sum(len(data.train[u]) for u in node) for node in self.nodes], dtype=np.float64)
         self.plan = MixingPlan(graph, len(self.nodes), counts, cfg.gossip)

@@ -18,6 +18,7 @@ import scipy.sparse as sp
 
 from p2prec.config import GossipConfig
 from p2prec.data.sampler import seeded_rng
+from p2prec.gossip.aggregate import aggregator_mixing
 from p2prec.gossip.mixing import (
     count_weighted_rows,
     drop_messages,
@@ -79,8 +80,7 @@ class MixingPlan:
                 home[node] = index[graph.nodes[node]["aggregator"]]
         self.home = home
         agg_is_data = np.asarray([graph.nodes[a].get("role") != AGGREGATOR_ONLY for a in self.aggs])
-        inner = nx.relabel_nodes(graph.subgraph(self.aggs), index)
-        self.agg_mixing = metropolis_hastings(inner)
+        self.agg_mixing = aggregator_mixing(graph, self.aggs)
         members = [np.flatnonzero(home == k) for k in range(len(self.aggs))]
         self.up = count_weighted_rows(members, self.counts, self.n)
         self.up_cols = self.up.indices.copy()

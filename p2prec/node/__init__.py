@@ -1,0 +1,10 @@
+"""The real node: one process per topology node, gossiping the shared adapter over ZeroMQ.
+
+``p2prec-node --config node/example.toml --id N`` runs node N of the topology file named by
+``gossip.topology``. The modules, one job each: :mod:`~p2prec.node.place` (role, peers and
+mixing weights from the topology), :mod:`~p2prec.node.learner` (the simulator's local
+update for this node's users), :mod:`~p2prec.node.transport` (sockets),
+:mod:`~p2prec.node.inbox` (messages by round, deadlines), :mod:`~p2prec.node.protocol`
+(one round per role), :mod:`~p2prec.node.checkpoint` (crash-safe state) and
+:mod:`~p2prec.node.runtime` (the node's life: greet, rounds, persist, stop on a signal).
+"""

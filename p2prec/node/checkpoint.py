@@ -1,0 +1,120 @@
+"""Crash-safe checkpoints of a node's learned state: one safetensors file, replaced atomically.
+
+Why this shape: a node may be killed at any instant, and what it learned must survive.
+The file is written under a temporary name in the same folder, flushed and fsynced, then
+renamed over the previous checkpoint (``os.replace`` is atomic on POSIX), and the folder
+is fsynced so the rename itself is durable. A reader therefore sees the previous complete
+checkpoint or the new complete one, never a mixture. Tensors and a small JSON header
+travel in the one file (safetensors ``__metadata__``), so they cannot drift apart, and
+nothing is pickled: loading runs no code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
+
+FORMAT = "p2prec-node-checkpoint"
+VERSION = 1
+FILE_NAME = "checkpoint.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or belongs to another node; the message names the file."""
+
+
+@dataclass
+class Checkpoint:
+    """A node's state after round ``round`` completed.
+
+    ``tensors`` holds the trainable parameters (personal and shared adapters, gate), the
+    optimizer state and the RNG state, under names the node chooses; ``info`` holds small
+    JSON-able counters (bytes sent, wall time) that metrics continue from after a restart.
+    """
+
+    node: int
+    round: int
+    tensors: dict[str, torch.Tensor]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save(path: Path, ckpt: Checkpoint) -> None:
+    """Write ``ckpt`` to ``path`` atomically and durably (temporary file, fsync, rename, fsync dir)."""
+    tensors = {name: t.detach().contiguous() for name, t in ckpt.tensors.items()}
+    header = {"format": FORMAT, "version": VERSION, "node": ckpt.node, "round": ckpt.round, "info": ckpt.info,
+              "sha256": digest(tensors)}
+    data = save_bytes(tensors, metadata={"p2prec": json.dumps(header, sort_keys=True)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def _header(data: bytes, path: Path) -> dict[str, Any]:
+    """The JSON header stored in the safetensors metadata, checked for format and version."""
+    if len(data) < 8:
+        raise CheckpointError(f"checkpoint {path} is unreadable: {len(data)} bytes, too short")
+    size = int.from_bytes(data[:8], "little")
+    try:
+        meta = json.loads(data[8:8 + size]).get("__metadata__") or {}
+        header = json.loads(meta["p2prec"])
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"checkpoint {path} is unreadable: no p2prec header ({exc})") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path} is not a p2prec node checkpoint")
+    if header.get("version") != VERSION:
+        raise CheckpointError(f"checkpoint {path} has version {header.get('version')!r}, expected {VERSION}")
+    for key in ("node", "round"):
+        if type(header.get(key)) is not int or header[key] < 0:
+            raise CheckpointError(f"checkpoint {path} is unreadable: bad {key} {header.get(key)!r}")
+    return header
+
+
+def load(path: Path, node: int | None = None) -> Checkpoint:
+    """Read the checkpoint at ``path``; :class:`CheckpointError` if it is unreadable or not ``node``'s."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {path} is unreadable: {exc.strerror or exc}") from None
+    header = _header(data, path)
+    try:
+        tensors = load_bytes(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"checkpoint {path} is unreadable: {' '.join(str(exc).split())}") from None
+    if digest(tensors) != header.get("sha256"):
+        raise CheckpointError(f"checkpoint {path} is damaged: its tensors do not match their checksum")
+    if node is not None and header["node"] != node:
+        raise CheckpointError(f"checkpoint {path} belongs to node {header['node']}, not node {node}")
+    return Checkpoint(header["node"], header["round"], tensors, dict(header.get("info") or {}))

@@ -1,0 +1,88 @@
+"""``p2prec-node``: run one real node of a topology file, from its last checkpoint to the last round.
+
+Bad input (a malformed config, a missing topology file, an id that is not in the topology,
+an unreadable checkpoint) is one line on stderr and exit status 2, never a traceback.
+SIGINT and SIGTERM stop the node cleanly, keeping its last checkpoint, with exit status 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+
+from p2prec.cli import add_config_options, config_from_args, guarded, load_data, run_cli
+from p2prec.config import Config, ConfigError
+
+log = logging.getLogger("p2prec.node")
+
+
+def check_config(cfg: Config) -> None:
+    """Refuse settings a real node does not implement yet, rather than ignore them silently."""
+    defaults = Config()
+    for section, key in (("gossip", "mixing"), ("gossip", "codec"), ("privacy", "enabled"), ("robust", "rule"),
+                         ("security", "enabled")):
+        value, default = getattr(getattr(cfg, section), key), getattr(getattr(defaults, section), key)
+        if value != default:
+            raise ConfigError(f"{section}.{key}: real nodes support only {default!r} so far, got {value!r}")
+
+
+def build_node(cfg: Config, node_id: int, backbone_dir: str | None):  # noqa: ANN201 - a Node; imported lazily
+    """Everything node ``node_id`` needs: its data, its place in the topology, its model and state."""
+    from p2prec.learn.baselines import adapter_model
+    from p2prec.model.pretrain import ensure_backbone
+    from p2prec.node.learner import Learner
+    from p2prec.node.place import place
+    from p2prec.node.runtime import Node
+    from p2prec.sim.engine import select_nodes
+    from p2prec.topology import load
+
+    check_config(cfg)
+    data = load_data(cfg)
+    nodes = select_nodes(data, cfg)
+    where = place(load(cfg.gossip.topology, len(nodes), cfg.gossip.seed), node_id, len(nodes))
+    model = adapter_model(ensure_backbone(data, cfg, backbone_dir), cfg)
+    learner = Learner(cfg, data, model, nodes[node_id], node_id) if where.has_data else None
+    template = {k: v.numpy() for k, v in model.shared_state().items()}
+    return Node(cfg, where, learner, template, Path(cfg.node.dir) / f"node-{node_id}")
+
+
+def _interrupt(_sig: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    try:
+        node = build_node(cfg, args.id, args.backbone)
+        node.resume(fresh=args.fresh)
+    except KeyboardInterrupt:
+        log.info("node %d: stopped before its first round", args.id)
+        return 0
+    asyncio.run(node.run())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="p2prec-node", description=__doc__.splitlines()[0])
+    add_config_options(parser)
+    parser.add_argument("--id", type=int, required=True, help="this node's id in the topology file")
+    parser.add_argument("--backbone", help="backbone folder (default: pre-train on public users, cached)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="discard this node's checkpoint and metrics and start from round 0")
+    parser.set_defaults(func=guarded(cmd_node), threads=1)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _interrupt)
+    return run_cli(build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""A data node's learned state and local work: the simulator's population, holding one node.
+
+Why a population of one: :class:`p2prec.learn.population.Population` with ``nodes=[my
+users]`` and ``ids=[my topology id]`` draws exactly the batches the simulator draws for
+this node and runs the same local step on them, so a real node and the simulator cannot
+disagree about the local update. Evaluation likewise goes through the simulator's
+:func:`p2prec.learn.evaluate.evaluate` on an evaluation set of this node's users only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from p2prec.config import Config
+from p2prec.data.split import Dataset
+from p2prec.learn.baselines import federated_eval_set
+from p2prec.learn.evaluate import evaluate
+from p2prec.learn.population import configured_population
+from p2prec.model.adapters import DualAdapterModel
+
+PARAM = "param/"
+OPT = "opt/"
+
+
+class Learner:
+    """Node ``node``'s adapters, optimizer state and evaluation set, for the users in ``users``."""
+
+    def __init__(self, cfg: Config, data: Dataset, model: DualAdapterModel, users: np.ndarray, node: int) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.users = users
+        self.pop = configured_population(model, data, cfg, [users], ids=np.asarray([node]))
+        self.eval_set = federated_eval_set(data, cfg, [users])
+        self.samples = int(sum(len(data.train[u]) for u in users))
+
+    def train(self, round_: int) -> float:
+        """This round's local update (none once ``sim.train_rounds`` have passed); the mean loss."""
+        train_rounds = self.cfg.sim.train_rounds
+        if train_rounds and round_ > train_rounds:
+            return float("nan")
+        return self.pop.train_round(round_, vectorized=False)
+
+    def shared(self) -> dict[str, np.ndarray]:
+        """A copy of the shared adapter: safe to send while the node goes on changing its own."""
+        return {k: v[0].numpy().copy() for k, v in self.pop.shared().items()}
+
+    def set_shared(self, state: Mapping[str, np.ndarray | torch.Tensor]) -> None:
+        """Replace the shared adapter, copying each tensor once into the node's own storage."""
+        for name, target in self.pop.shared().items():
+            value = state[name]
+            np.copyto(target[0].numpy(), value.numpy() if isinstance(value, torch.Tensor) else value)
+
+    def evaluate(self) -> dict:
+        return evaluate(self.model, self.pop.params, self.eval_set, tuple(self.cfg.eval.protocols),
+                        stacked=True, k=self.cfg.eval.k)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Everything a checkpoint must hold: parameters and optimizer state, named by kind."""
+        return {**{PARAM + k: v for k, v in self.pop.params.items()},
+                **{OPT + k: v for k, v in self.pop.state.items()}}
+
+    def load_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Restore :meth:`state`; ``ValueError`` naming the first tensor that is missing or misshapen."""
+        targets = self.state()
+        unknown = sorted(set(tensors) - set(targets))
+        if unknown:
+            raise ValueError(f"unexpected tensor {unknown[0]!r} (the config's adapters differ)")
+        for name, target in targets.items():
+            if name not in tensors:
+                raise ValueError(f"missing tensor {name!r} (the config's adapters differ)")
+            if tuple(tensors[name].shape) != tuple(target.shape):
+                raise ValueError(f"tensor {name!r} has shape {tuple(tensors[name].shape)}, "
+                                 f"expected {tuple(target.shape)}")
+        with torch.no_grad():
+            for name, target in targets.items():
+                target.copy_(tensors[name])

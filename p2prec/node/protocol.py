@@ -1,0 +1,138 @@
+"""One synchronous round of DESIGN section 2, for each role, over real sockets.
+
+- flat: local update, send the shared adapter to every neighbour, collect theirs until the
+  deadline, mix with the topology's weights renormalised over who answered;
+- client of an edge aggregator: local update, send the shared adapter up with its sample
+  count, take the aggregator's result when it comes back (keep its own if it does not);
+- aggregator (training or aggregator-only): local update if it has data, average what its
+  members sent weighted by sample count, gossip that average with neighbouring
+  aggregators, mix, send the result down to the members.
+
+The weights come from :mod:`p2prec.gossip.aggregate`, which derives each node's row with
+the simulator's own functions; that is why real nodes reproduce the simulator's numbers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from p2prec.gossip.aggregate import combine, count_weighted_row, heard_row
+from p2prec.node.inbox import Inbox
+from p2prec.node.learner import Learner
+from p2prec.node.place import FLAT, Place
+from p2prec.node.transport import Transport
+from p2prec.topology.roles import CLIENT
+from p2prec.wire import Message, MessageType, encode
+
+CODEC = "none"
+CLIENT_EXCHANGES = 3
+"""A client's answer needs three exchanges (up, across, down), so it waits three deadlines."""
+
+
+@dataclass
+class RoundResult:
+    """What a round did, for the per-round log line and ``rounds.jsonl``."""
+
+    loss: float
+    heard: int
+    expected: int
+    local_s: float
+    bytes_sent: int
+
+
+class Protocol:
+    """Runs rounds for the node at ``place``; ``learner`` is ``None`` for an aggregator-only node."""
+
+    def __init__(self, place: Place, learner: Learner | None, inbox: Inbox, transport: Transport,
+                 deadline_s: float, first_round: int, start_timeout_s: float) -> None:
+        self.place = place
+        self.learner = learner
+        self.inbox = inbox
+        self.transport = transport
+        self.deadline_s = deadline_s
+        self.first_round = first_round
+        self.start_timeout_s = start_timeout_s
+
+    async def run(self, round_: int) -> RoundResult:
+        """One complete round; raises :class:`p2prec.node.inbox.Abandoned` if told to stop meanwhile."""
+        if self.place.kind == FLAT:
+            return await self._flat(round_)
+        if self.place.kind == CLIENT:
+            return await self._client(round_)
+        return await self._aggregator(round_)
+
+    async def _train(self, round_: int) -> tuple[float, float]:
+        """The local update, off the event loop so messages keep arriving; (loss, seconds)."""
+        if self.learner is None:
+            return math.nan, 0.0
+        start = time.perf_counter()
+        loss = await asyncio.to_thread(self.learner.train, round_)
+        self.inbox.check_open()
+        return loss, time.perf_counter() - start
+
+    async def _send(self, peers: Iterable[int], kind: MessageType, round_: int,
+                    tensors: Mapping[str, np.ndarray], **meta: int) -> int:
+        frames = encode(Message(kind, self.place.node, round_, CODEC, dict(tensors), meta))
+        return sum([await self.transport.send(peer, frames) for peer in peers])
+
+    def _deadline(self, round_: int, exchanges: int = 1) -> float:
+        """When the wait for this exchange ends. A process's first round may also wait out
+        its neighbours' start-up, because they may still be waiting for a peer that never comes."""
+        extra = self.start_timeout_s if round_ == self.first_round else 0.0
+        return asyncio.get_running_loop().time() + exchanges * self.deadline_s + extra
+
+    async def _flat(self, round_: int) -> RoundResult:
+        loss, local_s = await self._train(round_)
+        own = self.learner.shared()
+        sent = await self._send(self.place.peers, MessageType.GOSSIP, round_, own)
+        got = await self.inbox.collect(round_, MessageType.GOSSIP, self.place.peers, self._deadline(round_))
+        me = self.place.node
+        row = heard_row(self.place.mixing, me, got)
+        self.learner.set_shared(combine(row, {me: own, **{j: m.tensors for j, m in got.items()}}))
+        return RoundResult(loss, len(got), len(self.place.peers), local_s, sent)
+
+    async def _client(self, round_: int) -> RoundResult:
+        loss, local_s = await self._train(round_)
+        hub = self.place.aggregator
+        sent = await self._send([hub], MessageType.AGGREGATE_UP, round_, self.learner.shared(),
+                                samples=self.learner.samples)
+        got = await self.inbox.collect(round_, MessageType.AGGREGATE_DOWN, [hub],
+                                       self._deadline(round_, CLIENT_EXCHANGES))
+        if hub in got:
+            self.learner.set_shared(got[hub].tensors)
+        return RoundResult(loss, len(got), 1, local_s, sent)
+
+    async def _aggregator(self, round_: int) -> RoundResult:
+        place, me = self.place, self.place.node
+        loss, local_s = await self._train(round_)
+        ups = await self.inbox.collect(round_, MessageType.AGGREGATE_UP, place.members, self._deadline(round_))
+        states: dict[int, Mapping[str, np.ndarray]] = {j: m.tensors for j, m in ups.items()}
+        counts = {j: float(m.meta["samples"]) for j, m in ups.items()}
+        if self.learner is not None:
+            states[me] = self.learner.shared()
+            counts[me] = float(self.learner.samples)
+        expected = len(place.members) + len(place.agg_peers)
+        if not states:
+            # Nothing to average: stay silent, as the simulator does; neighbours renormalise
+            # without it and its clients keep their own adapters.
+            return RoundResult(loss, 0, expected, local_s, 0)
+        ids = sorted(states)
+        up = combine(count_weighted_row(ids, [counts[j] for j in ids], place.n_nodes), states)
+        up_arrays = {k: v.numpy() for k, v in up.items()}
+        sent = await self._send(place.agg_peers, MessageType.GOSSIP, round_, up_arrays)
+        across = await self.inbox.collect(round_, MessageType.GOSSIP, place.agg_peers, self._deadline(round_))
+        index = place.mixing_ids.index
+        row = heard_row(place.mixing, place.mixing_row, [index(b) for b in across])
+        mixed = combine(row, {place.mixing_row: up_arrays, **{index(b): m.tensors for b, m in across.items()}})
+        mixed_arrays = {k: v.numpy() for k, v in mixed.items()}
+        sent += await self._send(place.members, MessageType.AGGREGATE_DOWN, round_, mixed_arrays)
+        if self.learner is not None:
+            self.learner.set_shared(mixed_arrays)
+        return RoundResult(loss, len(ups) + len(across), expected, local_s, sent)
+

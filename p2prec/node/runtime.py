@@ -1,0 +1,234 @@
+"""The node's life: greet its peers, run rounds, persist each one, and stop cleanly on a signal.
+
+Why this order inside a round: the round is computed, then its metrics are appended, then
+the checkpoint is written. The checkpoint is the commit point: after a crash the node
+resumes from the round it names, first dropping any metrics lines written after it, so
+``metrics.jsonl`` never counts a round twice. On SIGINT or SIGTERM the current round is
+abandoned (its partial state is never checkpointed), the sockets are closed, and the
+process exits 0; restarting it redoes that round from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from p2prec.config import Config
+from p2prec.node import checkpoint
+from p2prec.node.inbox import Abandoned, Inbox
+from p2prec.node.learner import Learner
+from p2prec.node.place import Place
+from p2prec.node.protocol import Protocol, RoundResult
+from p2prec.node.transport import Transport, routing_id
+from p2prec.sim.results import make_record, write_atomic
+from p2prec.wire import Message, MessageType, WireError, WireSpec, encode, validate_and_decode
+
+log = logging.getLogger(__name__)
+
+RNG = "rng/torch"
+METRICS = "metrics.jsonl"
+ROUNDS = "rounds.jsonl"
+
+
+def wire_spec(place: Place, template: dict[str, np.ndarray]) -> WireSpec:
+    """What this node accepts: exactly the shared adapter's float32 tensors, from its peers only."""
+    return WireSpec(tensors={k: v.shape for k, v in template.items()},
+                    max_bytes=sum(v.nbytes for v in template.values()),
+                    allowed_dtypes=frozenset({"float32"}), known_senders=frozenset(place.peers))
+
+
+@dataclass
+class Progress:
+    """Counters that continue across restarts (stored in the checkpoint's header)."""
+
+    round: int = 0
+    bytes_sent_total: int = 0
+    wall_s: float = 0.0
+
+
+class Node:
+    """A real node: ``place`` in the topology, ``learner`` for its data (``None`` if aggregator-only)."""
+
+    def __init__(self, cfg: Config, place: Place, learner: Learner | None, template: dict[str, np.ndarray],
+                 state_dir: Path) -> None:
+        self.cfg = cfg
+        self.place = place
+        self.learner = learner
+        self.spec = wire_spec(place, template)
+        self.state_dir = state_dir
+        self.ckpt_path = state_dir / checkpoint.FILE_NAME
+        self.progress = Progress()
+        self.rejected = 0
+        self.name = f"node {place.node}"
+        self._wall_base, self._wall_start = 0.0, time.perf_counter()
+
+    # --- persistence -------------------------------------------------------------------
+
+    def resume(self, fresh: bool = False) -> None:
+        """Load the last checkpoint (or write round 0's), and drop records of rounds after it."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        if fresh:
+            for name in (checkpoint.FILE_NAME, METRICS, ROUNDS):
+                (self.state_dir / name).unlink(missing_ok=True)
+        if not self.ckpt_path.exists():
+            self._save()
+            return
+        ckpt = checkpoint.load(self.ckpt_path, self.place.node)
+        tensors = dict(ckpt.tensors)
+        rng = tensors.pop(RNG, None)
+        if self.learner is not None:
+            try:
+                self.learner.load_state(tensors)
+            except ValueError as exc:
+                raise checkpoint.CheckpointError(f"checkpoint {self.ckpt_path} does not fit this config: {exc}") \
+                    from None
+        if rng is not None:
+            torch.set_rng_state(rng)
+        info = ckpt.info
+        self.progress = Progress(ckpt.round, int(info.get("bytes_sent_total", 0)), float(info.get("wall_s", 0.0)))
+        for name in (METRICS, ROUNDS):
+            self._truncate(self.state_dir / name, ckpt.round)
+        log.info("%s: resuming after round %d from %s", self.name, ckpt.round, self.ckpt_path)
+
+    def _truncate(self, path: Path, last_round: int) -> None:
+        """Keep the lines of rounds up to ``last_round``; a torn last line from a crash goes too."""
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line)["round"] <= last_round:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue
+        write_atomic(path, "".join(kept))
+
+    def _save(self) -> None:
+        tensors = {RNG: torch.get_rng_state()}
+        if self.learner is not None:
+            tensors.update(self.learner.state())
+        p = self.progress
+        checkpoint.save(self.ckpt_path, checkpoint.Checkpoint(
+            self.place.node, p.round, tensors, {"bytes_sent_total": p.bytes_sent_total, "wall_s": p.wall_s}))
+
+    def _append(self, name: str, record: dict) -> None:
+        with (self.state_dir / name).open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, sort_keys=True) + "\n")
+
+    # --- network -------------------------------------------------------------------------
+
+    def _accept(self, routing: bytes, frames: list, inbox: Inbox) -> None:
+        """Validate one received message and file it; log and count every rejection."""
+        try:
+            msg = validate_and_decode(frames, self.spec)
+            if routing != routing_id(msg.sender):
+                raise WireError(f"header says sender {msg.sender} but the connection is {routing!r}")
+            if msg.type not in (MessageType.HELLO, MessageType.BYE):
+                if msg.codec != "none":
+                    raise WireError(f"codec {msg.codec!r} is not supported")
+                if msg.sender not in self.place.senders.get(msg.type, ()):
+                    raise WireError(f"node {msg.sender} may not send {msg.type.name} to this node")
+        except WireError as exc:
+            self.rejected += 1
+            log.warning("%s: rejected message #%d from connection %r: %s", self.name, self.rejected,
+                        routing[:16], exc)
+            return
+        inbox.offer(msg)
+
+    async def _receive(self, transport: Transport, inbox: Inbox) -> None:
+        while True:
+            routing, frames = await transport.recv()
+            self._accept(routing, frames, inbox)
+
+    async def _greet(self, transport: Transport, inbox: Inbox) -> None:
+        """Say hello to every peer, then wait (bounded) until each has been heard from at least once.
+
+        Why: peers start seconds apart; without this, early nodes would spend their first
+        round's deadline on neighbours that are still loading. Peers never heard from are
+        marked absent, so the rounds do not wait for them until they show up.
+        """
+        hello = encode(Message(MessageType.HELLO, self.place.node, 0, "none", {}, {}))
+        for peer in self.place.peers:
+            await transport.send(peer, hello)
+        await inbox.wait_present(self.place.peers, asyncio.get_running_loop().time() + self.cfg.node.start_timeout_s)
+
+    # --- rounds --------------------------------------------------------------------------
+
+    def _wall(self) -> float:
+        """Seconds this node has run, summed over its restarts."""
+        return self._wall_base + time.perf_counter() - self._wall_start
+
+    def _finish_round(self, round_: int, result: RoundResult, started: float) -> None:
+        """Metrics (on evaluation rounds), checkpoint, the ``rounds.jsonl`` line and the log line."""
+        p = self.progress
+        p.round = round_
+        p.bytes_sent_total += result.bytes_sent
+        rounds = self.cfg.sim.rounds
+        loss = None if math.isnan(result.loss) else result.loss
+        eval_s, note = 0.0, ""
+        if self.learner is not None and (round_ % self.cfg.eval.every == 0 or round_ == rounds):
+            t0 = time.perf_counter()
+            metrics = self.learner.evaluate()
+            eval_s = time.perf_counter() - t0
+            self._append(METRICS, make_record(round_, metrics, loss, None, p.bytes_sent_total, self._wall(),
+                                              node=self.place.node, users=len(self.learner.users)))
+            val = metrics["val"][self.cfg.eval.select_protocol][self.cfg.eval.select_metric]
+            note = f", val {self.cfg.eval.select_metric} {val:.4f}"
+        p.wall_s = self._wall()
+        t0 = time.perf_counter()
+        self._save()
+        checkpoint_s = time.perf_counter() - t0
+        round_s = time.perf_counter() - started
+        self._append(ROUNDS, {"round": round_, "heard": result.heard, "expected": result.expected,
+                              "local_s": result.local_s, "eval_s": eval_s, "checkpoint_s": checkpoint_s,
+                              "round_s": round_s, "bytes_sent": result.bytes_sent, "loss": loss})
+        log.info("%s round %d/%d: loss %.4f, heard %d/%d, %.2f s (local %.2f s)%s", self.name, round_, rounds,
+                 result.loss, result.heard, result.expected, round_s, result.local_s, note)
+
+    async def run(self) -> int:
+        """Run the remaining rounds; return the last complete round. Never raises on SIGINT/SIGTERM."""
+        loop = asyncio.get_running_loop()
+        self._wall_base, self._wall_start = self.progress.wall_s, time.perf_counter()
+        inbox = Inbox(self.place.node, self.cfg.node.future_rounds, self.progress.round + 1)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal, sig, inbox)
+        n = self.cfg.node
+        transport = Transport(self.place.node, n.bind or self.place.address, self.place.peers, hwm=n.hwm,
+                              linger_ms=n.linger_ms, max_frame_bytes=4 * (self.spec.max_bytes + 65536))
+        log.info("%s (%s) listening on %s, peers %s", self.name, self.place.kind, transport.endpoint,
+                 sorted(self.place.peers))
+        receiver = loop.create_task(self._receive(transport, inbox))
+        protocol = Protocol(self.place, self.learner, inbox, transport, n.deadline_s,
+                            first_round=self.progress.round + 1, start_timeout_s=n.start_timeout_s)
+        try:
+            inbox.check_open()
+            await self._greet(transport, inbox)
+            for round_ in range(self.progress.round + 1, self.cfg.sim.rounds + 1):
+                inbox.advance(round_)
+                started = time.perf_counter()
+                result = await protocol.run(round_)
+                self._finish_round(round_, result, started)
+        except Abandoned:
+            log.info("%s: stopping; round %d abandoned, the checkpoint of round %d stands", self.name,
+                     self.progress.round + 1, self.progress.round)
+        finally:
+            receiver.cancel()
+            await asyncio.gather(receiver, return_exceptions=True)
+            transport.close()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+        log.info("%s: done after round %d; %d messages rejected", self.name, self.progress.round, self.rejected)
+        return self.progress.round
+
+    def _on_signal(self, sig: signal.Signals, inbox: Inbox) -> None:
+        log.info("%s: %s received; abandoning the round in progress", self.name, signal.Signals(sig).name)
+        inbox.close()

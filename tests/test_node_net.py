@@ -1,0 +1,314 @@
+"""Real node processes on 127.0.0.1: equivalence with the simulator, crashes, dead and hostile peers.
+
+Every test bounds its waits and kills what it started in a ``finally``; ports are picked free.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import msgpack
+import networkx as nx
+import numpy as np
+import pytest
+import zmq
+
+from p2prec.config import load
+from p2prec.node import checkpoint
+from p2prec.node.learner import PARAM
+from p2prec.sim.cli import main as sim_main
+from p2prec.topology import build
+from p2prec.topology.roles import AGGREGATOR, AGGREGATOR_ONLY, CLIENT
+from p2prec.wire import Message, MessageType, encode
+from tests.node_support import (
+    NODE_SETS,
+    Procs,
+    make_backbone,
+    max_diff,
+    node_config,
+    rounds_done,
+    shared_hash,
+    simulate,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def _sets(values: list[str]) -> list[str]:
+    return [a for v in values for a in ("--set", v)]
+
+
+def _launch(tmp_path: Path, synth_dir: Path, backbone: Path, processes: int, extra: list[str]) -> Path:
+    """``p2prec-sim --processes``, in-process; returns the run folder."""
+    out = tmp_path / "run"
+    args = ["--dataset", "synthetic", "--data-dir", str(synth_dir), "--rounds", "3", "--processes", str(processes),
+            "--backbone", str(backbone), "--out", str(out)]
+    assert sim_main(args + _sets(NODE_SETS + ["node.deadline_s=60", "node.start_timeout_s=120"] + extra)) == 0
+    return out
+
+
+def test_eight_processes_on_a_ring_match_the_simulator(tmp_path: Path, synth_dir: Path, synth_data,  # noqa: ANN001
+                                                       tiny_cfg) -> None:
+    backbone = make_backbone(synth_data, tiny_cfg, tmp_path / "bb")
+    out = _launch(tmp_path, synth_dir, backbone, 8, ["gossip.topology=ring"])
+    assert {"config.toml", "metrics.jsonl", "summary.json", "convergence.png"} <= {p.name for p in out.iterdir()}
+    sim = simulate(out / "config.toml", synth_data, backbone)
+    assert max_diff(sim, out / "nodes", list(range(8)), sim.pop.shared_names) < 1e-5
+    assert max_diff(sim, out / "nodes", list(range(8)), list(sim.pop.params)) < 1e-5
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [1, 2, 3]
+    final = sim.evaluate()["val"]["sampled"]
+    assert records[-1]["val"]["sampled"]["hr@10"] == pytest.approx(final["hr@10"], abs=1e-9)
+    assert records[-1]["consensus_distance"] == pytest.approx(sim.consensus[-1], rel=1e-4)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["processes"] == 8 and summary["bytes_per_node_per_round"] == pytest.approx(2 * sim.msg_bytes)
+
+
+def test_edge_hierarchy_processes_match_the_simulator(tmp_path: Path, synth_dir: Path, synth_data,  # noqa: ANN001
+                                                      tiny_cfg) -> None:
+    """Six clients, a training aggregator (6) and an aggregator-only one (7): eight processes."""
+    graph = nx.Graph()
+    graph.add_nodes_from(range(6), role=CLIENT)
+    graph.add_node(6, role=AGGREGATOR)
+    graph.add_node(7, role=AGGREGATOR_ONLY)
+    for client, hub in zip(range(6), (6, 6, 6, 7, 7, 7)):
+        graph.nodes[client]["aggregator"] = hub
+        graph.add_edge(client, hub)
+    graph.add_edge(6, 7)
+    nx.write_graphml(graph, tmp_path / "hierarchy.graphml")
+    backbone = make_backbone(synth_data, tiny_cfg, tmp_path / "bb")
+    out = _launch(tmp_path, synth_dir, backbone, 7, [f"gossip.topology={tmp_path / 'hierarchy.graphml'}"])
+    sim = simulate(out / "config.toml", synth_data, backbone)
+    assert sim.plan.kind == "hierarchy"
+    assert max_diff(sim, out / "nodes", list(range(7)), sim.pop.shared_names) < 1e-5
+    assert not (out / "nodes" / "node-7" / "metrics.jsonl").exists()
+    assert rounds_done(out / "nodes", 7) == 3
+
+
+def _ring_nodes(tmp_path: Path, synth_dir: Path, synth_data, tiny_cfg, extra: list[str]) -> Procs:  # noqa: ANN001
+    config = node_config(tmp_path, synth_dir, build("ring", 4), ["sim.nodes=4"] + extra)
+    return Procs(config, make_backbone(synth_data, tiny_cfg, tmp_path / "bb"))
+
+
+class CheckpointReader(threading.Thread):
+    """Reads every node's checkpoint in a loop, recording any that cannot be read."""
+
+    def __init__(self, folder: Path, nodes: list[int]) -> None:
+        super().__init__(daemon=True)
+        self.folder, self.nodes = folder, nodes
+        self.reads, self.errors = 0, []
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            for i in self.nodes:
+                path = self.folder / f"node-{i}" / checkpoint.FILE_NAME
+                if path.exists():
+                    try:
+                        checkpoint.load(path, i)
+                        self.reads += 1
+                    except checkpoint.CheckpointError as exc:
+                        self.errors.append(str(exc))
+            time.sleep(0.01)
+
+
+def test_a_node_killed_mid_run_resumes_and_the_run_completes(tmp_path: Path, synth_dir: Path,  # noqa: ANN001
+                                                             synth_data, tiny_cfg) -> None:
+    rounds = 200
+    procs = _ring_nodes(tmp_path, synth_dir, synth_data, tiny_cfg,
+                        [f"sim.rounds={rounds}", "eval.every=1000", "node.deadline_s=2", "node.start_timeout_s=20"])
+    folder = tmp_path / "nodes"
+    reader = CheckpointReader(folder, [0, 1, 2, 3])
+    reader.start()
+    try:
+        for i in range(4):
+            procs.start(i)
+        wait_for(lambda: rounds_done(folder, 2) >= 3, 120, "node 2 to finish 3 rounds", poll=0.02)
+        procs.procs[2].send_signal(signal.SIGKILL)
+        procs.procs[2].wait(10)
+        at_kill = checkpoint.load(folder / "node-2" / checkpoint.FILE_NAME, 2).round
+        assert at_kill < rounds
+        neighbours_at_kill = rounds_done(folder, 1)
+        procs.start(2)
+        wait_for(lambda: "resuming after" in procs.log(2), 60, "node 2 to restart")
+        neighbours_at_restart = rounds_done(folder, 1)
+        codes = procs.wait_all(180)
+    finally:
+        reader.halt.set()
+        procs.close()
+    reader.join(5)
+    assert codes == {0: 0, 1: 0, 2: 0, 3: 0}
+    assert reader.errors == [] and reader.reads > 50
+    assert f"resuming after round {at_kill} " in procs.log(2)
+    lines = [json.loads(x) for x in (folder / "node-2" / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in lines] == list(range(1, rounds + 1))
+    neighbour = [json.loads(x) for x in (folder / "node-1" / "rounds.jsonl").read_text().splitlines()]
+    assert any(r["heard"] < r["expected"] for r in neighbour[neighbours_at_kill:])
+    if neighbours_at_restart < rounds - 20:  # node 2 came back while its neighbours ran: it rejoined them
+        assert any(r["heard"] == r["expected"] for r in neighbour[neighbours_at_restart:])
+    for i in range(4):
+        assert checkpoint.load(folder / f"node-{i}" / checkpoint.FILE_NAME, i).round == rounds
+
+
+def test_a_neighbour_that_never_starts_costs_one_deadline_and_weights_renormalise(  # noqa: ANN001
+        tmp_path: Path, synth_dir: Path, synth_data, tiny_cfg) -> None:
+    procs = _ring_nodes(tmp_path, synth_dir, synth_data, tiny_cfg,
+                        ["sim.rounds=3", "node.deadline_s=20", "node.start_timeout_s=15"])
+    try:
+        for i in (0, 1, 2):
+            procs.start(i)
+        codes = procs.wait_all(150)
+    finally:
+        procs.close()
+    assert codes == {0: 0, 1: 0, 2: 0}
+    folder = tmp_path / "nodes"
+    for i, heard in ((0, 1), (1, 2), (2, 1)):
+        lines = [json.loads(x) for x in (folder / f"node-{i}" / "rounds.jsonl").read_text().splitlines()]
+        assert [(r["heard"], r["expected"]) for r in lines] == [(heard, 2)] * 3, i
+    assert "no word at start-up from nodes [3]" in procs.log(0)
+    sim = simulate(tmp_path / "config.toml", synth_data, procs.backbone, ["sim.down=1-3:3"])
+    assert max_diff(sim, folder, [0, 1, 2], sim.pop.shared_names) < 1e-5
+
+
+def _hostile(rng: random.Random, good: Message, names: list[str]) -> list[bytes]:
+    """One malformed message of a randomly chosen kind, as frames."""
+    frames = [bytes(memoryview(f)) for f in encode(good)]
+    header = msgpack.unpackb(frames[0])
+    kind = rng.randrange(9)
+    if kind == 0:  # random bytes
+        return [rng.randbytes(rng.randrange(0, 200)) for _ in range(rng.randrange(1, 4))]
+    if kind == 1:  # truncated
+        cut = rng.randrange(1, len(frames))
+        return frames[:cut] + [frames[cut][: rng.randrange(len(frames[cut]))]]
+    if kind == 2:  # oversized: a large extra payload
+        return [*frames, b"\0" * rng.randrange(10_000, 200_000)]
+    if kind == 3:  # wrong version
+        header["v"] = rng.choice([0, 2, 99, "1", None])
+        return [msgpack.packb(header), *frames[1:]]
+    if kind == 4:  # wrong shape
+        entry = header["tensors"][rng.randrange(len(header["tensors"]))]
+        entry[2] = [entry[2][0] + 1, *entry[2][1:]]
+        entry[3] = int(np.prod(entry[2])) * 4
+        return [msgpack.packb(header), *frames[1:]]
+    if kind == 5:  # NaN or Inf in a tensor
+        tensors = {k: v.copy() for k, v in good.tensors.items()}
+        victim = tensors[rng.choice(names)].reshape(-1)
+        victim[rng.randrange(victim.size)] = rng.choice([np.nan, np.inf, -np.inf])
+        return [bytes(memoryview(f)) for f in encode(Message(good.type, good.sender, good.round, "none", tensors))]
+    if kind == 6:  # a sender that is not this connection, or not a peer
+        header["sender"] = rng.choice([0, 5, 2**40, -1])
+        return [msgpack.packb(header), *frames[1:]]
+    if kind == 7:  # a type a flat node does not take, or no type at all
+        header["type"] = rng.choice([int(MessageType.AGGREGATE_DOWN), 77])
+        return [msgpack.packb(header), *frames[1:]]
+    header["extra"] = "x" * rng.randrange(1, 100_000)  # unknown key, possibly a huge header
+    return [msgpack.packb(header), *frames[1:]]
+
+
+def _address(config: Path, node: int) -> str:
+    topology = json.loads(Path(load(config).gossip.topology).read_text())
+    return next(n["address"] for n in topology["nodes"] if n["id"] == node)
+
+
+def test_hostile_messages_are_rejected_and_leave_the_shared_adapter_unchanged(  # noqa: ANN001
+        tmp_path: Path, synth_dir: Path, synth_data, tiny_cfg) -> None:
+    """Node 0 of a two-node topology; the test plays node 1. Round 1 can only complete with a
+    message from node 1, so anything hostile that were accepted would be mixed in. Round 2
+    then waits for node 1 until SIGTERM, which must abandon it and exit 0."""
+    config = node_config(tmp_path, synth_dir, nx.path_graph(2),
+                         ["sim.nodes=2", "sim.rounds=2", "train.local_steps=0", "node.deadline_s=600",
+                          "node.start_timeout_s=600"])
+    procs = Procs(config, make_backbone(synth_data, tiny_cfg, tmp_path / "bb"))
+    folder, total = tmp_path / "nodes", 3000
+    ctx = zmq.Context()
+    try:
+        node = procs.start(0)
+        wait_for(lambda: "listening on" in procs.log(0), 120, "node 0 to listen")
+        params = checkpoint.load(folder / "node-0" / checkpoint.FILE_NAME, 0).tensors
+        names = sorted(k[len(PARAM):] for k in params if ".shared" in k)
+        before = shared_hash(folder, 0, names)
+        good = Message(MessageType.GOSSIP, 1, 1, "none", {k: params[PARAM + k][0].numpy() for k in names})
+        giant = ctx.socket(zmq.DEALER)
+        giant.connect(_address(config, 0))
+        giant.send_multipart([b"\0" * (8 << 20)])
+        peer = ctx.socket(zmq.DEALER)
+        peer.setsockopt(zmq.ROUTING_ID, b"n1")
+        peer.setsockopt(zmq.SNDTIMEO, 20000)
+        peer.connect(_address(config, 0))
+        rng = random.Random(0)
+        for k in range(total):
+            if k == total // 2:  # from here on node 0 is in round 1, waiting for node 1
+                peer.send_multipart(encode(Message(MessageType.HELLO, 1, 0, "none", {})))
+            peer.send_multipart(_hostile(rng, good, names))
+        wait_for(lambda: f"rejected message #{total} " in procs.log(0), 120, f"{total} rejections")
+        assert node.poll() is None
+        peer.send_multipart(encode(good))
+        wait_for(lambda: rounds_done(folder, 0) == 1, 60, "round 1 to complete")
+        assert shared_hash(folder, 0, names) == before
+        node.send_signal(signal.SIGTERM)
+        assert node.wait(60) == 0
+        for sock in (giant, peer):
+            sock.close(0)
+    finally:
+        ctx.term()
+        procs.close()
+    log = procs.log(0)
+    assert f"rejected message #{total + 1} " not in log
+    assert "node 0 round 1/2: loss nan, heard 1/1" in log
+    assert "SIGTERM received" in log and "round 2 abandoned" in log
+    assert checkpoint.load(folder / "node-0" / checkpoint.FILE_NAME, 0).round == 1
+
+
+def _children_of(out: Path) -> list[int]:
+    """Pids of processes whose command line names ``out`` (the launcher's nodes)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if str(out).encode() in cmdline and b"p2prec.node.cli" in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs /proc to list processes")
+def test_ctrl_c_on_the_launcher_ends_exactly_its_nodes(tmp_path: Path, synth_dir: Path, synth_data,  # noqa: ANN001
+                                                      tiny_cfg) -> None:
+    backbone = make_backbone(synth_data, tiny_cfg, tmp_path / "bb")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "p2prec.sim.cli", "--dataset", "synthetic", "--data-dir", str(synth_dir),
+           "--topology", "ring", "--rounds", "1000", "--processes", "2", "--backbone", str(backbone),
+           "--out", str(out)] + _sets(NODE_SETS + ["node.deadline_s=300", "node.start_timeout_s=300"])
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    err = (tmp_path / "launcher.err").open("wb")
+    launcher = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        wait_for(lambda: len(_children_of(out)) == 2, 60, "two node processes")
+        wait_for(lambda: all(rounds_done(out / "nodes", i) >= 1 for i in range(2)), 120, "a round on every node")
+        launcher.send_signal(signal.SIGINT)
+        assert launcher.wait(60) == 130
+        assert _children_of(out) == []
+        assert bystander.poll() is None
+    finally:
+        for proc in (launcher, bystander):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for pid in _children_of(out):
+            os.kill(pid, signal.SIGKILL)
+        err.close()
+    assert "interrupted" in (tmp_path / "launcher.err").read_text()
+    for i in range(2):
+        assert "SIGTERM received" in (out / "nodes" / f"node-{i}.log").read_text()
