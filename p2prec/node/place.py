@@ -10,6 +10,7 @@ talks to its member clients and to its neighbouring aggregators.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import networkx as nx
 import scipy.sparse as sp
@@ -48,7 +49,7 @@ class Place:
     def has_data(self) -> bool:
         return self.kind != AGGREGATOR_ONLY
 
-    @property
+    @cached_property
     def senders(self) -> dict[MessageType, frozenset[int]]:
         """Which peers may send which message type to this node; anything else is rejected."""
         if self.kind == FLAT:

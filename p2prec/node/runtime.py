@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import zmq
 
 from p2prec.config import Config
 from p2prec.node import checkpoint
@@ -126,7 +127,7 @@ class Node:
 
     # --- network -------------------------------------------------------------------------
 
-    def _accept(self, routing: bytes, frames: list, inbox: Inbox) -> None:
+    def _accept(self, routing: bytes, frames: list[zmq.Frame], inbox: Inbox) -> None:
         """Validate one received message and file it; log and count every rejection."""
         try:
             msg = validate_and_decode(frames, self.spec)
