@@ -1,9 +1,11 @@
 """Many nodes' adapters and optimizer states stacked ``[N, ...]`` on one frozen backbone.
 
-Why stacked: memory grows with N x adapter size, never N x model size, and one vmapped
-call of :func:`p2prec.learn.local.local_step` trains a whole chunk of nodes. The same
-function runs per node in :meth:`Population.train_round` with ``vectorized=False``; that
-loop is the reference the vectorized path is tested against, and what benchmarks compare.
+Why stacked: memory grows with N x adapter size, never N x model size, and one call of
+:class:`p2prec.learn.batched.BatchedAdapterModel` plus one :func:`p2prec.learn.local.adam_step`
+trains a whole chunk of nodes. With ``vectorized=False``, :meth:`Population.train_round`
+instead runs :func:`p2prec.learn.local.local_step` (``functional_call`` of the peft model)
+node by node, as a real node does; that loop is the reference the vectorized path is tested
+against, and what the benchmarks compare it with.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from p2prec.data.sampler import NegativeSampler, seeded_rng
 from p2prec.data.split import Dataset
 from p2prec.learn.baselines import step_settings
 from p2prec.learn.batches import TrainBatch, train_batch
-from p2prec.learn.local import Params, StepSettings, batched_local_step, init_opt_state, local_step
+from p2prec.learn.batched import BatchedAdapterModel
+from p2prec.learn.local import Params, StepSettings, adam_step, init_opt_state, local_step
 from p2prec.model.adapters import DualAdapterModel
 
 
@@ -56,7 +59,7 @@ class Population:
         self.params = stack(model.trainable_state(), len(nodes))
         self.state = init_opt_state(self.params, batch_dims=1)
         self.shared_names = model.shared_names()
-        self._step = batched_local_step(model, settings)
+        self._batched = BatchedAdapterModel(model)
 
     @property
     def size(self) -> int:
@@ -88,20 +91,20 @@ class Population:
     @torch.no_grad()
     def _vectorized_step(self, ids: np.ndarray, batches: list[TrainBatch], losses: torch.Tensor) -> None:
         for start in range(0, len(ids), self.chunk):
-            rows = torch.from_numpy(ids[start:start + self.chunk])
+            rows = _rows(ids[start:start + self.chunk])
             part = batches[start:start + self.chunk]
             inputs = torch.stack([b.inputs for b in part])
             targets = torch.stack([b.targets for b in part])
             negatives = torch.stack([b.negatives for b in part])
             params = {k: v[rows] for k, v in self.params.items()}
             state = {k: v[rows] for k, v in self.state.items()}
-            with torch.enable_grad():
-                new_params, new_state, loss = self._step(params, state, inputs, targets, negatives)
+            grads, loss = self._batched.loss_and_grads(params, inputs, targets, negatives, self.settings.loss)
+            new_params, new_state = adam_step(params, grads, state, self.settings)
             for k, v in new_params.items():
-                self.params[k][rows] = v.detach()
+                self.params[k][rows] = v
             for k, v in new_state.items():
-                self.state[k][rows] = v.detach()
-            losses[rows] = loss.detach()
+                self.state[k][rows] = v
+            losses[rows] = loss
 
     @torch.no_grad()
     def _looped_step(self, ids: np.ndarray, batches: list[TrainBatch], losses: torch.Tensor) -> None:
@@ -120,6 +123,14 @@ class Population:
     def shared(self) -> Params:
         """The stacked shared-adapter tensors (views into :attr:`params`)."""
         return {k: self.params[k] for k in self.shared_names}
+
+
+def _rows(ids: np.ndarray) -> slice | torch.Tensor:
+    """Index of a chunk's nodes: a slice (views, no copies) when they are consecutive, as
+    when every node is up; otherwise an index tensor."""
+    if len(ids) and ids[-1] - ids[0] == len(ids) - 1:
+        return slice(int(ids[0]), int(ids[-1]) + 1)
+    return torch.from_numpy(ids)
 
 
 def configured_population(model: DualAdapterModel, data: Dataset, cfg: Config, nodes: list[np.ndarray],

@@ -35,6 +35,22 @@ ADAPTERS = (PERSONAL, SHARED)
 _LAYER = re.compile(r"\.layer\.(\d+)\.")
 
 
+def gated_layer(module_name: str) -> int | None:
+    """The encoder layer whose gate scales a LoRA module of this name; None outside the layers."""
+    match = _LAYER.search(module_name)
+    return None if match is None else int(match.group(1))
+
+
+def gate_factor(gate: torch.Tensor, adapter: str) -> torch.Tensor:
+    """Scale of ``adapter``'s LoRA output for gate logits ``gate`` (any shape, elementwise).
+
+    The hooks here and the simulator's hand-batched forward both call this, so the gate is
+    written once.
+    """
+    weight = torch.sigmoid(gate)
+    return 2.0 * (weight if adapter == PERSONAL else 1.0 - weight)
+
+
 class DualAdapterModel(nn.Module):
     """A peft-wrapped backbone with both adapters active and a per-layer gate.
 
@@ -69,17 +85,14 @@ class DualAdapterModel(nn.Module):
 
     def _install_gate_hooks(self) -> None:
         for name, module in self.peft.named_modules():
-            match = _LAYER.search(name)
-            if match is None or not name.endswith(tuple(f"lora_B.{a}" for a in ADAPTERS)):
+            layer = gated_layer(name)
+            if layer is None or not name.endswith(tuple(f"lora_B.{a}" for a in ADAPTERS)):
                 continue
-            layer = int(match.group(1))
-            personal = name.endswith(f"lora_B.{PERSONAL}")
-            module.register_forward_hook(self._gate_hook(layer, personal))
+            module.register_forward_hook(self._gate_hook(layer, name.rsplit(".", 1)[-1]))
 
-    def _gate_hook(self, layer: int, personal: bool):  # noqa: ANN202 - a torch hook closure
+    def _gate_hook(self, layer: int, adapter: str):  # noqa: ANN202 - a torch hook closure
         def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-            weight = torch.sigmoid(self.gate[layer])
-            return output * (2.0 * (weight if personal else 1.0 - weight))
+            return output * gate_factor(self.gate[layer], adapter)
         return hook
 
     def forward(self, items: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:

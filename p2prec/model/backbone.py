@@ -99,7 +99,12 @@ class SeqRecModel(PreTrainedModel):
         states = self.encode(items)
         if candidates.dim() == 2:
             states = states[:, -1]
-        return (states.unsqueeze(-2) * self.item_emb(candidates)).sum(-1)
+        return score(states, self.item_emb(candidates))
+
+
+def score(states: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Dot products of user states ``[..., hidden]`` with candidate embeddings ``[..., C, hidden]``."""
+    return (states.unsqueeze(-2) * candidates).sum(-1)
 
 
 def build_backbone(n_items: int, hidden: int = 64, layers: int = 2, heads: int = 2,

@@ -1,0 +1,105 @@
+"""The hand-batched forward equals the per-node ``functional_call`` path; its dropout keeps the rate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from p2prec.data.sampler import NegativeSampler, seeded_rng
+from p2prec.learn.batched import BatchedAdapterModel, dropout
+from p2prec.learn.batches import train_batch
+from p2prec.learn.local import StepSettings, local_grads
+from p2prec.learn.population import Population
+from p2prec.model.adapters import DualAdapterModel
+from p2prec.model.backbone import build_backbone
+from torch.func import functional_call
+
+ATTENTION = ("query", "value")
+
+
+def _model(data, personal: tuple[str, ...], shared: tuple[str, ...]) -> DualAdapterModel:  # noqa: ANN001
+    backbone = build_backbone(data.n_items, hidden=16, layers=2, heads=2, intermediate=32, max_len=10, seed=4)
+    backbone.requires_grad_(False)
+    return DualAdapterModel(backbone, rank_personal=3, rank_shared=4, alpha_personal=6.0, alpha_shared=8.0,
+                            targets_personal=personal, targets_shared=shared).eval()
+
+
+def _random_params(model: DualAdapterModel, n: int) -> dict[str, torch.Tensor]:
+    """Every trainable tensor random and non-zero (peft starts lora_B at zero), the gate away from 0."""
+    g = torch.Generator().manual_seed(0)
+    return {k: 0.3 * torch.randn((n, *v.shape), generator=g) for k, v in model.trainable_state().items()}
+
+
+def _batches(data, n: int, negatives: int = 3):  # noqa: ANN001, ANN202
+    sampler = NegativeSampler(data)
+    nodes = data.nodes(1)[:n]
+    parts = [train_batch(data, sampler, nodes[i], 2, 10, negatives, seeded_rng(5, i)) for i in range(n)]
+    return tuple(torch.stack([getattr(b, f) for b in parts]) for f in ("inputs", "targets", "negatives"))
+
+
+@pytest.mark.parametrize(("personal", "shared"), [
+    (ATTENTION + ("item_emb",), ATTENTION + ("item_emb",)),
+    (ATTENTION, ATTENTION + ("item_emb",)),
+    (("key", "dense"), ("query", "item_emb")),
+])
+@pytest.mark.parametrize("kind", ["bce", "ce"])
+def test_scores_and_gradients_equal_per_node_functional_call(synth_data, personal, shared, kind) -> None:  # noqa: ANN001
+    model = _model(synth_data, personal, shared)
+    n = 4
+    params = _random_params(model, n)
+    inputs, targets, negatives = _batches(synth_data, n)
+    assert (inputs == 0).any() and (inputs != 0).any()
+    batched = BatchedAdapterModel(model)
+    candidates = torch.cat([targets.unsqueeze(-1), negatives], dim=-1)
+    with torch.no_grad():
+        scores = batched.scores(params, inputs, candidates)
+    grads, losses = batched.loss_and_grads(params, inputs, targets, negatives, kind)
+    for i in range(n):
+        own = {k: v[i] for k, v in params.items()}
+        with torch.no_grad():
+            expected = functional_call(model, own, (inputs[i], candidates[i]))
+        torch.testing.assert_close(scores[i], expected, atol=1e-5, rtol=0)
+        expected_grads, loss = local_grads(model, own, inputs[i], targets[i], negatives[i], kind)
+        assert abs(float(losses[i] - loss)) < 1e-5
+        for name, g in expected_grads.items():
+            torch.testing.assert_close(grads[name][i], g, atol=1e-5, rtol=0, msg=name)
+    assert grads["gate"].abs().min() > 0
+
+
+def test_vectorized_population_matches_per_node_loop_8_nodes_3_rounds(synth_data) -> None:  # noqa: ANN001
+    """Both adapters everywhere they can go, momentum SGD on the shared adapter, and one node
+    down in round 1 (so a chunk is gathered by index rather than sliced)."""
+    def population() -> Population:
+        model = _model(synth_data, ATTENTION + ("item_emb",), ATTENTION + ("item_emb", "dense"))
+        settings = StepSettings(lr=0.01, shared_names=frozenset(model.shared_names()), shared_lr=0.05,
+                                shared_optimizer="sgd", momentum=0.9)
+        return Population(model, synth_data, NegativeSampler(synth_data), synth_data.nodes(1)[:8], settings,
+                          local_steps=2, batch_size=2, max_len=10, negatives=3, seed=3, chunk=3)
+    vec, loop = population(), population()
+    for rnd in range(3):
+        active = np.ones(8, dtype=bool)
+        active[4] = rnd != 1
+        assert vec.train_round(rnd, active, vectorized=True) == pytest.approx(
+            loop.train_round(rnd, active, vectorized=False), abs=1e-5)
+    for name in vec.params:
+        torch.testing.assert_close(vec.params[name], loop.params[name], atol=1e-5, rtol=0, msg=name)
+        assert not torch.equal(vec.params[name], vec.model.trainable_state()[name].expand_as(vec.params[name]))
+    assert vec.state["t"].tolist() == [6.0] * 4 + [4.0] + [6.0] * 3
+
+
+def test_dropout_keeps_the_rate_and_the_expectation() -> None:
+    layer = torch.nn.Dropout(0.35)
+    x = torch.ones(200_000)
+    torch.manual_seed(0)
+    out = dropout(layer.train(), x)
+    assert (out == 0).float().mean().item() == pytest.approx(0.35, abs=5e-3)
+    assert out.mean().item() == pytest.approx(1.0, abs=1e-2)
+    assert torch.equal(dropout(layer.eval(), x), x)
+    assert torch.equal(dropout(torch.nn.Identity(), x), x)
+
+
+def test_lora_on_a_module_the_forward_does_not_route_is_refused(synth_data) -> None:  # noqa: ANN001
+    model = _model(synth_data, ATTENTION, ("position_embeddings",))
+    with pytest.raises(ValueError, match="position_embeddings"):
+        BatchedAdapterModel(model)
