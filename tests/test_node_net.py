@@ -125,7 +125,7 @@ def test_a_node_killed_mid_run_resumes_and_the_run_completes(tmp_path: Path, syn
                                                              synth_data, tiny_cfg) -> None:
     rounds = 200
     procs = _ring_nodes(tmp_path, synth_dir, synth_data, tiny_cfg,
-                        [f"sim.rounds={rounds}", "eval.every=1000", "node.deadline_s=2", "node.start_timeout_s=20"])
+                        [f"sim.rounds={rounds}", "eval.every=1000", "node.deadline_s=2", "node.start_timeout_s=8"])
     folder = tmp_path / "nodes"
     reader = CheckpointReader(folder, [0, 1, 2, 3])
     reader.start()
@@ -162,7 +162,7 @@ def test_a_node_killed_mid_run_resumes_and_the_run_completes(tmp_path: Path, syn
 def test_a_neighbour_that_never_starts_costs_one_deadline_and_weights_renormalise(  # noqa: ANN001
         tmp_path: Path, synth_dir: Path, synth_data, tiny_cfg) -> None:
     procs = _ring_nodes(tmp_path, synth_dir, synth_data, tiny_cfg,
-                        ["sim.rounds=3", "node.deadline_s=20", "node.start_timeout_s=15"])
+                        ["sim.rounds=3", "node.deadline_s=20", "node.start_timeout_s=10"])
     try:
         for i in (0, 1, 2):
             procs.start(i)
