@@ -1,9 +1,10 @@
 """A node's local update, written once as pure functions of (parameters, optimizer state, batch).
 
 Why functional: the real node calls :func:`local_step` on one node's tensors, and the
-simulator calls the very same function under ``torch.func.vmap`` on tensors stacked
-``[N, ...]``. Adam is elementwise, so it is written here too rather than taken from
-``torch.optim``, whose stateful objects cannot be vmapped. The backbone runs in eval mode
+simulator runs :func:`adam_step` once on a chunk of nodes' tensors stacked ``[N, ...]``
+(its gradients come from :mod:`p2prec.learn.batched`, with the same :func:`ranking_loss`).
+Adam is elementwise, so it is written here too rather than taken from ``torch.optim``,
+whose stateful objects hold one model's tensors. The backbone runs in eval mode
 (no dropout) so a local update is a deterministic function of its inputs: that is what
 lets the simulator, a per-node loop and a real node agree to 1e-5.
 """
@@ -128,20 +129,3 @@ def local_step(model: nn.Module, params: Params, state: Params, inputs: torch.Te
     grads, loss = local_grads(model, params, inputs, targets, negatives, s.loss)
     new_params, new_state = adam_step(params, grads, state, s)
     return new_params, new_state, loss
-
-
-def batched_local_step(model: nn.Module, s: StepSettings):  # noqa: ANN201 - returns a callable
-    """:func:`local_step` for a chunk of nodes stacked along a leading dimension.
-
-    Gradients are vmapped over the nodes (each node draws its own dropout masks,
-    ``randomness="different"``; in eval mode no randomness is used and the result equals a
-    per-node loop); the Adam step then runs once on the stacked tensors.
-    """
-    grads_fn = torch.func.vmap(lambda p, x, y, z: local_grads(model, p, x, y, z, s.loss), randomness="different")
-
-    def step(params: Params, state: Params, inputs: torch.Tensor, targets: torch.Tensor,
-             negatives: torch.Tensor) -> tuple[Params, Params, torch.Tensor]:
-        grads, loss = grads_fn(params, inputs, targets, negatives)
-        new_params, new_state = adam_step(params, grads, state, s)
-        return new_params, new_state, loss
-    return step
