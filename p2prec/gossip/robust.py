@@ -158,24 +158,29 @@ def get_rule(name: str, *, trim: float = 0.1, tau: float = 1.0) -> Rule:
     return rules[name]
 
 
-def robust_mix(rule: Rule, w: sp.spmatrix, flat: torch.Tensor) -> torch.Tensor:
+def robust_mix(rule: Rule, w: sp.spmatrix, flat: torch.Tensor, own: torch.Tensor | None = None) -> torch.Tensor:
     """Apply ``rule`` to every node of a square mixing matrix: the robust ``W @ X``.
 
     Row ``i`` of ``w`` is node ``i``'s receipt: its diagonal entry is the own weight and
     every other stored entry ``(i, j)`` a message from ``j`` that arrived, with its weight.
-    ``flat`` is ``[N, P]`` (see :func:`p2prec.gossip.mixing.flatten`). With ``mean`` this
-    equals :func:`p2prec.gossip.mixing.mix` of the row-normalised matrix.
+    ``flat`` is ``[N, P]`` (see :func:`p2prec.gossip.mixing.flatten`), what the nodes sent.
+    ``own`` ``[N, P]`` is each node's own state where it differs from what it sent (a
+    compressed message, an attacker's forgery): a node aggregates its true state, not the
+    copy its neighbours decoded. With ``mean`` this equals
+    :func:`p2prec.gossip.mixing.mix` of the row-normalised matrix.
     """
     w = sp.csr_matrix(w, copy=True)
     n = flat.shape[0]
-    if w.shape != (n, n):
-        raise ValueError(f"robust mixing needs a square matrix over the {n} states, got {w.shape}")
+    own = flat if own is None else own
+    if w.shape != (n, n) or own.shape != flat.shape:
+        raise ValueError(f"robust mixing needs a square matrix over the {n} states and own states shaped "
+                         f"like them, got {w.shape} and {tuple(own.shape)}")
     w.sum_duplicates()
     w.eliminate_zeros()
-    return torch.cat([rule(hood) for hood in _neighbourhoods(w, flat)], dim=0)
+    return torch.cat([rule(hood) for hood in _neighbourhoods(w, flat, own)], dim=0)
 
 
-def _neighbourhoods(w: sp.csr_matrix, flat: torch.Tensor) -> Iterator[Neighbourhood]:
+def _neighbourhoods(w: sp.csr_matrix, flat: torch.Tensor, own: torch.Tensor) -> Iterator[Neighbourhood]:
     """Rows of ``w`` as neighbourhoods, chunked so that ``rows * max degree * P`` stays bounded."""
     rows = np.repeat(np.arange(w.shape[0]), np.diff(w.indptr))
     off = w.indices != rows
@@ -188,11 +193,11 @@ def _neighbourhoods(w: sp.csr_matrix, flat: torch.Tensor) -> Iterator[Neighbourh
         while stop < w.shape[0] and (stop - start + 1) * max(widest, int(degree[stop])) <= slots:
             widest = max(widest, int(degree[stop]))
             stop += 1
-        yield _chunk(w, flat, start, stop, widest, own_weight)
+        yield _chunk(w, flat, own, start, stop, widest, own_weight)
         start = stop
 
 
-def _chunk(w: sp.csr_matrix, flat: torch.Tensor, start: int, stop: int, widest: int,
+def _chunk(w: sp.csr_matrix, flat: torch.Tensor, own: torch.Tensor, start: int, stop: int, widest: int,
            own_weight: np.ndarray) -> Neighbourhood:
     """The neighbourhoods of rows ``start .. stop - 1``, padded to ``widest`` received slots."""
     block = w[start:stop].tocoo()
@@ -208,5 +213,5 @@ def _chunk(w: sp.csr_matrix, flat: torch.Tensor, start: int, stop: int, widest: 
     index[at] = torch.from_numpy(col).long()
     mask[at] = True
     weights[at] = torch.from_numpy(weight).to(flat.dtype)
-    return Neighbourhood(flat[start:stop], flat[index], mask, weights,
+    return Neighbourhood(own[start:stop], flat[index], mask, weights,
                          torch.from_numpy(own_weight[start:stop]).to(flat.dtype))

@@ -4,30 +4,53 @@ Why this shape (DESIGN section 7): one frozen backbone in memory, every node's a
 Adam state stacked ``[N, ...]`` (:class:`p2prec.learn.population.Population`), the local
 update vmapped over chunks of nodes, and gossip as ``A @ X_sent + d * X`` on the stacked
 shared adapters. The node runtime calls the same local-step and mixing functions.
+
+A round follows DESIGN section 2 for all nodes at once: local training; with privacy on,
+each node's shared update is clipped and noised and the node continues from what it
+released; then what every node's neighbours receive is built row by sender (a Byzantine
+node's forgery instead of its state, the codec's decoded message, a late straggler's
+previous message), and mixing combines that with each node's own, true state. With the
+default config (no privacy, codec ``none``, no attack, rule ``mean``) what is received is
+the state itself and the round is exactly ``A @ X_sent + d * X``.
+
+In an edge hierarchy the codec and the attacks act on what clients send up; the
+aggregators' own messages (across and down) are counted at the codec's size but are
+modelled as exact, and a robust rule is refused, since clients there take their
+aggregator's average instead of mixing neighbours.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import networkx as nx
 import numpy as np
+import scipy.sparse as sp
 import torch
 from tqdm import tqdm
 
-from p2prec.config import Config
+from p2prec.config import Config, PrivacyConfig
 from p2prec.data.sampler import seeded_rng
 from p2prec.data.split import Dataset
-from p2prec.gossip.mixing import consensus_distance, mix
+from p2prec.gossip.codecs import Codec, ErrorFeedback, codec_from_config, get_codec
+from p2prec.gossip.mixing import Params, consensus_distance, flatten, mix, unflatten
+from p2prec.gossip.privacy import epsilon, noise_multiplier, privatize
+from p2prec.gossip.robust import get_rule, robust_mix
 from p2prec.learn.baselines import adapter_model, federated_eval_set, selection_score
 from p2prec.learn.evaluate import evaluate
 from p2prec.learn.population import configured_population
 from p2prec.model.backbone import SeqRecModel
-from p2prec.sim.faults import FaultPlan
-from p2prec.sim.plan import MixingPlan
+from p2prec.sim.attacks import byzantine_count, choose_byzantine, inject
+from p2prec.sim.faults import FaultPlan, RoundFaults
+from p2prec.sim.plan import MixingPlan, RoundMixing
 from p2prec.sim.results import make_record
 from p2prec.wire import Message, MessageType, encode
+
+PLAIN = get_codec("none")
+"""float32 under the tensors' own names: what a message carries without compression."""
 
 
 def select_nodes(data: Dataset, cfg: Config) -> list[np.ndarray]:
@@ -39,11 +62,60 @@ def select_nodes(data: Dataset, cfg: Config) -> list[np.ndarray]:
     return nodes
 
 
-def message_bytes(shared: dict[str, torch.Tensor], round_: int = 0) -> int:
-    """Bytes on the wire of one gossip message carrying ``shared``, from the real encoder."""
-    tensors = {k: v.detach().contiguous().numpy() for k, v in shared.items()}
-    frames = encode(Message(MessageType.GOSSIP, 0, round_, "none", tensors, {}))
+def message_bytes(shared: Mapping[str, torch.Tensor], codec: Codec = PLAIN, round_: int = 0) -> int:
+    """Bytes on the wire of one gossip message carrying ``shared`` through ``codec``: the
+    real codec's payload in the real encoder's frames, so headers, scales and indices count."""
+    frames = encode(Message(MessageType.GOSSIP, 0, round_, codec.name, codec.encode(shared), {}))
     return sum(memoryview(f).nbytes for f in frames)
+
+
+def torch_generator(*keys: int) -> torch.Generator:
+    """A torch generator determined by integer keys, like :func:`p2prec.data.sampler.seeded_rng`."""
+    return torch.Generator().manual_seed(int(seeded_rng(*keys).integers(2**63)))
+
+
+def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-node vector ``[N]`` shaped to broadcast over a stacked tensor ``[N, ...]``."""
+    return mask.view(-1, *([1] * (like.dim() - 1)))
+
+
+class LocalPrivacy:
+    """Each node's shared update clipped and noised before it leaves the node (DESIGN section 2).
+
+    The update is measured from a reference that depends on released values only: every
+    node's shared state right after the previous round's mixing, whose inputs were all
+    privatised messages (at first, the seeded initialisation, which saw no data). A node
+    continues from what it released, so its un-noised update never reaches anything later;
+    compression, mixing and the next round are post-processing, which is what makes the
+    accountant's epsilon hold (see :mod:`p2prec.gossip.privacy`).
+
+    ``releases`` counts the rounds in which nodes released an update; a round without
+    training releases nothing data-dependent and is not counted. Each node's epsilon is at
+    most :meth:`epsilon`: a node that was down released less.
+    """
+
+    def __init__(self, cfg: PrivacyConfig, planned_releases: int, shared: Params) -> None:
+        self.cfg = cfg
+        self.sigma = noise_multiplier(cfg, planned_releases)
+        self.reference = {k: v.clone() for k, v in shared.items()}
+        self.releases = 0
+
+    def release(self, shared: Params, rnd: int, active: np.ndarray) -> None:
+        """Replace the ``active`` nodes' rows of ``shared`` (in place) by reference + privatised update."""
+        update = {k: v - self.reference[k] for k, v in shared.items()}
+        noised = privatize(update, self.cfg.clip, self.sigma, torch_generator(self.cfg.seed, rnd, 0xD9),
+                           stacked=True)
+        keep = torch.from_numpy(active)
+        for k, v in shared.items():
+            v.copy_(torch.where(_rows(keep, v), self.reference[k] + noised[k], v))
+        self.releases += 1
+
+    def rebase(self, shared: Params) -> None:
+        """Take the states after mixing as the reference of the next round's update."""
+        self.reference = {k: v.clone() for k, v in shared.items()}
+
+    def epsilon(self) -> float:
+        return epsilon(self.sigma, self.releases, self.cfg.delta)
 
 
 @dataclass
@@ -57,22 +129,43 @@ class RoundStats:
 
 
 class Simulation:
-    """N simulated nodes on one backbone; :meth:`run` executes the rounds and evaluations."""
+    """N simulated nodes on one backbone; :meth:`run` executes the rounds and evaluations.
+
+    With Byzantine nodes, metrics and the consensus distance cover the honest nodes only
+    (the usual convention: an attacker's own model is not the system's quality).
+    """
 
     def __init__(self, cfg: Config, data: Dataset, backbone: SeqRecModel, graph: nx.Graph | None) -> None:
         self.cfg = cfg
         self.data = data
         self.model = adapter_model(backbone, cfg)
         self.nodes = select_nodes(data, cfg)
+        n = len(self.nodes)
         self.pop = configured_population(self.model, data, cfg, self.nodes)
-        self.eval_set = federated_eval_set(data, cfg, self.nodes)
+        attackers = byzantine_count(cfg.sim.byzantine, n) if cfg.sim.attack != "none" else 0
+        self.byzantine = choose_byzantine(n, attackers, cfg.sim.seed)
+        self.honest = torch.from_numpy(np.flatnonzero(~self.byzantine.numpy()))
+        self.eval_set = federated_eval_set(data, cfg, [self.nodes[i] for i in self.honest.tolist()])
         counts = np.asarray([sum(len(data.train[u]) for u in node) for node in self.nodes], dtype=np.float64)
-        self.plan = MixingPlan(graph, len(self.nodes), counts, cfg.gossip)
-        self.faults = FaultPlan(cfg.sim, len(self.nodes))
-        self.msg_bytes = message_bytes(self.model.shared_state())
+        self.plan = MixingPlan(graph, n, counts, cfg.gossip)
+        self.faults = FaultPlan(cfg.sim, n)
+        self.rule = None if cfg.robust.rule == "mean" else get_rule(cfg.robust.rule, trim=cfg.robust.trim,
+                                                                    tau=cfg.robust.tau)
+        if self.rule is not None and self.plan.kind == "hierarchy":
+            raise ValueError(f"robust.rule = {cfg.robust.rule!r} needs flat gossip: in an edge hierarchy the "
+                             "clients take their aggregator's average; use robust.rule = 'mean'")
+        shared = self.pop.shared()
+        self.codec = codec_from_config(cfg.gossip)
+        # Top-k alone would never send the small coordinates; quantisers' error is at most
+        # half a step per message, so only a sparsifier keeps a residual.
+        sparsifies = any(stage.kind == "sparsify" for stage in self.codec.stages)
+        self.feedback = ErrorFeedback({k: torch.zeros_like(v) for k, v in shared.items()}) if sparsifies else None
+        training_rounds = min(cfg.sim.train_rounds or cfg.sim.rounds, cfg.sim.rounds)
+        self.privacy = LocalPrivacy(cfg.privacy, training_rounds, shared) if cfg.privacy.enabled else None
+        self.msg_bytes = message_bytes(self.model.shared_state(), self.codec)
         self.bytes_sent_total = 0
         self.consensus: list[float] = []
-        self._previous_sent: dict[str, torch.Tensor] | None = None
+        self._previous_sent: Params | None = None
 
     def step(self, rnd: int, vectorized: bool = True) -> RoundStats:
         """One round: local updates on the nodes that are up, then mixing of the shared adapters."""
@@ -81,22 +174,87 @@ class Simulation:
         loss = self.pop.train_round(rnd, active=~faults.down, vectorized=vectorized) if training else float("nan")
         own = self.pop.shared()
         names = list(own)
-        sent = own
-        if faults.late.any() and self._previous_sent is not None:
-            late = torch.from_numpy(faults.late)
-            sent = {k: torch.where(late.view(-1, *([1] * (v.dim() - 1))), self._previous_sent[k], v)
-                    for k, v in own.items()}
-        if self.cfg.sim.stragglers and self.cfg.sim.straggler_mode == "late":
-            self._previous_sent = {k: v.clone() for k, v in own.items()}
+        if self.privacy is not None and training:
+            self.privacy.release(own, rnd, ~faults.down)
+        received = self._received(own, rnd, faults)
         mixing = self.plan.round(rnd, faults)
-        mixed = mix(mixing.a, sent, names)
-        d = torch.from_numpy(mixing.d).to(torch.float32)
+        new = self._mix(mixing, received, own, names)
         for k in names:
-            self.pop.params[k].copy_(mixed[k] + d.view(-1, *([1] * (own[k].dim() - 1))) * own[k])
+            self.pop.params[k].copy_(new[k])
+        if self.privacy is not None:
+            self.privacy.rebase(own)
         sent_bytes = mixing.messages * self.msg_bytes
         self.bytes_sent_total += sent_bytes
-        self.consensus.append(consensus_distance(self.pop.shared(), names))
+        self.consensus.append(consensus_distance(self._honest(self.pop.shared()), names))
         return RoundStats(loss, self.consensus[-1], mixing.messages, sent_bytes)
+
+    def _received(self, own: Params, rnd: int, faults: RoundFaults) -> Params:
+        """What neighbours receive from each node this round, one row per sender.
+
+        A Byzantine node's forgery replaces its state, the codec's round trip gives what
+        receivers decode, and a late straggler's row is its previous round's message.
+        """
+        sent = own
+        if bool(self.byzantine.any()):
+            sent = inject(self.cfg.sim.attack, sent, self.byzantine, self.cfg.sim.attack_scale,
+                          torch_generator(self.cfg.sim.seed, rnd, 0xA77))
+        sent = self._compress(sent, ~faults.down)
+        received = sent
+        if faults.late.any() and self._previous_sent is not None:
+            late = torch.from_numpy(faults.late)
+            received = {k: torch.where(_rows(late, v), self._previous_sent[k], v) for k, v in sent.items()}
+        if self.cfg.sim.stragglers and self.cfg.sim.straggler_mode == "late":
+            self._previous_sent = {k: v.clone() for k, v in sent.items()}
+        return received
+
+    def _compress(self, sent: Params, sending: np.ndarray) -> Params:
+        """Each sender's message as its receivers decode it; only ``sending`` nodes' residuals move."""
+        if not self.codec.stages:
+            return sent
+        if self.feedback is None:
+            return self.codec.roundtrip(sent)
+        before = self.feedback.residual
+        decoded = self.codec.roundtrip(sent, self.feedback)
+        keep = torch.from_numpy(sending)
+        self.feedback.residual = {k: torch.where(_rows(keep, v), v, before[k])
+                                  for k, v in self.feedback.residual.items()}
+        return decoded
+
+    def _mix(self, mixing: RoundMixing, received: Params, own: Params, names: list[str]) -> Params:
+        """The new shared states: ``A @ received + d * own``, or the robust rule over the same receipt.
+
+        Either way a node's own term is its true state, never the copy its neighbours decoded.
+        """
+        if self.rule is None:
+            mixed = mix(mixing.a, received, names)
+            d = torch.from_numpy(mixing.d).to(torch.float32)
+            return {k: mixed[k] + _rows(d, own[k]) * own[k] for k in names}
+        flat = robust_mix(self.rule, mixing.a + sp.diags(mixing.d), flatten(received, names),
+                          own=flatten(own, names))
+        return unflatten(flat, own, names)
+
+    def _honest(self, params: Params) -> Params:
+        """The honest nodes' rows: what metrics and the consensus distance are computed over."""
+        if len(self.honest) == len(self.nodes):
+            return params
+        return {k: v[self.honest] for k, v in params.items()}
+
+    def epsilon(self) -> float | None:
+        """Each node's epsilon so far (at ``privacy.delta``), or None without privacy."""
+        return self.privacy.epsilon() if self.privacy is not None else None
+
+    def trust_summary(self) -> dict[str, Any]:
+        """The summary keys of the trust settings: codec, privacy, attack and aggregation rule."""
+        return {
+            "codec": self.codec.name,
+            "epsilon": self.epsilon(),
+            "delta": self.cfg.privacy.delta if self.privacy is not None else None,
+            "noise_multiplier": self.privacy.sigma if self.privacy is not None else None,
+            "robust_rule": self.cfg.robust.rule,
+            "attack": self.cfg.sim.attack,
+            "byzantine": int(self.byzantine.sum()),
+            "evaluated_nodes": len(self.honest),
+        }
 
     def measured_rate(self, skip: int = 5) -> float | None:
         """Per-round contraction of the consensus distance once training has stopped (log-linear fit)."""
@@ -108,7 +266,8 @@ class Simulation:
         return float(np.exp(slope))
 
     def evaluate(self) -> dict:
-        return evaluate(self.model, self.pop.params, self.eval_set, tuple(self.cfg.eval.protocols),
+        """Validation and test metrics of the honest nodes' current adapters."""
+        return evaluate(self.model, self._honest(self.pop.params), self.eval_set, tuple(self.cfg.eval.protocols),
                         stacked=True, k=self.cfg.eval.k)
 
     def run(self, rounds: int | None = None, progress: bool = True, label: str = "sim") -> list[dict]:
@@ -121,12 +280,14 @@ class Simulation:
         for rnd in bar:
             stats = self.step(rnd)
             if not np.isfinite(stats.consensus):
+                cure = "use a robust.rule against the Byzantine nodes" if bool(self.byzantine.any()) else \
+                    "lower train.lr or train.shared_lr"
                 raise ValueError(f"training diverged at round {rnd} (shared adapters are not finite, loss "
-                                 f"{stats.loss:.4g}): lower train.lr or train.shared_lr")
+                                 f"{stats.loss:.4g}): {cure}")
             if rnd % self.cfg.eval.every == 0 or rnd == rounds:
                 result = self.evaluate()
                 records.append(make_record(rnd, result, stats.loss, stats.consensus, self.bytes_sent_total,
-                                           time.perf_counter() - start))
+                                           time.perf_counter() - start, epsilon=self.epsilon()))
                 best = max(best, (selection_score(result, self.cfg), -rnd))
             bar.set_postfix(loss=f"{stats.loss:.4f}", val=f"{best[0]:.4f}", best=-best[1])
         return records

@@ -41,11 +41,37 @@ def consensus_table(folders: list[Path]) -> str | None:
     return "\n".join(rows) if len(rows) > 2 else None
 
 
+def trust_table(folders: list[Path], protocol: str) -> str | None:
+    """Codec, traffic, privacy and attack settings beside the test scores; None when no run uses any.
+
+    Runs written before these settings existed read as codec ``none``, no privacy and no attack.
+    """
+    rows = [f"| run | codec | bytes/node/round | epsilon (delta) | noise multiplier | rule | Byzantine "
+            f"| evaluated nodes | HR@10 | NDCG@10 |\n|---|---|---|---|---|---|---|---|---|---|"]
+    used = False
+    for folder in folders:
+        summary, _ = read_run(folder)
+        codec, eps, rule = summary.get("codec", "none"), summary.get("epsilon"), summary.get("robust_rule", "mean")
+        used |= codec != "none" or eps is not None or bool(summary.get("byzantine")) or rule != "mean"
+        t = summary["test_at_best"][protocol]
+        privacy = "-" if eps is None else f"{eps:.2f} ({summary['delta']:.0e})"
+        sigma = "-" if summary.get("noise_multiplier") is None else f"{summary['noise_multiplier']:.2f}"
+        attack = f"{summary['byzantine']} {summary['attack']}" if summary.get("byzantine") else "0"
+        rows.append(f"| {summary.get('label') or folder.name} | {codec} | {summary['bytes_per_node_per_round']:.0f} "
+                    f"| {privacy} | {sigma} | {rule} | {attack} | {summary.get('evaluated_nodes', summary['nodes'])} "
+                    f"| {t['hr@10']:.4f} | {t['ndcg@10']:.4f} |")
+    return "\n".join(rows) if used else None
+
+
 def run(args: argparse.Namespace) -> int:
     folders = [Path(d) for d in args.dirs]
     try:
         print(f"test at the best-validation round, {args.protocol} protocol\n")
         print(table(folders, args.protocol))
+        trust = trust_table(folders, args.protocol)
+        if trust:
+            print("\ncodecs, privacy and attacks (metrics over the honest nodes)\n")
+            print(trust)
         consensus = consensus_table(folders)
         if consensus:
             print("\nconsensus after training stops (distance shrinks by this factor per round)\n")

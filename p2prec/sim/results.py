@@ -4,6 +4,13 @@
 round), ``DIR/summary.json`` and ``DIR/convergence.png``. Scripts rely on these names
 and keys, so baselines, the simulator and the launcher of real nodes all write through
 here. Each file is written to a temporary name and renamed, so a reader never sees half a file.
+
+Beyond :data:`RECORD_KEYS`, a simulator record carries ``epsilon`` (each node's privacy
+loss so far at the configured delta; null without privacy), and its summary carries
+``codec``, ``epsilon``, ``delta``, ``noise_multiplier``, ``robust_rule``, ``attack``,
+``byzantine`` (how many nodes attack) and ``evaluated_nodes`` (the honest nodes, over
+which every metric is computed). ``bytes_sent_total`` and ``bytes_per_node_per_round``
+count messages at the size the real encoder gives the configured codec's payload.
 """
 
 from __future__ import annotations

@@ -51,6 +51,7 @@ def run_simulation(cfg: Config, data: Dataset, out: Path, backbone_dir: str | No
         sim = Simulation(cfg, data, backbone, graph)
         extra["message_bytes"] = sim.msg_bytes
         records = sim.run(progress=progress, label=label)
+        extra.update(sim.trust_summary())
         extra["consensus_by_round"] = sim.consensus
         extra["consensus_rate_measured"] = sim.measured_rate()
         bytes_per_node_round = sim.bytes_sent_total / (n * cfg.sim.rounds)
