@@ -1,12 +1,15 @@
 """Simulator speed and memory on the quality run's own workload (all federated ML-100K nodes).
 
 Measured side by side in one run:
-1. time per round, vectorized (vmapped chunks) against a plain per-node loop over the same
-   local-step and mixing code, and their ratio (the bar is at least 20x);
-2. memory growth per extra simulated node (resident memory of two child processes at two node
-   counts) against the bytes of one node's adapters plus Adam state (the bar is at most 3x).
+1. time per round, vectorized (hand-batched chunks, :mod:`p2prec.learn.batched`) against a
+   plain per-node loop over the same local-step and mixing code, and their ratio (the bar is
+   at least 20x); the same for local training alone, and what else a round spends
+   (batch building, mixing), since those are shared by both paths and bound the ratio;
+2. local training time per chunk size (``sim.chunk``), the default's justification;
+3. memory growth per extra simulated node (resident memory of two child processes at two node
+   counts) against the bytes of one node's adapters plus optimizer state (the bar is at most 3x).
 
-Run: ``python benchmarks/bench_sim.py [--data-dir DIR] [--set k=v] [--threads N]``.
+Run: ``python benchmarks/bench_sim.py [--data-dir DIR] [--set k=v] [--threads N] [--chunks 32,64,128,256]``.
 """
 
 from __future__ import annotations
@@ -21,12 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import median_time, parser, setup  # noqa: E402
 
-from p2prec.sim.runner import build_topology  # noqa: E402
 from p2prec.sim.engine import Simulation, select_nodes  # noqa: E402
+from p2prec.sim.runner import build_topology  # noqa: E402
 
 
 def per_node_state_bytes(sim: Simulation) -> int:
-    """Bytes of one node's stacked adapters, gate and Adam state."""
+    """Bytes of one node's stacked adapters, gate and optimizer state."""
     tensors = list(sim.pop.params.values()) + list(sim.pop.state.values())
     return sum(t[0].numel() * t.element_size() for t in tensors)
 
@@ -57,25 +60,36 @@ def child() -> None:
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--loop-rounds", type=int, default=2, help="timed rounds of the slow per-node loop")
+    p.add_argument("--chunks", default="32,64,128,256", help="chunk sizes to time local training at")
     args = p.parse_args()
     cfg, data, backbone = setup(args)
     n = len(select_nodes(data, cfg))
     sim = Simulation(cfg, data, backbone, build_topology(cfg, n))
     counter = iter(range(1, 10_000))
     vec = median_time(lambda: sim.step(next(counter), vectorized=True), args.repeats, warmup=1)
+    vec_train = median_time(lambda: sim.pop.train_round(next(counter), vectorized=True), args.repeats)
     loop = median_time(lambda: sim.step(next(counter), vectorized=False), args.loop_rounds, warmup=0)
+    loop_train = median_time(lambda: sim.pop.train_round(next(counter), vectorized=False), args.loop_rounds, warmup=0)
+    batches = median_time(lambda: [sim.pop.node_batch(i, 1, 0) for i in range(n)], args.repeats)
     print(f"workload: {n} nodes, {cfg.train.local_steps} local step(s) of batch {cfg.train.batch_size} x "
           f"max_len {cfg.model.max_len}, {cfg.train.negatives} negatives, chunk {cfg.sim.chunk}, "
-          f"{args.threads} thread(s), topology {cfg.gossip.topology}")
-    print("| path | median s/round | ms per node-round |\n|---|---|---|")
-    print(f"| vectorized (vmap chunks) | {vec:.3f} | {vec / n * 1000:.2f} |")
-    print(f"| per-node loop, same code | {loop:.3f} | {loop / n * 1000:.2f} |")
+          f"backbone dropout {cfg.train.backbone_dropout}, {args.threads} thread(s), topology {cfg.gossip.topology}")
+    print("| path | round, median s | ms per node-round | local training only, median s |\n|---|---|---|---|")
+    print(f"| vectorized (hand-batched chunks) | {vec:.3f} | {vec / n * 1000:.2f} | {vec_train:.3f} |")
+    print(f"| per-node loop, same code | {loop:.3f} | {loop / n * 1000:.2f} | {loop_train:.3f} |")
     ratio = loop / vec
-    print(f"speed-up: {ratio:.1f}x  [{'PASS' if ratio >= 20 else 'FAIL'}: bar >= 20x]")
-    batches = median_time(lambda: [sim.pop.node_batch(i, 1, 0) for i in range(n)], args.repeats)
-    evaluation = median_time(sim.evaluate, args.repeats)
-    print(f"inside a vectorized round: batch building {batches:.3f} s; "
-          f"one evaluation ({'+'.join(cfg.eval.protocols)}, every {cfg.eval.every} rounds) {evaluation:.3f} s")
+    print(f"speed-up per round: {ratio:.1f}x  [{'PASS' if ratio >= 20 else 'FAIL'}: bar >= 20x]; "
+          f"local training alone: {loop_train / vec_train:.1f}x")
+    print(f"inside a vectorized round: batch building {batches:.3f} s (in training), local step "
+          f"{vec_train - batches:.3f} s, mixing and the rest {vec - vec_train:.3f} s")
+
+    print("\n| chunk | local training, median s |\n|---|---|")
+    for chunk in (int(c) for c in args.chunks.split(",")):
+        sim.pop.chunk = chunk
+        print(f"| {chunk} | {median_time(lambda: sim.pop.train_round(next(counter)), args.repeats):.3f} |")
+    sim.pop.chunk = cfg.sim.chunk
+    evaluation = median_time(sim.evaluate, 3)
+    print(f"\none evaluation ({'+'.join(cfg.eval.protocols)}, every {cfg.eval.every} rounds) {evaluation:.3f} s")
 
     small = max(50, n // 4)
     base = [f"--data-dir={args.data_dir}", f"--threads={args.threads}"] + [a for o in args.overrides for a in ("--set", o)]

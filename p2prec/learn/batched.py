@@ -11,9 +11,14 @@ BERT's eager attention), so with dropout off its scores and gradients equal
 ``functional_call`` of the model per node; the tests hold it to that.
 
 What it reads from the model rather than assumes: which modules carry which adapter, each
-adapter's scaling and LoRA dropout, and every backbone weight, LayerNorm, activation and
-dropout module (called in place, never copied). LoRA placed on a module this forward does
-not route through is refused at construction instead of being silently ignored.
+adapter's scaling and LoRA dropout, every backbone weight, LayerNorm and activation (the
+modules are called in place, never copied), and each dropout's rate and train/eval mode.
+LoRA placed on a module this forward does not route through is refused at construction
+instead of being silently ignored.
+
+Measured at all 754 federated ML-100K nodes (one sequence of 50 per node, 1 thread):
+1.08 s per round against 1.57 s for ``vmap`` of ``functional_call`` and 7.1 s for the
+per-node loop; chunks of 32 to 256 nodes ran equally fast (``benchmarks/bench_sim.py``).
 """
 
 from __future__ import annotations
@@ -106,7 +111,8 @@ class BatchedAdapterModel:
 
         peft embeds through ``A``'s transposed table with the base layer's ``padding_idx``,
         which leaves the padding row's forward value but gives it no gradient;
-        :meth:`loss_and_grads` zeroes that column of the gradient to match.
+        :meth:`loss_and_grads` zeroes that column of the gradient to match. Like peft, no
+        LoRA dropout and no gate apply to the embedding.
         """
         module = self.backbone.item_emb
         terms = self._terms.get(module, ())
@@ -134,9 +140,8 @@ class BatchedAdapterModel:
             return out
         per_node = out.view(n, -1, out.shape[-1])
         for t in terms:
-            scale = torch.full((n, 1, 1), t.scaling, dtype=x.dtype)
-            if t.layer is not None:
-                scale = scale * gate_factor(params[GATE][:, t.layer], t.adapter).view(n, 1, 1)
+            scale = (t.scaling if t.layer is None
+                     else t.scaling * gate_factor(params[GATE][:, t.layer], t.adapter).view(n, 1, 1))
             low = torch.bmm(dropout(t.dropout, x).view(n, -1, x.shape[-1]), params[t.a].mT)
             per_node = torch.baddbmm(per_node, low, (params[t.b] * scale).mT)
         return per_node.view_as(out)
