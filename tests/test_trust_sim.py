@@ -36,7 +36,7 @@ def _shared_distance(a: Simulation, b: Simulation, rows: torch.Tensor) -> float:
     return float((flatten(a.pop.shared(), names)[rows] - flatten(b.pop.shared(), names)[rows]).norm())
 
 
-def test_int8_messages_are_a_quarter_of_fp32_at_the_real_adapter_size() -> None:
+def test_int8_messages_are_over_3_5x_smaller_than_fp32_at_the_real_adapter_size() -> None:
     cfg = Config()  # the ML-100K model: 1,682 items, hidden 64, two layers, shared rank 8
     m = cfg.model
     backbone = build_backbone(1682, m.hidden, m.layers, m.heads, m.intermediate, m.max_len, seed=0)
@@ -94,7 +94,7 @@ def test_the_default_round_is_exactly_plain_mixing(synth_dir, synth_data) -> Non
         assert torch.equal(sim.pop.params[k], v), k
 
 
-def test_a_robust_rule_aggregates_the_true_own_state_not_its_decoded_copy(synth_dir, synth_data) -> None:  # noqa: ANN001
+def test_a_robust_rule_mixes_the_true_own_state_not_its_decoded_copy(synth_dir, synth_data) -> None:  # noqa: ANN001
     """ClippedGossip with an unreachable radius is the mean; it must match the fast mean path,
     own term included, under a lossy codec."""
     extra = ["sim.nodes=10", "gossip.topology=small-world:k=4,p=0.2", "gossip.codec=int8", "sim.drop_prob=0.2"]
@@ -164,8 +164,8 @@ def test_the_run_folder_carries_epsilon_bytes_and_the_trust_settings(tmp_path: P
 
 
 def test_a_target_epsilon_sets_the_noise_for_the_planned_rounds(synth_dir, synth_data) -> None:  # noqa: ANN001
-    sim = _sim(synth_dir, synth_data, ["sim.nodes=4", "gossip.topology=ring", "privacy.enabled=true", "privacy.target_epsilon=4",
-                                       "sim.rounds=20", "sim.train_rounds=10"])
+    sim = _sim(synth_dir, synth_data, ["sim.nodes=4", "gossip.topology=ring", "privacy.enabled=true",
+                                       "privacy.target_epsilon=4", "sim.rounds=20", "sim.train_rounds=10"])
     sigma = sim.privacy.sigma
     assert epsilon(sigma, 10, 1e-5) <= 4.0 < epsilon(sigma * 0.99, 10, 1e-5)
     for r in range(1, 13):
@@ -202,7 +202,7 @@ def test_a_robust_rule_is_refused_in_an_edge_hierarchy(synth_dir, synth_data) ->
         _sim(synth_dir, synth_data, ["sim.nodes=12", "gossip.topology=edge-hierarchy:m=3", "robust.rule=median"])
 
 
-def test_trust_specs_load(tmp_path: Path) -> None:
+def test_trust_specs_load() -> None:
     specs = sorted(Path(__file__).resolve().parents[1].joinpath("sim").glob("[def]-*.toml"))
     assert len(specs) >= 10
     for spec in specs:
