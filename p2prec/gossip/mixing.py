@@ -12,6 +12,8 @@ own state), which is how a node that heard nothing behaves.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -138,17 +140,22 @@ def to_torch(w: sp.spmatrix, dtype: torch.dtype = torch.float32) -> torch.Tensor
                                    check_invariants=False)
 
 
-def mix(w: sp.csr_matrix, params: Params, names: list[str] | None = None) -> Params:
+def mix(w: sp.csr_matrix | Sequence[sp.csr_matrix], params: Params, names: list[str] | None = None) -> Params:
     """``W @ X`` for stacked adapters ``X``: one sparse product over all tensors at once.
 
-    ``W`` is ``[R, N]`` for ``N`` stacked states; the result holds ``R`` mixed states.
+    ``W`` is ``[R, N]`` for ``N`` stacked states; the result holds ``R`` mixed states. ``W``
+    may also be given as factors ``(W1, ..., Wk)`` of ``W = W1 @ ... @ Wk``, applied right to
+    left. Why: an edge hierarchy's ``down @ across @ up`` has a few rows per aggregator but
+    its product is dense within each group (a star's is N x N), so the factors are far cheaper.
     """
     names = names or list(params)
+    factors = [w] if sp.issparse(w) else list(w)
     flat = flatten(params, names)
-    if w.shape[1] != flat.shape[0]:
-        raise ValueError(f"mixing matrix has {w.shape[1]} columns but {flat.shape[0]} states were given")
-    mixed = torch.sparse.mm(to_torch(w, flat.dtype), flat)
-    return unflatten(mixed, params, names)
+    for factor in reversed(factors):
+        if factor.shape[1] != flat.shape[0]:
+            raise ValueError(f"mixing matrix has {factor.shape[1]} columns but {flat.shape[0]} states were given")
+        flat = torch.sparse.mm(to_torch(factor, flat.dtype), flat)
+    return unflatten(flat, params, names)
 
 
 def consensus_distance(params: Params, names: list[str] | None = None) -> float:

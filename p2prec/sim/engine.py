@@ -226,7 +226,7 @@ class Simulation:
         Either way a node's own term is its true state, never the copy its neighbours decoded.
         """
         if self.rule is None:
-            mixed = mix(mixing.a, received, names)
+            mixed = mix(mixing.factors, received, names)
             d = torch.from_numpy(mixing.d).to(torch.float32)
             return {k: mixed[k] + _rows(d, own[k]) * own[k] for k in names}
         flat = robust_mix(self.rule, mixing.a + sp.diags(mixing.d), flatten(received, names),

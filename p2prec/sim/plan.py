@@ -36,11 +36,23 @@ from p2prec.topology.roles import AGGREGATOR_ONLY
 
 @dataclass
 class RoundMixing:
-    """``new = A @ sent + d * own``, plus how many messages were sent this round."""
+    """``new = A @ sent + d * own``, plus how many messages were sent this round.
 
-    a: sp.csr_matrix
+    ``factors`` multiply to ``A`` (one matrix for flat topologies; down, across and up for a
+    hierarchy, which :func:`p2prec.gossip.mixing.mix` applies one after the other).
+    """
+
+    factors: tuple[sp.csr_matrix, ...]
     d: np.ndarray
     messages: int
+
+    @property
+    def a(self) -> sp.csr_matrix:
+        """``A`` as one matrix, for rules that need each node's whole row (robust aggregation)."""
+        product = self.factors[0]
+        for factor in self.factors[1:]:
+            product = product @ factor
+        return sp.csr_matrix(product)
 
 
 def split_diagonal(w: sp.csr_matrix) -> RoundMixing:
@@ -48,7 +60,7 @@ def split_diagonal(w: sp.csr_matrix) -> RoundMixing:
     d = w.diagonal().copy()
     a = sp.csr_matrix(w - sp.diags(d))
     a.eliminate_zeros()
-    return RoundMixing(a, d, 0)
+    return RoundMixing((a,), d, 0)
 
 
 class MixingPlan:
@@ -92,7 +104,7 @@ class MixingPlan:
 
     def round(self, rnd: int, faults: RoundFaults) -> RoundMixing:
         if self.kind == "none":
-            return RoundMixing(sp.csr_matrix((self.n, self.n)), np.ones(self.n), 0)
+            return RoundMixing((sp.csr_matrix((self.n, self.n)),), np.ones(self.n), 0)
         if self.kind == "flat":
             return self._flat(rnd, faults)
         return self._hierarchy(faults)
@@ -130,10 +142,9 @@ class MixingPlan:
         delivered = down & (is_own_agg | (f.rng.random(self.n) >= f.drop_prob))
         pick = sp.csr_matrix((np.ones(int(delivered.sum())), (np.flatnonzero(delivered), self.home[delivered])),
                              shape=(self.n, m))
-        a = sp.csr_matrix(pick @ across @ up)
         messages = int((~f.down & ~is_own_agg).sum()) + int(across.nnz - (across.diagonal() != 0).sum()) \
             + int((~f.down & ~silent[self.home] & ~is_own_agg).sum())
-        return RoundMixing(a, (~delivered).astype(np.float64), messages)
+        return RoundMixing((pick, across, up), (~delivered).astype(np.float64), messages)
 
 
 def _count_sent(w: sp.csr_matrix, sending: np.ndarray) -> int:
