@@ -4,9 +4,9 @@ Why functional: the real node calls :func:`local_step` on one node's tensors, an
 simulator runs :func:`adam_step` once on a chunk of nodes' tensors stacked ``[N, ...]``
 (its gradients come from :mod:`p2prec.learn.batched`, with the same :func:`ranking_loss`).
 Adam is elementwise, so it is written here too rather than taken from ``torch.optim``,
-whose stateful objects hold one model's tensors. The backbone runs in eval mode
-(no dropout) so a local update is a deterministic function of its inputs: that is what
-lets the simulator, a per-node loop and a real node agree to 1e-5.
+whose stateful objects hold one model's tensors. With ``train.backbone_dropout`` off, a
+local update is a deterministic function of its inputs: that is what lets the simulator,
+a per-node loop and a real node agree to 1e-5 (with it on, each path draws its own masks).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Why this shape (DESIGN section 7): one frozen backbone in memory, every node's adapters and
 Adam state stacked ``[N, ...]`` (:class:`p2prec.learn.population.Population`), the local
-update vmapped over chunks of nodes, and gossip as ``A @ X_sent + d * X`` on the stacked
+update run for chunks of nodes at once by a hand-batched forward, and gossip as ``A @ X_sent + d * X`` on the stacked
 shared adapters. The node runtime calls the same local-step and mixing functions.
 
 A round follows DESIGN section 2 for all nodes at once: local training; with privacy on,
