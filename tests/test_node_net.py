@@ -73,6 +73,19 @@ def test_eight_processes_on_a_ring_match_the_simulator(tmp_path: Path, synth_dir
     assert summary["processes"] == 8 and summary["bytes_per_node_per_round"] == pytest.approx(2 * sim.msg_bytes)
 
 
+def test_secured_processes_match_the_simulator(tmp_path: Path, synth_dir: Path, synth_data,  # noqa: ANN001
+                                               tiny_cfg) -> None:
+    """``security.enabled``: the launcher keys three nodes, which gossip over CurveZMQ only."""
+    backbone = make_backbone(synth_data, tiny_cfg, tmp_path / "bb")
+    out = _launch(tmp_path, synth_dir, backbone, 3, ["gossip.topology=ring", "security.enabled=true",
+                                                     f"security.key_dir={tmp_path / 'unused'}"])
+    assert sorted(p.name for p in (out / "keys").iterdir()) == [f"node{i}{s}" for i in range(3)
+                                                                 for s in (".key", ".key_secret")]
+    assert all("(CurveZMQ)" in (out / "nodes" / f"node-{i}.log").read_text() for i in range(3))
+    sim = simulate(out / "config.toml", synth_data, backbone)
+    assert max_diff(sim, out / "nodes", list(range(3)), sim.pop.shared_names) < 1e-5
+
+
 def test_edge_hierarchy_processes_match_the_simulator(tmp_path: Path, synth_dir: Path, synth_data,  # noqa: ANN001
                                                       tiny_cfg) -> None:
     """Six clients, a training aggregator (6) and an aggregator-only one (7): eight processes."""

@@ -24,31 +24,37 @@ log = logging.getLogger("p2prec.node")
 def check_config(cfg: Config) -> None:
     """Refuse settings a real node does not implement yet, rather than ignore them silently."""
     defaults = Config()
-    for section, key in (("gossip", "mixing"), ("gossip", "codec"), ("privacy", "enabled"), ("robust", "rule"),
-                         ("security", "enabled")):
+    for section, key in (("gossip", "mixing"), ("gossip", "codec"), ("privacy", "enabled"), ("robust", "rule")):
         value, default = getattr(getattr(cfg, section), key), getattr(getattr(defaults, section), key)
         if value != default:
             raise ConfigError(f"{section}.{key}: real nodes support only {default!r} so far, got {value!r}")
 
 
 def build_node(cfg: Config, node_id: int, backbone_dir: str | None):  # noqa: ANN201 - a Node; imported lazily
-    """Everything node ``node_id`` needs: its data, its place in the topology, its model and state."""
+    """Everything node ``node_id`` needs: its keys, its data, its place in the topology, its model and state.
+
+    The keys are read before the backbone is loaded (or pre-trained, which takes a minute),
+    so a secured node without them stops at once.
+    """
     from p2prec.learn.baselines import adapter_model
     from p2prec.model.pretrain import ensure_backbone
     from p2prec.node.learner import Learner
     from p2prec.node.place import place
     from p2prec.node.runtime import Node
+    from p2prec.node.security import node_keys
     from p2prec.sim.engine import select_nodes
     from p2prec.topology import load
 
     check_config(cfg)
     data = load_data(cfg)
     nodes = select_nodes(data, cfg)
-    where = place(load(cfg.gossip.topology, len(nodes), cfg.gossip.seed), node_id, len(nodes))
+    graph = load(cfg.gossip.topology, len(nodes), cfg.gossip.seed)
+    where = place(graph, node_id, len(nodes))
+    keys = node_keys(cfg.security, node_id, graph) if cfg.security.enabled else None
     model = adapter_model(ensure_backbone(data, cfg, backbone_dir), cfg)
     learner = Learner(cfg, data, model, nodes[node_id], node_id) if where.has_data else None
     template = {k: v.numpy() for k, v in model.shared_state().items()}
-    return Node(cfg, where, learner, template, Path(cfg.node.dir) / f"node-{node_id}")
+    return Node(cfg, where, learner, template, Path(cfg.node.dir) / f"node-{node_id}", keys)
 
 
 def _interrupt(_sig: int, _frame: FrameType | None) -> None:

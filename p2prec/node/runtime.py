@@ -29,6 +29,7 @@ from p2prec.node.inbox import Abandoned, Inbox
 from p2prec.node.learner import Learner
 from p2prec.node.place import Place
 from p2prec.node.protocol import Protocol, RoundResult
+from p2prec.node.security import NodeKeys, SecurityError
 from p2prec.node.transport import Transport, routing_id
 from p2prec.sim.results import make_record, write_atomic
 from p2prec.wire import Message, MessageType, WireError, WireSpec, encode, validate_and_decode
@@ -57,11 +58,19 @@ class Progress:
 
 
 class Node:
-    """A real node: ``place`` in the topology, ``learner`` for its data (``None`` if aggregator-only)."""
+    """A real node: ``place`` in the topology, ``learner`` for its data (``None`` if aggregator-only).
+
+    ``keys`` are required exactly when ``security.enabled``: a secured node never falls
+    back to plaintext, and a node given keys never runs unsecured by mistake.
+    """
 
     def __init__(self, cfg: Config, place: Place, learner: Learner | None, template: dict[str, np.ndarray],
-                 state_dir: Path) -> None:
+                 state_dir: Path, keys: NodeKeys | None = None) -> None:
+        if cfg.security.enabled != (keys is not None):
+            raise SecurityError(f"node {place.node}: security.enabled is {cfg.security.enabled} but keys were "
+                                f"{'not ' if keys is None else ''}given")
         self.cfg = cfg
+        self.keys = keys
         self.place = place
         self.learner = learner
         self.spec = wire_spec(place, template)
@@ -127,28 +136,38 @@ class Node:
 
     # --- network -------------------------------------------------------------------------
 
-    def _accept(self, routing: bytes, frames: list[zmq.Frame], inbox: Inbox) -> None:
+    def open_transport(self) -> Transport:
+        """This node's sockets, bound and connected (secured when the node has keys)."""
+        n = self.cfg.node
+        return Transport(self.place.node, n.bind or self.place.address, self.place.peers, hwm=n.hwm,
+                         linger_ms=n.linger_ms, max_frame_bytes=4 * (self.spec.max_bytes + 65536), keys=self.keys)
+
+    def _accept(self, routing: bytes, frames: list[zmq.Frame], inbox: Inbox, transport: Transport) -> None:
         """Validate one received message and file it; log and count every rejection."""
         try:
             msg = validate_and_decode(frames, self.spec)
             if routing != routing_id(msg.sender):
                 raise WireError(f"header says sender {msg.sender} but the connection is {routing!r}")
+            owner = transport.key_owner(frames)
+            if owner is not None and owner != msg.sender:
+                raise WireError(f"header says sender {msg.sender} but the connection's key is node {owner}'s")
             if msg.type not in (MessageType.HELLO, MessageType.BYE):
                 if msg.codec != "none":
                     raise WireError(f"codec {msg.codec!r} is not supported")
                 if msg.sender not in self.place.senders.get(msg.type, ()):
                     raise WireError(f"node {msg.sender} may not send {msg.type.name} to this node")
-        except WireError as exc:
+        except (WireError, SecurityError) as exc:
             self.rejected += 1
             log.warning("%s: rejected message #%d from connection %r: %s", self.name, self.rejected,
                         routing[:16], exc)
             return
         inbox.offer(msg)
 
-    async def _receive(self, transport: Transport, inbox: Inbox) -> None:
+    async def receive(self, transport: Transport, inbox: Inbox) -> None:
+        """File every message ``transport`` receives into ``inbox``, until cancelled."""
         while True:
             routing, frames = await transport.recv()
-            self._accept(routing, frames, inbox)
+            self._accept(routing, frames, inbox, transport)
 
     async def _greet(self, transport: Transport, inbox: Inbox) -> None:
         """Say hello to every peer, then wait (bounded) until each has been heard from at least once.
@@ -203,11 +222,10 @@ class Node:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal, sig, inbox)
         n = self.cfg.node
-        transport = Transport(self.place.node, n.bind or self.place.address, self.place.peers, hwm=n.hwm,
-                              linger_ms=n.linger_ms, max_frame_bytes=4 * (self.spec.max_bytes + 65536))
-        log.info("%s (%s) listening on %s, peers %s", self.name, self.place.kind, transport.endpoint,
-                 sorted(self.place.peers))
-        receiver = loop.create_task(self._receive(transport, inbox))
+        transport = self.open_transport()
+        log.info("%s (%s) listening on %s%s, peers %s", self.name, self.place.kind, transport.endpoint,
+                 " (CurveZMQ)" if self.keys is not None else "", sorted(self.place.peers))
+        receiver = loop.create_task(self.receive(transport, inbox))
         protocol = Protocol(self.place, self.learner, inbox, transport, n.deadline_s,
                             first_round=self.progress.round + 1, start_timeout_s=n.start_timeout_s)
         try:

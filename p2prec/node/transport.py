@@ -8,6 +8,13 @@ Sends never block: when a peer's queue is full the message is dropped and logged
 a round must not stall on a dead peer. ``MAXMSGSIZE`` makes ZeroMQ itself disconnect a
 peer that sends a frame far larger than any valid message, before the node allocates it;
 every smaller hostile message reaches the validator, which rejects and logs it.
+
+With ``keys`` (``security.enabled``) every socket speaks CurveZMQ: the ROUTER is a Curve
+server whose ZAP allow-list is the topology's public keys, so a stranger or a plaintext
+peer fails the handshake and never delivers a byte; each DEALER is a Curve client that
+checks it reached the peer holding that peer's key. The routing id is merely claimed by
+the sender, so :meth:`Transport.key_owner` names the node whose key authenticated a
+message, which the node checks against the header's sender.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ from collections.abc import Sequence
 
 import zmq
 import zmq.asyncio
+
+from p2prec.node.security import CurveSecurity, NodeKeys, sender_of
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +42,17 @@ def routing_id(node: int) -> bytes:
 
 
 class Transport:
-    """The sockets of node ``node``: bound at ``bind``, connected to every peer in ``peers``."""
+    """The sockets of node ``node``: bound at ``bind``, connected to every peer in ``peers``;
+    secured with CurveZMQ when ``keys`` are given (see the module docstring)."""
 
     def __init__(self, node: int, bind: str, peers: dict[int, str], *, hwm: int, linger_ms: int,
-                 max_frame_bytes: int) -> None:
+                 max_frame_bytes: int, keys: NodeKeys | None = None) -> None:
         self.node = node
+        self.keys = keys
         self.ctx = zmq.asyncio.Context()
+        self.curve = CurveSecurity(self.ctx, keys.keypair, keys.peers.values()) if keys is not None else None
+        if self.curve is not None:
+            self.curve.start()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.RCVHWM, hwm)
         self.router.setsockopt(zmq.LINGER, 0)
@@ -47,6 +61,8 @@ class Transport:
         self.dealers: dict[int, zmq.asyncio.Socket] = {}
         self.full: set[int] = set()
         try:
+            if self.curve is not None:
+                self.curve.serve(self.router)
             self.router.bind(bind)
             for peer, address in peers.items():
                 dealer = self.ctx.socket(zmq.DEALER)
@@ -54,6 +70,8 @@ class Transport:
                 dealer.setsockopt(zmq.SNDHWM, hwm)
                 dealer.setsockopt(zmq.LINGER, linger_ms)
                 self.dealers[peer] = dealer
+                if self.curve is not None:
+                    self.curve.dial(dealer, self.keys.peers[peer])
                 dealer.connect(address)
         except zmq.ZMQError as exc:
             self.close()
@@ -81,9 +99,19 @@ class Transport:
         parts = await self.router.recv_multipart(copy=False)
         return parts[0].bytes, parts[1:]
 
+    def key_owner(self, frames: list[zmq.Frame]) -> int | None:
+        """The node whose Curve key authenticated the connection ``frames`` came on, or ``None``
+        on a plaintext transport, which cannot tell; :class:`SecurityError` if no listed key did."""
+        if self.keys is None:
+            return None
+        return sender_of(frames[0], self.keys.peers)
+
     def close(self) -> None:
-        """Close every socket; DEALERs get ``linger_ms`` to flush what is queued."""
+        """Close every socket; DEALERs get ``linger_ms`` to flush what is queued. The ZAP
+        handler stops last: its sockets live in the same context, which cannot end before them."""
         for dealer in self.dealers.values():
             dealer.close()
         self.router.close()
+        if self.curve is not None:
+            self.curve.stop()
         self.ctx.term()

@@ -4,7 +4,9 @@ Why: a study must switch between simulated and real networking with one flag (DE
 section 7). The launcher writes the run folder's ``config.toml`` and a ``topology.json``
 whose nodes carry 127.0.0.1 addresses, starts one node process per topology node (the N
 data nodes plus any aggregator-only nodes), waits for them, and merges their metrics into
-the simulator's output contract (:mod:`p2prec.sim.results`).
+the simulator's output contract (:mod:`p2prec.sim.results`). With ``security.enabled`` it
+also gives every node a CurveZMQ keypair in ``keys/`` of the run folder and lists the
+public keys in the topology, as an operator would for a LAN (README, "Secure your LAN").
 
 Invariant: the launcher ends exactly the processes it started, and nothing else. On
 Ctrl-C, SIGTERM or any node failing, each of its children gets SIGTERM (a node then
@@ -33,6 +35,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from types import FrameType
 
+import networkx as nx
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -47,6 +50,7 @@ from p2prec.node import checkpoint
 from p2prec.node.cli import check_config as check_node_config
 from p2prec.node.learner import PARAM
 from p2prec.node.runtime import METRICS, ROUNDS
+from p2prec.node.security import PUBLIC_SUFFIX, SECRET_SUFFIX, generate_keys, key_name, load_public_key
 from p2prec.sim.engine import select_nodes
 from p2prec.sim.results import summarize_run, write_atomic, write_run
 from p2prec.sim.runner import build_topology
@@ -86,8 +90,18 @@ def check_config(cfg: Config, processes: int) -> None:
     cfg.sim.nodes = processes
 
 
+def give_keys(graph: nx.Graph, folder: Path) -> None:
+    """Put a keypair per node in ``folder`` (keeping any already there, as a rerun of the same
+    run folder finds them) and its public key in the node's ``key`` attribute."""
+    names = {node: key_name(node) for node in graph.nodes}
+    generate_keys(folder, [n for n in names.values() if not (folder / (n + SECRET_SUFFIX)).exists()])
+    for node, name in names.items():
+        graph.nodes[node]["key"] = load_public_key(folder / (name + PUBLIC_SUFFIX)).decode()
+
+
 def prepare(cfg: Config, data: Dataset, out: Path, processes: int) -> list[int]:
-    """Write ``out/topology.json`` (127.0.0.1 addresses) and ``out/config.toml``; return the node ids."""
+    """Write ``out/topology.json`` (127.0.0.1 addresses, and keys if secured) and ``out/config.toml``;
+    return the node ids."""
     check_config(cfg, processes)
     available = len(select_nodes(data, cfg))
     if available != processes:
@@ -96,6 +110,9 @@ def prepare(cfg: Config, data: Dataset, out: Path, processes: int) -> list[int]:
     for node, port in zip(sorted(graph.nodes), free_ports(graph.number_of_nodes())):
         graph.nodes[node]["address"] = f"tcp://127.0.0.1:{port}"
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.security.enabled:
+        give_keys(graph, out / "keys")
+        cfg.security.key_dir, cfg.security.secret_key = str((out / "keys").resolve()), ""
     write(graph, out / "topology.json")
     cfg.gossip.topology = str((out / "topology.json").resolve())
     cfg.node.dir = str((out / "nodes").resolve())

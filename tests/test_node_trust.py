@@ -1,0 +1,172 @@
+"""The trust features wired into a real node, over real sockets on 127.0.0.1 but in-process.
+
+Node 0 of the path 0 - 1 - 2 runs its own transport and receive loop; the test plays its
+neighbour 1 (and impostors of it) with node transports of its own. Every wait is bounded,
+and every socket, ZAP thread and task is closed before a test ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import stat
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import networkx as nx
+import numpy as np
+import pytest
+import zmq
+
+from p2prec.cli import main as p2prec_main
+from p2prec.config import Config, load
+from p2prec.node.cli import main as node_main
+from p2prec.node.inbox import Inbox
+from p2prec.node.place import place
+from p2prec.node.runtime import Node
+from p2prec.node.security import Keypair, NodeKeys, SecurityError, load_keypair, node_keys
+from p2prec.node.transport import Transport
+from p2prec.sim.launcher import free_ports, prepare
+from p2prec.topology import build, write
+from p2prec.topology import load as load_topology
+from p2prec.topology.roles import CLIENT
+from p2prec.wire import Message, MessageType, encode
+from tests.node_support import node_config
+
+QUIET_S = 1.0
+"""How long a message that must not arrive is given to arrive anyway."""
+TEMPLATE = {"w": np.zeros(4, dtype=np.float32)}
+
+
+@pytest.fixture()
+def secured(tmp_path: Path) -> tuple[Config, nx.Graph]:
+    """Keys made by ``p2prec keys generate`` and a secured config over the path 0 - 1 - 2."""
+    assert p2prec_main(["keys", "generate", "--out", str(tmp_path / "keys"), "--count", "3"]) == 0
+    graph = nx.path_graph(3)
+    nx.set_node_attributes(graph, CLIENT, "role")
+    for node, port in zip(graph.nodes, free_ports(3)):
+        graph.nodes[node]["address"] = f"tcp://127.0.0.1:{port}"
+        graph.nodes[node]["key"] = load_keypair(tmp_path / "keys" / f"node{node}.key_secret").public.decode()
+    write(graph, tmp_path / "topology.json")
+    cfg = load(None, ["security.enabled=true", f"security.key_dir={tmp_path / 'keys'}",
+                      f"gossip.topology={tmp_path / 'topology.json'}", "node.linger_ms=0"])
+    return cfg, graph
+
+
+def test_secret_keys_on_disk_are_0600(secured: tuple[Config, nx.Graph]) -> None:
+    folder = Path(secured[0].security.key_dir)
+    for i in range(3):
+        assert stat.S_IMODE((folder / f"node{i}.key_secret").stat().st_mode) == 0o600
+        assert stat.S_IMODE((folder / f"node{i}.key").stat().st_mode) == 0o644
+
+
+@asynccontextmanager
+async def node_zero(cfg: Config, graph: nx.Graph, tmp: Path) -> AsyncIterator[tuple[Node, Inbox]]:
+    """Node 0, secured, receiving into an inbox until the block ends."""
+    node = Node(cfg, place(graph, 0, 3), None, TEMPLATE, tmp / "node-0", node_keys(cfg.security, 0, graph))
+    inbox = Inbox(0, future_rounds=2)
+    transport = node.open_transport()
+    receiver = asyncio.get_running_loop().create_task(node.receive(transport, inbox))
+    try:
+        yield node, inbox
+    finally:
+        receiver.cancel()
+        await asyncio.gather(receiver, return_exceptions=True)
+        transport.close()
+
+
+def as_node_one(graph: nx.Graph, keypair: Keypair | None, server_key: bytes) -> Transport:
+    """A transport presenting node 1's routing id, secured with ``keypair`` (plaintext if ``None``)."""
+    keys = NodeKeys(keypair, {0: server_key}) if keypair is not None else None
+    return Transport(1, f"tcp://127.0.0.1:{free_ports(1)[0]}", {0: graph.nodes[0]["address"]}, hwm=8, linger_ms=0,
+                     max_frame_bytes=1 << 20, keys=keys)
+
+
+async def hello_arrives(graph: nx.Graph, inbox: Inbox, keypair: Keypair | None, server_key: bytes) -> bool:
+    """Whether node 0 files a hello sent as node 1 with ``keypair`` within :data:`QUIET_S`."""
+    sender = as_node_one(graph, keypair, server_key)
+    try:
+        assert await sender.send(0, encode(Message(MessageType.HELLO, 1, 0, "none", {}, {}))) > 0
+        missing = await inbox.wait_present([1], asyncio.get_running_loop().time() + QUIET_S)
+    finally:
+        sender.close()
+    return not missing
+
+
+def _keypair(cfg: Config, node: int) -> Keypair:
+    return load_keypair(Path(cfg.security.key_dir) / f"node{node}.key_secret")
+
+
+async def test_a_node_with_an_unknown_key_cannot_deliver(secured: tuple[Config, nx.Graph], tmp_path: Path) -> None:
+    cfg, graph = secured
+    threads = threading.active_count()
+    stranger = Keypair(*zmq.curve_keypair())  # listed nowhere
+    async with node_zero(cfg, graph, tmp_path) as (node, inbox):
+        server_key = node.keys.keypair.public
+        assert not await hello_arrives(graph, inbox, stranger, server_key)
+        assert node.rejected == 0  # refused in the handshake: nothing reached the validator
+        assert await hello_arrives(graph, inbox, _keypair(cfg, 1), server_key)
+    assert threading.active_count() == threads
+
+
+async def test_a_plaintext_peer_is_refused_by_a_secured_node(secured: tuple[Config, nx.Graph],
+                                                             tmp_path: Path) -> None:
+    cfg, graph = secured
+    threads = threading.active_count()
+    async with node_zero(cfg, graph, tmp_path) as (node, inbox):
+        assert not await hello_arrives(graph, inbox, None, node.keys.keypair.public)
+        assert node.rejected == 0
+        assert await hello_arrives(graph, inbox, _keypair(cfg, 1), node.keys.keypair.public)
+    assert threading.active_count() == threads
+
+
+async def test_a_listed_key_cannot_claim_another_nodes_identity(secured: tuple[Config, nx.Graph], tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """Node 2's key is on the allow-list, so its connection is admitted; but it claims to be
+    node 1 (routing id and header), which only the authenticated key can expose."""
+    cfg, graph = secured
+    async with node_zero(cfg, graph, tmp_path) as (node, inbox):
+        assert not await hello_arrives(graph, inbox, _keypair(cfg, 2), node.keys.keypair.public)
+        assert node.rejected == 1
+    assert "header says sender 1 but the connection's key is node 2's" in caplog.text
+
+
+def test_keys_and_security_go_together(secured: tuple[Config, nx.Graph], tmp_path: Path) -> None:
+    cfg, graph = secured
+    with pytest.raises(SecurityError, match="security.enabled is True but keys were not given"):
+        Node(cfg, place(graph, 0, 3), None, TEMPLATE, tmp_path / "n", None)
+    with pytest.raises(SecurityError, match="security.enabled is False but keys were given"):
+        Node(load(None, []), place(graph, 0, 3), None, TEMPLATE, tmp_path / "n", node_keys(cfg.security, 0, graph))
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("no keys", "node0.key_secret does not exist"),
+    ("no key attributes", "topology node 0 has no 'key' attribute"),
+])
+def test_a_secured_node_without_keys_is_one_line_and_status_2(tmp_path: Path, synth_dir: Path, case: str,
+                                                               needle: str, capsys: pytest.CaptureFixture) -> None:
+    config = node_config(tmp_path, synth_dir, build("ring", 3), ["sim.nodes=3"])
+    keys = tmp_path / "keys"
+    if case == "no key attributes":
+        assert p2prec_main(["keys", "generate", "--out", str(keys), "--count", "3"]) == 0
+        capsys.readouterr()
+    args = ["--config", str(config), "--backbone", str(tmp_path / "never-read"), "--id", "0",
+            "--set", "security.enabled=true", "--set", f"security.key_dir={keys}"]
+    assert node_main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and "\n" not in err and "Traceback" not in err
+
+
+def test_the_launcher_gives_secured_nodes_their_keys(tmp_path: Path, synth_data, tiny_cfg) -> None:  # noqa: ANN001
+    tiny_cfg.security.enabled, tiny_cfg.security.key_dir = True, str(tmp_path / "elsewhere")
+    tiny_cfg.gossip.topology = "ring"
+    ids = prepare(tiny_cfg, synth_data, tmp_path / "run", 3)
+    cfg = load(tmp_path / "run" / "config.toml")
+    assert Path(cfg.security.key_dir) == (tmp_path / "run" / "keys").resolve()
+    graph = load_topology(cfg.gossip.topology)
+    for i in ids:
+        assert node_keys(cfg.security, i, graph).keypair == _keypair(cfg, i)
+    before = (tmp_path / "run" / "keys" / "node1.key_secret").read_bytes()
+    assert prepare(load(tmp_path / "run" / "config.toml"), synth_data, tmp_path / "run", 3) == ids
+    assert (tmp_path / "run" / "keys" / "node1.key_secret").read_bytes() == before
