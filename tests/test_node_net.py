@@ -56,10 +56,13 @@ def _launch(tmp_path: Path, synth_dir: Path, backbone: Path, processes: int, ext
     return out
 
 
+@pytest.mark.parametrize("codec", ["none", "int8"])
 def test_eight_processes_on_a_ring_match_the_simulator(tmp_path: Path, synth_dir: Path, synth_data,  # noqa: ANN001
-                                                       tiny_cfg) -> None:
+                                                       tiny_cfg, codec: str) -> None:
+    """With ``int8`` too: nodes mix what they decoded from their neighbours with their own
+    true state, exactly as the simulator does."""
     backbone = make_backbone(synth_data, tiny_cfg, tmp_path / "bb")
-    out = _launch(tmp_path, synth_dir, backbone, 8, ["gossip.topology=ring"])
+    out = _launch(tmp_path, synth_dir, backbone, 8, ["gossip.topology=ring", f"gossip.codec={codec}"])
     assert {"config.toml", "metrics.jsonl", "summary.json", "convergence.png"} <= {p.name for p in out.iterdir()}
     sim = simulate(out / "config.toml", synth_data, backbone)
     assert max_diff(sim, out / "nodes", list(range(8)), sim.pop.shared_names) < 1e-5

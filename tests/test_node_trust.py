@@ -17,10 +17,12 @@ from pathlib import Path
 import networkx as nx
 import numpy as np
 import pytest
+import torch
 import zmq
 
 from p2prec.cli import main as p2prec_main
-from p2prec.config import Config, load
+from p2prec.config import Config, ConfigError, load
+from p2prec.gossip.codecs import get_codec
 from p2prec.node.cli import main as node_main
 from p2prec.node.inbox import Inbox
 from p2prec.node.place import place
@@ -32,7 +34,7 @@ from p2prec.topology import build, write
 from p2prec.topology import load as load_topology
 from p2prec.topology.roles import CLIENT
 from p2prec.wire import Message, MessageType, encode
-from tests.node_support import node_config
+from tests.node_support import node_config, with_addresses
 
 QUIET_S = 1.0
 """How long a message that must not arrive is given to arrive anyway."""
@@ -62,21 +64,28 @@ def test_secret_keys_on_disk_are_0600(secured: tuple[Config, nx.Graph]) -> None:
 
 
 @asynccontextmanager
-async def node_zero(cfg: Config, graph: nx.Graph, tmp: Path) -> AsyncIterator[tuple[Node, Inbox]]:
-    """Node 0, secured, receiving into an inbox until the block ends."""
-    node = Node(cfg, place(graph, 0, 3), None, TEMPLATE, tmp / "node-0", node_keys(cfg.security, 0, graph))
-    inbox = Inbox(0, future_rounds=2)
+async def receiving(node: Node) -> AsyncIterator[Inbox]:
+    """``node``'s transport and receive loop, filing into an inbox until the block ends."""
+    inbox = Inbox(node.place.node, future_rounds=2)
     transport = node.open_transport()
     receiver = asyncio.get_running_loop().create_task(node.receive(transport, inbox))
     try:
-        yield node, inbox
+        yield inbox
     finally:
         receiver.cancel()
         await asyncio.gather(receiver, return_exceptions=True)
         transport.close()
 
 
-def as_node_one(graph: nx.Graph, keypair: Keypair | None, server_key: bytes) -> Transport:
+@asynccontextmanager
+async def node_zero(cfg: Config, graph: nx.Graph, tmp: Path) -> AsyncIterator[tuple[Node, Inbox]]:
+    """Node 0, secured, receiving until the block ends."""
+    node = Node(cfg, place(graph, 0, 3), None, TEMPLATE, tmp / "node-0", node_keys(cfg.security, 0, graph))
+    async with receiving(node) as inbox:
+        yield node, inbox
+
+
+def as_node_one(graph: nx.Graph, keypair: Keypair | None = None, server_key: bytes = b"") -> Transport:
     """A transport presenting node 1's routing id, secured with ``keypair`` (plaintext if ``None``)."""
     keys = NodeKeys(keypair, {0: server_key}) if keypair is not None else None
     return Transport(1, f"tcp://127.0.0.1:{free_ports(1)[0]}", {0: graph.nodes[0]["address"]}, hwm=8, linger_ms=0,
@@ -170,3 +179,47 @@ def test_the_launcher_gives_secured_nodes_their_keys(tmp_path: Path, synth_data,
     before = (tmp_path / "run" / "keys" / "node1.key_secret").read_bytes()
     assert prepare(load(tmp_path / "run" / "config.toml"), synth_data, tmp_path / "run", 3) == ids
     assert (tmp_path / "run" / "keys" / "node1.key_secret").read_bytes() == before
+
+
+def _plain_path(tmp: Path, sets: list[str]) -> tuple[Config, nx.Graph]:
+    graph = with_addresses(nx.path_graph(3))
+    nx.set_node_attributes(graph, CLIENT, "role")
+    return load(None, ["node.linger_ms=0", *sets]), graph
+
+
+async def test_a_node_decodes_its_codec_and_rejects_any_other(tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    cfg, graph = _plain_path(tmp_path, ["gossip.codec=int8"])
+    node = Node(cfg, place(graph, 0, 3), None, TEMPLATE, tmp_path / "node-0")
+    int8 = get_codec("int8")
+    x = {"w": np.array([0.5, -1.0, 0.3, 2.0], dtype=np.float32)}
+    async with receiving(node) as inbox:
+        sender = as_node_one(graph)
+        try:
+            for codec, payload in (("none", x), ("fp16", int8.encode(x)), ("int8", int8.encode(x))):
+                await sender.send(0, encode(Message(MessageType.GOSSIP, 1, 1, codec, payload, {})))
+            got = await inbox.collect(1, MessageType.GOSSIP, [1], asyncio.get_running_loop().time() + 5)
+        finally:
+            sender.close()
+    assert node.rejected == 2  # float32 fails the int8 wire spec; an int8 payload named fp16 fails the codec check
+    assert "codec 'fp16' is not this network's gossip.codec 'int8'" in caplog.text
+    expected = int8.decode(int8.encode(x), {"w": (4,)})["w"].numpy()
+    np.testing.assert_array_equal(got[1].tensors["w"], expected)
+    assert not np.array_equal(expected, x["w"])
+
+
+def test_the_error_feedback_residual_survives_a_restart(tmp_path: Path) -> None:
+    cfg, graph = _plain_path(tmp_path, ["gossip.codec=topk", "gossip.topk_fraction=0.5"])
+    first = Node(cfg, place(graph, 0, 3), None, TEMPLATE, tmp_path / "node-0")
+    first.feedback.residual = {"w": torch.tensor([1.0, -2.0, 3.0, 0.5])}
+    first.resume()  # no checkpoint yet: writes round 0's, residual included
+    again = Node(cfg, place(graph, 0, 3), None, TEMPLATE, tmp_path / "node-0")
+    again.resume()
+    assert torch.equal(again.feedback.residual["w"], first.feedback.residual["w"])
+    assert Node(load(None, []), place(graph, 0, 3), None, TEMPLATE, tmp_path / "node-0").feedback is None
+
+
+def test_a_compressing_codec_needs_flat_gossip(tmp_path: Path) -> None:
+    graph = with_addresses(build("edge-hierarchy:m=2", 6, seed=0))
+    with pytest.raises(ConfigError, match="gossip.codec: real nodes of an edge hierarchy support only 'none'"):
+        Node(load(None, ["gossip.codec=int8"]), place(graph, 0, 6), None, TEMPLATE, tmp_path / "n")

@@ -321,6 +321,15 @@ class Codec:
         self.name = "+".join(stage.name for stage in self.stages) or NONE
         self._specs: dict[tuple[tuple[str, tuple[int, ...]], ...], list[PayloadSpec]] = {}
 
+    @property
+    def keeps_residual(self) -> bool:
+        """Whether a sender should keep an :class:`ErrorFeedback` residual with this codec.
+
+        Why only with a sparsifier: top-k alone would never send the small coordinates, while
+        a quantiser's error is at most half a step per message and does not accumulate.
+        """
+        return any(stage.kind == "sparsify" for stage in self.stages)
+
     def _chain(self, shapes: Shapes) -> list[PayloadSpec]:
         """The payload spec before each stage and after the last; inputs sorted by name."""
         key = tuple(sorted((name, tuple(int(d) for d in shape)) for name, shape in shapes.items()))

@@ -10,6 +10,9 @@
 
 The weights come from :mod:`p2prec.gossip.aggregate`, which derives each node's row with
 the simulator's own functions; that is why real nodes reproduce the simulator's numbers.
+Every message goes out through the network's codec; a flat node's own term in mixing is
+its true, uncompressed state, as in the simulator, while its neighbours' terms are what
+they decoded from its message.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from p2prec.gossip.aggregate import combine, count_weighted_row, heard_row
+from p2prec.gossip.codecs import Codec, ErrorFeedback
 from p2prec.node.inbox import Inbox
 from p2prec.node.learner import Learner
 from p2prec.node.place import FLAT, Place
@@ -30,7 +34,6 @@ from p2prec.node.transport import Transport
 from p2prec.topology.roles import CLIENT
 from p2prec.wire import Message, MessageType, encode
 
-CODEC = "none"
 CLIENT_EXCHANGES = 3
 """A client's answer needs three exchanges (up, across, down), so it waits three deadlines."""
 
@@ -47,11 +50,18 @@ class RoundResult:
 
 
 class Protocol:
-    """Runs rounds for the node at ``place``; ``learner`` is ``None`` for an aggregator-only node."""
+    """Runs rounds for the node at ``place``; ``learner`` is ``None`` for an aggregator-only node.
+
+    ``codec`` encodes every message; ``feedback``, the sender's error-feedback residual
+    (``None`` unless the codec keeps one), carries over from one gossip message to the next.
+    """
 
     def __init__(self, place: Place, learner: Learner | None, inbox: Inbox, transport: Transport,
-                 deadline_s: float, first_round: int, start_timeout_s: float) -> None:
+                 deadline_s: float, first_round: int, start_timeout_s: float, codec: Codec,
+                 feedback: ErrorFeedback | None = None) -> None:
         self.place = place
+        self.codec = codec
+        self.feedback = feedback
         self.learner = learner
         self.inbox = inbox
         self.transport = transport
@@ -77,8 +87,10 @@ class Protocol:
         return loss, time.perf_counter() - start
 
     async def _send(self, peers: Iterable[int], kind: MessageType, round_: int,
-                    tensors: Mapping[str, np.ndarray], **meta: int) -> int:
-        frames = encode(Message(kind, self.place.node, round_, CODEC, dict(tensors), meta))
+                    tensors: Mapping[str, np.ndarray], feedback: ErrorFeedback | None = None, **meta: int) -> int:
+        """Encode ``tensors`` once, through the codec (and ``feedback``), and queue it for every peer."""
+        payload = self.codec.encode(tensors, feedback)
+        frames = encode(Message(kind, self.place.node, round_, self.codec.name, payload, meta))
         return sum([await self.transport.send(peer, frames) for peer in peers])
 
     def _deadline(self, round_: int, exchanges: int = 1) -> float:
@@ -90,7 +102,7 @@ class Protocol:
     async def _flat(self, round_: int) -> RoundResult:
         loss, local_s = await self._train(round_)
         own = self.learner.shared()
-        sent = await self._send(self.place.peers, MessageType.GOSSIP, round_, own)
+        sent = await self._send(self.place.peers, MessageType.GOSSIP, round_, own, self.feedback)
         got = await self.inbox.collect(round_, MessageType.GOSSIP, self.place.peers, self._deadline(round_))
         me = self.place.node
         row = heard_row(self.place.mixing, me, got)

@@ -16,36 +16,31 @@ import logging
 import math
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import zmq
 
-from p2prec.config import Config
+from p2prec.config import Config, ConfigError
+from p2prec.gossip.codecs import ErrorFeedback, codec_from_config
 from p2prec.node import checkpoint
 from p2prec.node.inbox import Abandoned, Inbox
 from p2prec.node.learner import Learner
-from p2prec.node.place import Place
+from p2prec.node.place import FLAT, Place
 from p2prec.node.protocol import Protocol, RoundResult
 from p2prec.node.security import NodeKeys, SecurityError
 from p2prec.node.transport import Transport, routing_id
 from p2prec.sim.results import make_record, write_atomic
-from p2prec.wire import Message, MessageType, WireError, WireSpec, encode, validate_and_decode
+from p2prec.wire import Message, MessageType, WireError, encode, validate_and_decode
 
 log = logging.getLogger(__name__)
 
 RNG = "rng/torch"
+FEEDBACK = "feedback/"
 METRICS = "metrics.jsonl"
 ROUNDS = "rounds.jsonl"
-
-
-def wire_spec(place: Place, template: dict[str, np.ndarray]) -> WireSpec:
-    """What this node accepts: exactly the shared adapter's float32 tensors, from its peers only."""
-    return WireSpec(tensors={k: v.shape for k, v in template.items()},
-                    max_bytes=sum(v.nbytes for v in template.values()),
-                    allowed_dtypes=frozenset({"float32"}), known_senders=frozenset(place.peers))
 
 
 @dataclass
@@ -62,6 +57,12 @@ class Node:
 
     ``keys`` are required exactly when ``security.enabled``: a secured node never falls
     back to plaintext, and a node given keys never runs unsecured by mistake.
+
+    What it accepts is fixed once, from ``gossip.codec`` and the shared adapter's shapes:
+    exactly that codec's payload, from its peers only (one :class:`WireSpec`, which the
+    validator caches per spec). A compressing codec needs flat gossip: the simulator
+    models an edge hierarchy's aggregator messages as exact, so real aggregators could
+    not match it.
     """
 
     def __init__(self, cfg: Config, place: Place, learner: Learner | None, template: dict[str, np.ndarray],
@@ -69,11 +70,17 @@ class Node:
         if cfg.security.enabled != (keys is not None):
             raise SecurityError(f"node {place.node}: security.enabled is {cfg.security.enabled} but keys were "
                                 f"{'not ' if keys is None else ''}given")
+        self.codec = codec_from_config(cfg.gossip)
+        if self.codec.stages and place.kind != FLAT:
+            raise ConfigError(f"gossip.codec: real nodes of an edge hierarchy support only 'none' so far, "
+                              f"got {self.codec.name!r}")
         self.cfg = cfg
         self.keys = keys
         self.place = place
         self.learner = learner
-        self.spec = wire_spec(place, template)
+        self.shapes = {k: v.shape for k, v in template.items()}
+        self.spec = self.codec.wire_spec(self.shapes, known_senders=frozenset(place.peers))
+        self.feedback = ErrorFeedback() if self.codec.keeps_residual else None
         self.state_dir = state_dir
         self.ckpt_path = state_dir / checkpoint.FILE_NAME
         self.progress = Progress()
@@ -95,6 +102,12 @@ class Node:
         ckpt = checkpoint.load(self.ckpt_path, self.place.node)
         tensors = dict(ckpt.tensors)
         rng = tensors.pop(RNG, None)
+        residual = {k[len(FEEDBACK):]: tensors.pop(k) for k in list(tensors) if k.startswith(FEEDBACK)}
+        if self.feedback is not None:
+            if residual and residual.keys() != self.shapes.keys():
+                raise checkpoint.CheckpointError(f"checkpoint {self.ckpt_path}: its error-feedback residual does "
+                                                 f"not fit this config's shared adapter")
+            self.feedback.residual = residual
         if self.learner is not None:
             try:
                 self.learner.load_state(tensors)
@@ -124,6 +137,8 @@ class Node:
 
     def _save(self) -> None:
         tensors = {RNG: torch.get_rng_state()}
+        if self.feedback is not None:
+            tensors.update({FEEDBACK + k: v for k, v in self.feedback.residual.items()})
         if self.learner is not None:
             tensors.update(self.learner.state())
         p = self.progress
@@ -152,10 +167,13 @@ class Node:
             if owner is not None and owner != msg.sender:
                 raise WireError(f"header says sender {msg.sender} but the connection's key is node {owner}'s")
             if msg.type not in (MessageType.HELLO, MessageType.BYE):
-                if msg.codec != "none":
-                    raise WireError(f"codec {msg.codec!r} is not supported")
+                if msg.codec != self.codec.name:
+                    raise WireError(f"codec {msg.codec!r} is not this network's gossip.codec {self.codec.name!r}")
                 if msg.sender not in self.place.senders.get(msg.type, ()):
                     raise WireError(f"node {msg.sender} may not send {msg.type.name} to this node")
+                if self.codec.stages:  # plain float32 is mixed as received; ``combine`` copies it once
+                    decoded = self.codec.decode(msg.tensors, self.shapes)
+                    msg = replace(msg, tensors={k: v.numpy() for k, v in decoded.items()})
         except (WireError, SecurityError) as exc:
             self.rejected += 1
             log.warning("%s: rejected message #%d from connection %r: %s", self.name, self.rejected,
@@ -227,7 +245,8 @@ class Node:
                  " (CurveZMQ)" if self.keys is not None else "", sorted(self.place.peers))
         receiver = loop.create_task(self.receive(transport, inbox))
         protocol = Protocol(self.place, self.learner, inbox, transport, n.deadline_s,
-                            first_round=self.progress.round + 1, start_timeout_s=n.start_timeout_s)
+                            first_round=self.progress.round + 1, start_timeout_s=n.start_timeout_s,
+                            codec=self.codec, feedback=self.feedback)
         try:
             inbox.check_open()
             await self._greet(transport, inbox)

@@ -156,10 +156,8 @@ class Simulation:
                              "clients take their aggregator's average; use robust.rule = 'mean'")
         shared = self.pop.shared()
         self.codec = codec_from_config(cfg.gossip)
-        # Top-k alone would never send the small coordinates; quantisers' error is at most
-        # half a step per message, so only a sparsifier keeps a residual.
-        sparsifies = any(stage.kind == "sparsify" for stage in self.codec.stages)
-        self.feedback = ErrorFeedback({k: torch.zeros_like(v) for k, v in shared.items()}) if sparsifies else None
+        self.feedback = ErrorFeedback({k: torch.zeros_like(v) for k, v in shared.items()}) \
+            if self.codec.keeps_residual else None
         training_rounds = min(cfg.sim.train_rounds or cfg.sim.rounds, cfg.sim.rounds)
         self.privacy = LocalPrivacy(cfg.privacy, training_rounds, shared) if cfg.privacy.enabled else None
         self.msg_bytes = message_bytes(self.model.shared_state(), self.codec)
