@@ -89,6 +89,16 @@ def test_secured_processes_match_the_simulator(tmp_path: Path, synth_dir: Path, 
     assert max_diff(sim, out / "nodes", list(range(3)), sim.pop.shared_names) < 1e-5
 
 
+def test_processes_with_a_robust_rule_match_the_simulator(tmp_path: Path, synth_dir: Path, synth_data,  # noqa: ANN001
+                                                          tiny_cfg) -> None:
+    backbone = make_backbone(synth_data, tiny_cfg, tmp_path / "bb")
+    out = _launch(tmp_path, synth_dir, backbone, 4, ["gossip.topology=ring", "robust.rule=median"])
+    sim = simulate(out / "config.toml", synth_data, backbone)
+    assert max_diff(sim, out / "nodes", list(range(4)), sim.pop.shared_names) < 1e-5
+    mean = simulate(out / "config.toml", synth_data, backbone, ["robust.rule=mean"])
+    assert max_diff(mean, out / "nodes", list(range(4)), sim.pop.shared_names) > 1e-4  # the rule made a difference
+
+
 def test_edge_hierarchy_processes_match_the_simulator(tmp_path: Path, synth_dir: Path, synth_data,  # noqa: ANN001
                                                       tiny_cfg) -> None:
     """Six clients, a training aggregator (6) and an aggregator-only one (7): eight processes."""

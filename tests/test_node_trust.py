@@ -22,7 +22,10 @@ import zmq
 
 from p2prec.cli import main as p2prec_main
 from p2prec.config import Config, ConfigError, load
+from p2prec.gossip.aggregate import heard_row, robust_combine
 from p2prec.gossip.codecs import get_codec
+from p2prec.gossip.mixing import flatten, row_normalise, silence_senders, unflatten
+from p2prec.gossip.robust import get_rule, robust_mix
 from p2prec.node.cli import main as node_main
 from p2prec.node.inbox import Inbox
 from p2prec.node.place import place
@@ -30,7 +33,7 @@ from p2prec.node.runtime import Node
 from p2prec.node.security import Keypair, NodeKeys, SecurityError, load_keypair, node_keys
 from p2prec.node.transport import Transport
 from p2prec.sim.launcher import free_ports, prepare
-from p2prec.topology import build, write
+from p2prec.topology import build, metropolis_hastings, write
 from p2prec.topology import load as load_topology
 from p2prec.topology.roles import CLIENT
 from p2prec.wire import Message, MessageType, encode
@@ -223,3 +226,30 @@ def test_a_compressing_codec_needs_flat_gossip(tmp_path: Path) -> None:
     graph = with_addresses(build("edge-hierarchy:m=2", 6, seed=0))
     with pytest.raises(ConfigError, match="gossip.codec: real nodes of an edge hierarchy support only 'none'"):
         Node(load(None, ["gossip.codec=int8"]), place(graph, 0, 6), None, TEMPLATE, tmp_path / "n")
+
+
+@pytest.mark.parametrize("rule", ["mean", "median", "trimmed-mean", "clipped"])
+def test_a_nodes_robust_aggregate_is_its_row_of_the_simulators(rule: str) -> None:
+    """Each node's :func:`robust_combine` over what it heard (its own true state apart) equals
+    its row of :func:`robust_mix` on the renormalised, silenced matrix the simulator uses."""
+    w = metropolis_hastings(build("small-world:k=4,p=0.3", 12, seed=1))
+    gen = torch.Generator().manual_seed(0)
+    sent = {"a": torch.randn(12, 3, 2, generator=gen), "b": torch.randn(12, 5, generator=gen)}
+    own = {k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in sent.items()}
+    names = list(sent)
+    apply = get_rule(rule, trim=0.2, tau=0.5)
+    silent = np.random.default_rng(2).random(12) < 0.3
+    whole = unflatten(robust_mix(apply, row_normalise(silence_senders(w, silent)), flatten(sent, names),
+                                 own=flatten(own, names)), own, names)
+    for i in range(12):
+        heard = [int(j) for j in w[i].indices if j != i and not silent[j]]
+        got = robust_combine(apply, heard_row(w, i, heard), i, {k: v[i].numpy() for k, v in own.items()},
+                             {j: {k: v[j].numpy() for k, v in sent.items()} for j in heard})
+        for k in names:
+            assert torch.allclose(got[k], whole[k][i], atol=1e-6), (rule, i, k)
+
+
+def test_a_robust_rule_needs_flat_gossip(tmp_path: Path) -> None:
+    graph = with_addresses(build("edge-hierarchy:m=2", 6, seed=0))
+    with pytest.raises(ConfigError, match="robust.rule: real nodes of an edge hierarchy support only 'mean'"):
+        Node(load(None, ["robust.rule=median"]), place(graph, 0, 6), None, TEMPLATE, tmp_path / "n")

@@ -37,10 +37,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.sparse as sp
 import torch
+
+if TYPE_CHECKING:
+    from p2prec.config import RobustConfig
 
 RULES = ("mean", "median", "trimmed-mean", "clipped")
 """The rule names :func:`get_rule` accepts (``robust.rule`` in the config)."""
@@ -156,6 +160,12 @@ def get_rule(name: str, *, trim: float = 0.1, tau: float = 1.0) -> Rule:
     if name not in rules:
         raise ValueError(f"unknown robust rule {name!r}; known: {', '.join(RULES)}")
     return rules[name]
+
+
+def rule_from_config(robust: RobustConfig) -> Rule | None:
+    """The rule ``robust.rule`` selects, or ``None`` for ``mean``, which callers run as plain
+    mixing (the same result, without building neighbourhoods)."""
+    return None if robust.rule == "mean" else get_rule(robust.rule, trim=robust.trim, tau=robust.tau)
 
 
 def robust_mix(rule: Rule, w: sp.spmatrix, flat: torch.Tensor, own: torch.Tensor | None = None) -> torch.Tensor:

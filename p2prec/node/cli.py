@@ -24,7 +24,7 @@ log = logging.getLogger("p2prec.node")
 def check_config(cfg: Config) -> None:
     """Refuse settings a real node does not implement yet, rather than ignore them silently."""
     defaults = Config()
-    for section, key in (("gossip", "mixing"), ("privacy", "enabled"), ("robust", "rule")):
+    for section, key in (("gossip", "mixing"), ("privacy", "enabled")):
         value, default = getattr(getattr(cfg, section), key), getattr(getattr(defaults, section), key)
         if value != default:
             raise ConfigError(f"{section}.{key}: real nodes support only {default!r} so far, got {value!r}")

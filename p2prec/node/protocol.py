@@ -12,7 +12,8 @@ The weights come from :mod:`p2prec.gossip.aggregate`, which derives each node's 
 the simulator's own functions; that is why real nodes reproduce the simulator's numbers.
 Every message goes out through the network's codec; a flat node's own term in mixing is
 its true, uncompressed state, as in the simulator, while its neighbours' terms are what
-they decoded from its message.
+they decoded from its message. With a robust rule a flat node aggregates the same terms
+through :func:`p2prec.gossip.aggregate.robust_combine`, its row of the simulator's rule.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from p2prec.gossip.aggregate import combine, count_weighted_row, heard_row
+from p2prec.gossip.aggregate import combine, count_weighted_row, heard_row, robust_combine
 from p2prec.gossip.codecs import Codec, ErrorFeedback
+from p2prec.gossip.robust import Rule
 from p2prec.node.inbox import Inbox
 from p2prec.node.learner import Learner
 from p2prec.node.place import FLAT, Place
@@ -54,14 +56,16 @@ class Protocol:
 
     ``codec`` encodes every message; ``feedback``, the sender's error-feedback residual
     (``None`` unless the codec keeps one), carries over from one gossip message to the next.
+    ``rule`` is a flat node's robust aggregation rule, ``None`` for plain mixing.
     """
 
     def __init__(self, place: Place, learner: Learner | None, inbox: Inbox, transport: Transport,
                  deadline_s: float, first_round: int, start_timeout_s: float, codec: Codec,
-                 feedback: ErrorFeedback | None = None) -> None:
+                 feedback: ErrorFeedback | None = None, rule: Rule | None = None) -> None:
         self.place = place
         self.codec = codec
         self.feedback = feedback
+        self.rule = rule
         self.learner = learner
         self.inbox = inbox
         self.transport = transport
@@ -106,7 +110,11 @@ class Protocol:
         got = await self.inbox.collect(round_, MessageType.GOSSIP, self.place.peers, self._deadline(round_))
         me = self.place.node
         row = heard_row(self.place.mixing, me, got)
-        self.learner.set_shared(combine(row, {me: own, **{j: m.tensors for j, m in got.items()}}))
+        received = {j: m.tensors for j, m in got.items()}
+        if self.rule is None:
+            self.learner.set_shared(combine(row, {me: own, **received}))
+        else:
+            self.learner.set_shared(robust_combine(self.rule, row, me, own, received))
         return RoundResult(loss, len(got), len(self.place.peers), local_s, sent)
 
     async def _client(self, round_: int) -> RoundResult:

@@ -25,6 +25,7 @@ import zmq
 
 from p2prec.config import Config, ConfigError
 from p2prec.gossip.codecs import ErrorFeedback, codec_from_config
+from p2prec.gossip.robust import rule_from_config
 from p2prec.node import checkpoint
 from p2prec.node.inbox import Abandoned, Inbox
 from p2prec.node.learner import Learner
@@ -60,9 +61,10 @@ class Node:
 
     What it accepts is fixed once, from ``gossip.codec`` and the shared adapter's shapes:
     exactly that codec's payload, from its peers only (one :class:`WireSpec`, which the
-    validator caches per spec). A compressing codec needs flat gossip: the simulator
-    models an edge hierarchy's aggregator messages as exact, so real aggregators could
-    not match it.
+    validator caches per spec). A compressing codec and a robust rule need flat gossip:
+    the simulator models an edge hierarchy's aggregator messages as exact and refuses a
+    robust rule there (clients take their aggregator's average), so real nodes of a
+    hierarchy could not match it.
     """
 
     def __init__(self, cfg: Config, place: Place, learner: Learner | None, template: dict[str, np.ndarray],
@@ -71,9 +73,12 @@ class Node:
             raise SecurityError(f"node {place.node}: security.enabled is {cfg.security.enabled} but keys were "
                                 f"{'not ' if keys is None else ''}given")
         self.codec = codec_from_config(cfg.gossip)
-        if self.codec.stages and place.kind != FLAT:
-            raise ConfigError(f"gossip.codec: real nodes of an edge hierarchy support only 'none' so far, "
-                              f"got {self.codec.name!r}")
+        self.rule = rule_from_config(cfg.robust)
+        flat_only = {"gossip.codec": (self.codec.name, "none"), "robust.rule": (cfg.robust.rule, "mean")}
+        for key, (value, plain) in flat_only.items():
+            if place.kind != FLAT and value != plain:
+                raise ConfigError(f"{key}: real nodes of an edge hierarchy support only {plain!r} so far, "
+                                  f"got {value!r}")
         self.cfg = cfg
         self.keys = keys
         self.place = place
@@ -246,7 +251,7 @@ class Node:
         receiver = loop.create_task(self.receive(transport, inbox))
         protocol = Protocol(self.place, self.learner, inbox, transport, n.deadline_s,
                             first_round=self.progress.round + 1, start_timeout_s=n.start_timeout_s,
-                            codec=self.codec, feedback=self.feedback)
+                            codec=self.codec, feedback=self.feedback, rule=self.rule)
         try:
             inbox.check_open()
             await self._greet(transport, inbox)

@@ -38,7 +38,7 @@ from p2prec.data.split import Dataset
 from p2prec.gossip.codecs import Codec, ErrorFeedback, codec_from_config, get_codec
 from p2prec.gossip.mixing import Params, consensus_distance, flatten, mix, unflatten
 from p2prec.gossip.privacy import epsilon, noise_multiplier, privatize
-from p2prec.gossip.robust import get_rule, robust_mix
+from p2prec.gossip.robust import robust_mix, rule_from_config
 from p2prec.learn.baselines import adapter_model, federated_eval_set, selection_score
 from p2prec.learn.evaluate import evaluate
 from p2prec.learn.population import configured_population
@@ -149,8 +149,7 @@ class Simulation:
         counts = np.asarray([sum(len(data.train[u]) for u in node) for node in self.nodes], dtype=np.float64)
         self.plan = MixingPlan(graph, n, counts, cfg.gossip)
         self.faults = FaultPlan(cfg.sim, n)
-        self.rule = None if cfg.robust.rule == "mean" else get_rule(cfg.robust.rule, trim=cfg.robust.trim,
-                                                                    tau=cfg.robust.tau)
+        self.rule = rule_from_config(cfg.robust)
         if self.rule is not None and self.plan.kind == "hierarchy":
             raise ValueError(f"robust.rule = {cfg.robust.rule!r} needs flat gossip: in an edge hierarchy the "
                              "clients take their aggregator's average; use robust.rule = 'mean'")
@@ -162,6 +161,7 @@ class Simulation:
         self.privacy = LocalPrivacy(cfg.privacy, training_rounds, shared) if cfg.privacy.enabled else None
         self.msg_bytes = message_bytes(self.model.shared_state(), self.codec)
         self.bytes_sent_total = 0
+        self.diverged_at: int | None = None
         self.consensus: list[float] = []
         self._previous_sent: Params | None = None
 
@@ -278,10 +278,12 @@ class Simulation:
         for rnd in bar:
             stats = self.step(rnd)
             if not np.isfinite(stats.consensus):
-                cure = "use a robust.rule against the Byzantine nodes" if bool(self.byzantine.any()) else \
-                    "lower train.lr or train.shared_lr"
-                raise ValueError(f"training diverged at round {rnd} (shared adapters are not finite, loss "
-                                 f"{stats.loss:.4g}): {cure}")
+                # A diverged run is a result (an attack that wins, a step size too large): keep its
+                # history, record the collapse (NaN scores rank last) and stop, rather than lose it.
+                self.diverged_at = rnd
+                records.append(make_record(rnd, self.evaluate(), stats.loss, stats.consensus, self.bytes_sent_total,
+                                           time.perf_counter() - start, epsilon=self.epsilon()))
+                break
             if rnd % self.cfg.eval.every == 0 or rnd == rounds:
                 result = self.evaluate()
                 records.append(make_record(rnd, result, stats.loss, stats.consensus, self.bytes_sent_total,
