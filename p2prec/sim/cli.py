@@ -24,6 +24,11 @@ def print_summary(summary: dict, out: Path) -> None:
         print(f"| {protocol} | {m['hr@10']:.4f} | {m['ndcg@10']:.4f} | {m['mrr']:.4f} |")
     print(f"bytes sent per node per round: {summary['bytes_per_node_per_round']:.0f}")
     print(f"results: {out}/ (config.toml, metrics.jsonl, summary.json, convergence.png)")
+    if summary.get("diverged_at_round"):
+        cure = "a robust.rule against the Byzantine nodes" if summary.get("byzantine") else \
+            "a lower train.lr or train.shared_lr"
+        print(f"p2prec-sim: warning: training diverged at round {summary['diverged_at_round']} (shared adapters "
+              f"not finite) and stopped there; try {cure}", file=sys.stderr)
 
 
 def cmd_sim(args: argparse.Namespace) -> int:

@@ -32,12 +32,12 @@ import scipy.sparse as sp
 import torch
 from tqdm import tqdm
 
-from p2prec.config import Config, PrivacyConfig
-from p2prec.data.sampler import seeded_rng
+from p2prec.config import Config
+from p2prec.data.sampler import seeded_rng, torch_generator
 from p2prec.data.split import Dataset
 from p2prec.gossip.codecs import Codec, ErrorFeedback, codec_from_config, get_codec
 from p2prec.gossip.mixing import Params, consensus_distance, flatten, mix, unflatten
-from p2prec.gossip.privacy import epsilon, noise_multiplier, privatize
+from p2prec.gossip.privacy import LocalPrivacy
 from p2prec.gossip.robust import robust_mix, rule_from_config
 from p2prec.learn.baselines import adapter_model, federated_eval_set, selection_score
 from p2prec.learn.evaluate import evaluate
@@ -69,53 +69,9 @@ def message_bytes(shared: Mapping[str, torch.Tensor], codec: Codec = PLAIN, roun
     return sum(memoryview(f).nbytes for f in frames)
 
 
-def torch_generator(*keys: int) -> torch.Generator:
-    """A torch generator determined by integer keys, like :func:`p2prec.data.sampler.seeded_rng`."""
-    return torch.Generator().manual_seed(int(seeded_rng(*keys).integers(2**63)))
-
-
 def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A per-node vector ``[N]`` shaped to broadcast over a stacked tensor ``[N, ...]``."""
     return mask.view(-1, *([1] * (like.dim() - 1)))
-
-
-class LocalPrivacy:
-    """Each node's shared update clipped and noised before it leaves the node (DESIGN section 2).
-
-    The update is measured from a reference that depends on released values only: every
-    node's shared state right after the previous round's mixing, whose inputs were all
-    privatised messages (at first, the seeded initialisation, which saw no data). A node
-    continues from what it released, so its un-noised update never reaches anything later;
-    compression, mixing and the next round are post-processing, which is what makes the
-    accountant's epsilon hold (see :mod:`p2prec.gossip.privacy`).
-
-    ``releases`` counts the rounds in which nodes released an update; a round without
-    training releases nothing data-dependent and is not counted. Each node's epsilon is at
-    most :meth:`epsilon`: a node that was down released less.
-    """
-
-    def __init__(self, cfg: PrivacyConfig, planned_releases: int, shared: Params) -> None:
-        self.cfg = cfg
-        self.sigma = noise_multiplier(cfg, planned_releases)
-        self.reference = {k: v.clone() for k, v in shared.items()}
-        self.releases = 0
-
-    def release(self, shared: Params, rnd: int, active: np.ndarray) -> None:
-        """Replace the ``active`` nodes' rows of ``shared`` (in place) by reference + privatised update."""
-        update = {k: v - self.reference[k] for k, v in shared.items()}
-        noised = privatize(update, self.cfg.clip, self.sigma, torch_generator(self.cfg.seed, rnd, 0xD9),
-                           stacked=True)
-        keep = torch.from_numpy(active)
-        for k, v in shared.items():
-            v.copy_(torch.where(_rows(keep, v), self.reference[k] + noised[k], v))
-        self.releases += 1
-
-    def rebase(self, shared: Params) -> None:
-        """Take the states after mixing as the reference of the next round's update."""
-        self.reference = {k: v.clone() for k, v in shared.items()}
-
-    def epsilon(self) -> float:
-        return epsilon(self.sigma, self.releases, self.cfg.delta)
 
 
 @dataclass
@@ -157,8 +113,7 @@ class Simulation:
         self.codec = codec_from_config(cfg.gossip)
         self.feedback = ErrorFeedback({k: torch.zeros_like(v) for k, v in shared.items()}) \
             if self.codec.keeps_residual else None
-        training_rounds = min(cfg.sim.train_rounds or cfg.sim.rounds, cfg.sim.rounds)
-        self.privacy = LocalPrivacy(cfg.privacy, training_rounds, shared) if cfg.privacy.enabled else None
+        self.privacy = LocalPrivacy.for_config(cfg, shared, range(n)) if cfg.privacy.enabled else None
         self.msg_bytes = message_bytes(self.model.shared_state(), self.codec)
         self.bytes_sent_total = 0
         self.diverged_at: int | None = None

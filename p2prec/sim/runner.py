@@ -54,7 +54,8 @@ def run_simulation(cfg: Config, data: Dataset, out: Path, backbone_dir: str | No
         extra.update(sim.trust_summary())
         extra["consensus_by_round"] = sim.consensus
         extra["consensus_rate_measured"] = sim.measured_rate()
-        bytes_per_node_round = sim.bytes_sent_total / (n * cfg.sim.rounds)
+        extra["diverged_at_round"] = sim.diverged_at
+        bytes_per_node_round = sim.bytes_sent_total / (n * (sim.diverged_at or cfg.sim.rounds))
     summary = summarize_run(records, cfg, nodes=n, rounds=max(r["round"] for r in records),
                             bytes_per_node_per_round=bytes_per_node_round,
                             wall_s=time.perf_counter() - start, baseline=cfg.sim.baseline or None, **extra)
