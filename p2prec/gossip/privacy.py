@@ -23,22 +23,27 @@ What the caller must keep true, or the accounting does not hold:
 - each node draws noise from its own generator, seeded independently of its data.
 
 The functions take one node's tensors, or ``stacked=True`` tensors ``[N, ...]`` with one
-row per node, where clipping is per row. The simulator draws all nodes' noise from one
-generator; a node draws from its own.
+row per node, where clipping is per row. :class:`LocalPrivacy` keeps those rules for the
+simulator (all nodes stacked) and for a real node (a stack of one) alike: each node's
+noise comes from its own generator, keyed by (seed, round, node id) only, so a real node
+and the simulator release exactly the same values.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 import dp_accounting
+import numpy as np
 import torch
 from dp_accounting.rdp import RdpAccountant
 
+from p2prec.data.sampler import torch_generator
+
 if TYPE_CHECKING:
-    from p2prec.config import PrivacyConfig
+    from p2prec.config import Config, PrivacyConfig
 
 Tensors = Mapping[str, torch.Tensor]
 
@@ -122,3 +127,57 @@ def noise_multiplier(privacy: PrivacyConfig, rounds: int) -> float:
     if privacy.target_epsilon > 0:
         return noise_for_epsilon(privacy.target_epsilon, rounds, privacy.delta)
     return privacy.noise_multiplier
+
+
+def noise_generator(seed: int, round_: int, node: int) -> torch.Generator:
+    """Node ``node``'s noise stream for round ``round_``, keyed by nothing else (never by data)."""
+    return torch_generator(seed, round_, node, 0xD9)
+
+
+class LocalPrivacy:
+    """Each node's shared update clipped and noised before it leaves the node (DESIGN section 2).
+
+    Holds the stacked ``[N, ...]`` shared states of the nodes ``ids`` (the simulator's
+    population, or a real node's stack of one). The update is measured from a reference
+    that depends on released values only: the node's shared state right after the previous
+    round's mixing, whose inputs were all privatised messages (at first, the seeded
+    initialisation, which saw no data). A node continues from what it released, so its
+    un-noised update never reaches anything later; compression, mixing and the next round
+    are post-processing, which is what makes the accountant's epsilon hold.
+
+    ``releases`` counts the rounds in which nodes released an update; a round without
+    training releases nothing data-dependent and is not counted. Each node's epsilon is at
+    most :meth:`epsilon`: a node that was down released less.
+    """
+
+    def __init__(self, cfg: PrivacyConfig, planned_releases: int, shared: Tensors, ids: Iterable[int]) -> None:
+        self.cfg = cfg
+        self.sigma = noise_multiplier(cfg, planned_releases)
+        self.ids = [int(i) for i in ids]
+        self.reference = {k: v.clone() for k, v in shared.items()}
+        self.releases = 0
+
+    @classmethod
+    def for_config(cls, cfg: Config, shared: Tensors, ids: Iterable[int]) -> LocalPrivacy:
+        """Noise calibrated over the rounds that train (``sim.train_rounds``, else all of them)."""
+        planned = min(cfg.sim.train_rounds or cfg.sim.rounds, cfg.sim.rounds)
+        return cls(cfg.privacy, planned, shared, ids)
+
+    def release(self, shared: Tensors, round_: int, active: np.ndarray) -> None:
+        """Replace the ``active`` rows of ``shared`` (in place) by reference + privatised update."""
+        with torch.no_grad():
+            for row in np.flatnonzero(active):
+                update = {k: v[row] - self.reference[k][row] for k, v in shared.items()}
+                noised = privatize(update, self.cfg.clip, self.sigma,
+                                   noise_generator(self.cfg.seed, round_, self.ids[row]))
+                for k, v in shared.items():
+                    v[row] = self.reference[k][row] + noised[k]
+        self.releases += 1
+
+    def rebase(self, shared: Tensors) -> None:
+        """Take the states after mixing as the reference of the next round's update."""
+        self.reference = {k: v.clone() for k, v in shared.items()}
+
+    def epsilon(self) -> float:
+        """Epsilon so far at ``privacy.delta``."""
+        return epsilon(self.sigma, self.releases, self.cfg.delta)
