@@ -22,6 +22,7 @@ import pytest
 import zmq
 
 from p2prec.config import load
+from p2prec.gossip.privacy import epsilon
 from p2prec.node import checkpoint
 from p2prec.node.learner import PARAM
 from p2prec.sim.cli import main as sim_main
@@ -97,6 +98,24 @@ def test_processes_with_a_robust_rule_match_the_simulator(tmp_path: Path, synth_
     assert max_diff(sim, out / "nodes", list(range(4)), sim.pop.shared_names) < 1e-5
     mean = simulate(out / "config.toml", synth_data, backbone, ["robust.rule=mean"])
     assert max_diff(mean, out / "nodes", list(range(4)), sim.pop.shared_names) > 1e-4  # the rule made a difference
+
+
+def test_private_processes_release_what_the_simulator_does(tmp_path: Path, synth_dir: Path, synth_data,  # noqa: ANN001
+                                                           tiny_cfg) -> None:
+    """Each node clips and noises its update with its own (seed, round, node) noise, as the
+    simulator does for that node, and reports its epsilon."""
+    backbone = make_backbone(synth_data, tiny_cfg, tmp_path / "bb")
+    out = _launch(tmp_path, synth_dir, backbone, 4, ["gossip.topology=ring", "privacy.enabled=true",
+                                                     "privacy.clip=0.05", "privacy.noise_multiplier=0.5"])
+    sim = simulate(out / "config.toml", synth_data, backbone)
+    assert max_diff(sim, out / "nodes", list(range(4)), list(sim.pop.params)) < 1e-5
+    plain = simulate(out / "config.toml", synth_data, backbone, ["privacy.enabled=false"])
+    assert max_diff(plain, out / "nodes", list(range(4)), sim.pop.shared_names) > 1e-3  # the noise is there
+    for i in range(4):
+        records = [json.loads(x) for x in (out / "nodes" / f"node-{i}" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["epsilon"] for r in records] == [pytest.approx(epsilon(0.5, r, 1e-5)) for r in (1, 2, 3)]
+    merged = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert merged[-1]["epsilon"] == pytest.approx(sim.epsilon())
 
 
 def test_edge_hierarchy_processes_match_the_simulator(tmp_path: Path, synth_dir: Path, synth_data,  # noqa: ANN001

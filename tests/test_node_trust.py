@@ -25,7 +25,9 @@ from p2prec.config import Config, ConfigError, load
 from p2prec.gossip.aggregate import heard_row, robust_combine
 from p2prec.gossip.codecs import get_codec
 from p2prec.gossip.mixing import flatten, row_normalise, silence_senders, unflatten
+from p2prec.gossip.privacy import LocalPrivacy, epsilon
 from p2prec.gossip.robust import get_rule, robust_mix
+from p2prec.node.cli import build_node
 from p2prec.node.cli import main as node_main
 from p2prec.node.inbox import Inbox
 from p2prec.node.place import place
@@ -37,7 +39,7 @@ from p2prec.topology import build, metropolis_hastings, write
 from p2prec.topology import load as load_topology
 from p2prec.topology.roles import CLIENT
 from p2prec.wire import Message, MessageType, encode
-from tests.node_support import node_config, with_addresses
+from tests.node_support import make_backbone, node_config, with_addresses
 
 QUIET_S = 1.0
 """How long a message that must not arrive is given to arrive anyway."""
@@ -253,3 +255,38 @@ def test_a_robust_rule_needs_flat_gossip(tmp_path: Path) -> None:
     graph = with_addresses(build("edge-hierarchy:m=2", 6, seed=0))
     with pytest.raises(ConfigError, match="robust.rule: real nodes of an edge hierarchy support only 'mean'"):
         Node(load(None, ["robust.rule=median"]), place(graph, 0, 6), None, TEMPLATE, tmp_path / "n")
+
+
+def test_a_private_node_resumes_its_release_count(tmp_path: Path, synth_dir: Path, synth_data,  # noqa: ANN001
+                                                  tiny_cfg) -> None:
+    """Epsilon after a restart counts the rounds before it: every round that trained released."""
+    backbone = make_backbone(synth_data, tiny_cfg, tmp_path / "bb")
+    config = node_config(tmp_path, synth_dir, build("ring", 3), ["sim.nodes=3", "sim.rounds=5", "sim.train_rounds=2",
+                                                                 "privacy.enabled=true"])
+    cfg = load(config)
+    first = build_node(cfg, 1, str(backbone))
+    first.resume()
+    assert first.privacy.releases == 0 and first.privacy.ids == [1]
+    first.progress.round = 3
+    first._save()
+    again = build_node(cfg, 1, str(backbone))
+    again.resume()
+    assert again.privacy.releases == 2 and again.privacy.epsilon() == pytest.approx(epsilon(1.0, 2, 1e-5))
+
+
+def test_a_nodes_release_is_its_row_of_the_simulators() -> None:
+    cfg = load(None, ["privacy.enabled=true", "privacy.clip=0.5", "privacy.noise_multiplier=1.5", "sim.rounds=4"])
+    gen = torch.Generator().manual_seed(0)
+    start = {"a": torch.randn(5, 3, 2, generator=gen), "b": torch.randn(5, 7, generator=gen)}
+    trained = {k: v + torch.randn(v.shape, generator=gen) for k, v in start.items()}
+    everyone = LocalPrivacy.for_config(cfg, start, range(5))
+    stacked = {k: v.clone() for k, v in trained.items()}
+    active = np.array([True, False, True, True, True])
+    everyone.release(stacked, 3, active)
+    assert torch.equal(stacked["a"][1], trained["a"][1])  # a node that is down releases nothing
+    for i in (0, 3):
+        alone = LocalPrivacy.for_config(cfg, {k: v[i:i + 1] for k, v in start.items()}, [i])
+        mine = {k: v[i:i + 1].clone() for k, v in trained.items()}
+        alone.release(mine, 3, np.ones(1, dtype=bool))
+        for k in mine:
+            assert torch.allclose(mine[k][0], stacked[k][i], atol=1e-6), (i, k)

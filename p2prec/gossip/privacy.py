@@ -32,7 +32,7 @@ and the simulator release exactly the same values.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import dp_accounting
@@ -67,19 +67,35 @@ def clip_update(update: Tensors, clip: float, *, stacked: bool = False) -> dict[
             for name, v in update.items()}
 
 
-def privatize(update: Tensors, clip: float, noise_multiplier: float, generator: torch.Generator,
-              *, stacked: bool = False) -> dict[str, torch.Tensor]:
+def _noise(shape: torch.Size, generator: torch.Generator | Sequence[torch.Generator],
+           dtype: torch.dtype) -> torch.Tensor:
+    """Standard normal noise of ``shape``; with one generator per row, row ``r`` from ``generator[r]``."""
+    if isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator, dtype=dtype)
+    if len(generator) != shape[0]:
+        raise ValueError(f"{len(generator)} generators for {shape[0]} stacked rows")
+    out = torch.empty(shape, dtype=dtype)
+    for row, g in enumerate(generator):
+        torch.randn(shape[1:], generator=g, dtype=dtype, out=out[row])
+    return out
+
+
+def privatize(update: Tensors, clip: float, noise_multiplier: float,
+              generator: torch.Generator | Sequence[torch.Generator], *, stacked: bool = False) -> dict[str, torch.Tensor]:
     """Clip to ``clip``, then add Gaussian noise of std ``noise_multiplier * clip`` per coordinate.
 
     Noise is drawn tensor by tensor in name order, so a seeded generator gives the same
-    noise whatever order the mapping has.
+    noise whatever order the mapping has. Stacked tensors may take one generator per row:
+    then each row's noise is what that generator would give the row alone, which is how a
+    node's noise stays its own whichever batch of nodes it is computed in.
     """
     if noise_multiplier < 0:
         raise ValueError(f"noise multiplier must be non-negative, got {noise_multiplier}")
+    if not stacked and not isinstance(generator, torch.Generator):
+        raise ValueError("one generator per row needs stacked tensors")
     clipped = clip_update(update, clip, stacked=stacked)
     std = noise_multiplier * clip
-    return {name: clipped[name] + std * torch.randn(clipped[name].shape, generator=generator,
-                                                    dtype=clipped[name].dtype)
+    return {name: clipped[name] + std * _noise(clipped[name].shape, generator, clipped[name].dtype)
             for name in sorted(clipped)}
 
 
@@ -165,13 +181,14 @@ class LocalPrivacy:
 
     def release(self, shared: Tensors, round_: int, active: np.ndarray) -> None:
         """Replace the ``active`` rows of ``shared`` (in place) by reference + privatised update."""
+        rows = np.flatnonzero(active)
+        generators = [noise_generator(self.cfg.seed, round_, self.ids[r]) for r in rows]
+        index = slice(None) if len(rows) == len(active) else torch.from_numpy(rows)  # a slice copies nothing
+        update = {k: v[index] - self.reference[k][index] for k, v in shared.items()}
+        noised = privatize(update, self.cfg.clip, self.sigma, generators, stacked=True)
         with torch.no_grad():
-            for row in np.flatnonzero(active):
-                update = {k: v[row] - self.reference[k][row] for k, v in shared.items()}
-                noised = privatize(update, self.cfg.clip, self.sigma,
-                                   noise_generator(self.cfg.seed, round_, self.ids[row]))
-                for k, v in shared.items():
-                    v[row] = self.reference[k][row] + noised[k]
+            for k, v in shared.items():
+                v[index] = self.reference[k][index] + noised[k]
         self.releases += 1
 
     def rebase(self, shared: Tensors) -> None:

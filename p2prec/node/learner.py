@@ -36,10 +36,14 @@ class Learner:
         self.eval_set = federated_eval_set(data, cfg, [users])
         self.samples = int(sum(len(data.train[u]) for u in users))
 
-    def train(self, round_: int) -> float:
-        """This round's local update (none once ``sim.train_rounds`` have passed); the mean loss."""
+    def trains(self, round_: int) -> bool:
+        """Whether round ``round_`` has a local update (none once ``sim.train_rounds`` have passed)."""
         train_rounds = self.cfg.sim.train_rounds
-        if train_rounds and round_ > train_rounds:
+        return not train_rounds or round_ <= train_rounds
+
+    def train(self, round_: int) -> float:
+        """This round's local update, if it :meth:`trains`; the mean loss (NaN without one)."""
+        if not self.trains(round_):
             return float("nan")
         return self.pop.train_round(round_, vectorized=False)
 

@@ -14,6 +14,8 @@ Every message goes out through the network's codec; a flat node's own term in mi
 its true, uncompressed state, as in the simulator, while its neighbours' terms are what
 they decoded from its message. With a robust rule a flat node aggregates the same terms
 through :func:`p2prec.gossip.aggregate.robust_combine`, its row of the simulator's rule.
+With privacy, every node with data releases its update right after training, before
+anything leaves it, through the simulator's own :class:`p2prec.gossip.privacy.LocalPrivacy`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 
 from p2prec.gossip.aggregate import combine, count_weighted_row, heard_row, robust_combine
 from p2prec.gossip.codecs import Codec, ErrorFeedback
+from p2prec.gossip.privacy import LocalPrivacy
 from p2prec.gossip.robust import Rule
 from p2prec.node.inbox import Inbox
 from p2prec.node.learner import Learner
@@ -56,13 +59,16 @@ class Protocol:
 
     ``codec`` encodes every message; ``feedback``, the sender's error-feedback residual
     (``None`` unless the codec keeps one), carries over from one gossip message to the next.
-    ``rule`` is a flat node's robust aggregation rule, ``None`` for plain mixing.
+    ``rule`` is a flat node's robust aggregation rule, ``None`` for plain mixing;
+    ``privacy`` the node's local DP (a stack of one), ``None`` without it.
     """
 
     def __init__(self, place: Place, learner: Learner | None, inbox: Inbox, transport: Transport,
                  deadline_s: float, first_round: int, start_timeout_s: float, codec: Codec,
-                 feedback: ErrorFeedback | None = None, rule: Rule | None = None) -> None:
+                 feedback: ErrorFeedback | None = None, rule: Rule | None = None,
+                 privacy: LocalPrivacy | None = None) -> None:
         self.place = place
+        self.privacy = privacy
         self.codec = codec
         self.feedback = feedback
         self.rule = rule
@@ -82,12 +88,21 @@ class Protocol:
         return await self._aggregator(round_)
 
     async def _train(self, round_: int) -> tuple[float, float]:
-        """The local update, off the event loop so messages keep arriving; (loss, seconds)."""
+        """The local update, off the event loop so messages keep arriving; (loss, seconds).
+
+        With privacy the update is then released against the state the round started from,
+        which is the state right after the last round's mixing (the simulator's reference),
+        also after a restart, since the checkpoint is written after mixing.
+        """
         if self.learner is None:
             return math.nan, 0.0
         start = time.perf_counter()
+        if self.privacy is not None:
+            self.privacy.rebase(self.learner.pop.shared())
         loss = await asyncio.to_thread(self.learner.train, round_)
         self.inbox.check_open()
+        if self.privacy is not None and self.learner.trains(round_):
+            self.privacy.release(self.learner.pop.shared(), round_, np.ones(1, dtype=bool))
         return loss, time.perf_counter() - start
 
     async def _send(self, peers: Iterable[int], kind: MessageType, round_: int,

@@ -25,6 +25,7 @@ import zmq
 
 from p2prec.config import Config, ConfigError
 from p2prec.gossip.codecs import ErrorFeedback, codec_from_config
+from p2prec.gossip.privacy import LocalPrivacy
 from p2prec.gossip.robust import rule_from_config
 from p2prec.node import checkpoint
 from p2prec.node.inbox import Abandoned, Inbox
@@ -86,6 +87,8 @@ class Node:
         self.shapes = {k: v.shape for k, v in template.items()}
         self.spec = self.codec.wire_spec(self.shapes, known_senders=frozenset(place.peers))
         self.feedback = ErrorFeedback() if self.codec.keeps_residual else None
+        self.privacy = LocalPrivacy.for_config(cfg, learner.pop.shared(), [place.node]) \
+            if cfg.privacy.enabled and learner is not None else None
         self.state_dir = state_dir
         self.ckpt_path = state_dir / checkpoint.FILE_NAME
         self.progress = Progress()
@@ -123,6 +126,8 @@ class Node:
             torch.set_rng_state(rng)
         info = ckpt.info
         self.progress = Progress(ckpt.round, int(info.get("bytes_sent_total", 0)), float(info.get("wall_s", 0.0)))
+        if self.privacy is not None:  # a node releases in every round it trains, so this is its count
+            self.privacy.releases = sum(self.learner.trains(r) for r in range(1, ckpt.round + 1))
         for name in (METRICS, ROUNDS):
             self._truncate(self.state_dir / name, ckpt.round)
         log.info("%s: resuming after round %d from %s", self.name, ckpt.round, self.ckpt_path)
@@ -222,10 +227,13 @@ class Node:
             t0 = time.perf_counter()
             metrics = self.learner.evaluate()
             eval_s = time.perf_counter() - t0
+            eps = self.privacy.epsilon() if self.privacy is not None else None
             self._append(METRICS, make_record(round_, metrics, loss, None, p.bytes_sent_total, self._wall(),
-                                              node=self.place.node, users=len(self.learner.users)))
+                                              node=self.place.node, users=len(self.learner.users), epsilon=eps))
             val = metrics["val"][self.cfg.eval.select_protocol][self.cfg.eval.select_metric]
             note = f", val {self.cfg.eval.select_metric} {val:.4f}"
+            if eps is not None:
+                note += f", epsilon {eps:.3g}"
         p.wall_s = self._wall()
         t0 = time.perf_counter()
         self._save()
@@ -251,7 +259,7 @@ class Node:
         receiver = loop.create_task(self.receive(transport, inbox))
         protocol = Protocol(self.place, self.learner, inbox, transport, n.deadline_s,
                             first_round=self.progress.round + 1, start_timeout_s=n.start_timeout_s,
-                            codec=self.codec, feedback=self.feedback, rule=self.rule)
+                            codec=self.codec, feedback=self.feedback, rule=self.rule, privacy=self.privacy)
         try:
             inbox.check_open()
             await self._greet(transport, inbox)

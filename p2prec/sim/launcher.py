@@ -18,7 +18,7 @@ Merged records: HR, NDCG and MRR are means over users (each node reports the mea
 own users and how many there are) and their spread is over nodes, exactly as the simulator
 summarises; coverage cannot be recombined from per-node summaries and is left out. The
 consensus distance is known only where every node's shared adapter is at hand: at the end,
-from the checkpoints.
+from the checkpoints. With privacy, a record's ``epsilon`` is the largest any node reports.
 """
 
 from __future__ import annotations
@@ -214,6 +214,7 @@ def merge_records(folder: Path, ids: list[int]) -> list[dict]:
     for rnd in sorted({r for recs in per_node.values() for r in recs}):
         here = [recs[rnd] for recs in per_node.values() if rnd in recs]
         losses = [r["loss"] for r in here if r["loss"] is not None]
+        epsilons = [r["epsilon"] for r in here if r.get("epsilon") is not None]
         records.append({
             "round": rnd,
             **_merge_metrics(here, [r["users"] for r in here]),
@@ -222,6 +223,7 @@ def merge_records(folder: Path, ids: list[int]) -> list[dict]:
             "bytes_sent_total": int(sum(b for by in sent.values() for r, b in by.items() if r <= rnd)),
             "wall_s": max(r["wall_s"] for r in here),
             "nodes_reporting": len(here),
+            "epsilon": max(epsilons) if epsilons else None,
         })
     return records
 
