@@ -1,8 +1,10 @@
-"""The trust features wired into a real node, over real sockets on 127.0.0.1 but in-process.
+"""The trust features of a real node (CurveZMQ, codecs, robust rule, local DP), fast and in-process.
 
-Node 0 of the path 0 - 1 - 2 runs its own transport and receive loop; the test plays its
-neighbour 1 (and impostors of it) with node transports of its own. Every wait is bounded,
-and every socket, ZAP thread and task is closed before a test ends.
+Over real sockets on 127.0.0.1, node 0 of the path 0 - 1 - 2 runs its own transport and
+receive loop; the test plays its neighbour 1 (and impostors of it) with node transports
+of its own. Every wait is bounded, and every socket, ZAP thread and task is closed before
+a test ends. The per-round maths is checked against the simulator's row by row here, and
+end to end with real processes in ``tests/test_node_net.py``.
 """
 
 from __future__ import annotations
@@ -46,14 +48,19 @@ QUIET_S = 1.0
 TEMPLATE = {"w": np.zeros(4, dtype=np.float32)}
 
 
+def path_of_three() -> nx.Graph:
+    """The path 0 - 1 - 2 of data nodes, each with a free 127.0.0.1 address."""
+    graph = with_addresses(nx.path_graph(3))
+    nx.set_node_attributes(graph, CLIENT, "role")
+    return graph
+
+
 @pytest.fixture()
 def secured(tmp_path: Path) -> tuple[Config, nx.Graph]:
-    """Keys made by ``p2prec keys generate`` and a secured config over the path 0 - 1 - 2."""
+    """Keys made by ``p2prec keys generate`` and a secured config over :func:`path_of_three`."""
     assert p2prec_main(["keys", "generate", "--out", str(tmp_path / "keys"), "--count", "3"]) == 0
-    graph = nx.path_graph(3)
-    nx.set_node_attributes(graph, CLIENT, "role")
-    for node, port in zip(graph.nodes, free_ports(3)):
-        graph.nodes[node]["address"] = f"tcp://127.0.0.1:{port}"
+    graph = path_of_three()
+    for node in graph.nodes:
         graph.nodes[node]["key"] = load_keypair(tmp_path / "keys" / f"node{node}.key_secret").public.decode()
     write(graph, tmp_path / "topology.json")
     cfg = load(None, ["security.enabled=true", f"security.key_dir={tmp_path / 'keys'}",
@@ -186,15 +193,9 @@ def test_the_launcher_gives_secured_nodes_their_keys(tmp_path: Path, synth_data,
     assert (tmp_path / "run" / "keys" / "node1.key_secret").read_bytes() == before
 
 
-def _plain_path(tmp: Path, sets: list[str]) -> tuple[Config, nx.Graph]:
-    graph = with_addresses(nx.path_graph(3))
-    nx.set_node_attributes(graph, CLIENT, "role")
-    return load(None, ["node.linger_ms=0", *sets]), graph
-
-
 async def test_a_node_decodes_its_codec_and_rejects_any_other(tmp_path: Path,
                                                               caplog: pytest.LogCaptureFixture) -> None:
-    cfg, graph = _plain_path(tmp_path, ["gossip.codec=int8"])
+    cfg, graph = load(None, ["gossip.codec=int8", "node.linger_ms=0"]), path_of_three()
     node = Node(cfg, place(graph, 0, 3), None, TEMPLATE, tmp_path / "node-0")
     int8 = get_codec("int8")
     x = {"w": np.array([0.5, -1.0, 0.3, 2.0], dtype=np.float32)}
@@ -214,7 +215,7 @@ async def test_a_node_decodes_its_codec_and_rejects_any_other(tmp_path: Path,
 
 
 def test_the_error_feedback_residual_survives_a_restart(tmp_path: Path) -> None:
-    cfg, graph = _plain_path(tmp_path, ["gossip.codec=topk", "gossip.topk_fraction=0.5"])
+    cfg, graph = load(None, ["gossip.codec=topk", "gossip.topk_fraction=0.5"]), path_of_three()
     first = Node(cfg, place(graph, 0, 3), None, TEMPLATE, tmp_path / "node-0")
     first.feedback.residual = {"w": torch.tensor([1.0, -2.0, 3.0, 0.5])}
     first.resume()  # no checkpoint yet: writes round 0's, residual included

@@ -81,7 +81,8 @@ def _noise(shape: torch.Size, generator: torch.Generator | Sequence[torch.Genera
 
 
 def privatize(update: Tensors, clip: float, noise_multiplier: float,
-              generator: torch.Generator | Sequence[torch.Generator], *, stacked: bool = False) -> dict[str, torch.Tensor]:
+              generator: torch.Generator | Sequence[torch.Generator], *,
+              stacked: bool = False) -> dict[str, torch.Tensor]:
     """Clip to ``clip``, then add Gaussian noise of std ``noise_multiplier * clip`` per coordinate.
 
     Noise is drawn tensor by tensor in name order, so a seeded generator gives the same
