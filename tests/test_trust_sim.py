@@ -16,7 +16,7 @@ from p2prec.gossip.privacy import epsilon, update_norms
 from p2prec.learn.baselines import adapter_model
 from p2prec.model.backbone import build_backbone
 from p2prec.sim.engine import Simulation, message_bytes
-from p2prec.sim.report import trust_table
+from p2prec.sim.report import epsilon_plot, trust_table
 from p2prec.sim.runner import run_simulation
 from p2prec.wire import Message, MessageType, encode
 from tests.conftest import TINY
@@ -144,9 +144,10 @@ def test_epsilon_is_reported_each_evaluated_round_and_grows(synth_dir, synth_dat
 
 def test_the_run_folder_carries_epsilon_bytes_and_the_trust_settings(tmp_path: Path, synth_dir: Path,  # noqa: ANN001
                                                                       synth_data) -> None:
-    cfg = load(None, TINY + [f"data.dir={synth_dir}", "sim.nodes=6", "sim.rounds=3", "gossip.topology=ring",
-                             "gossip.codec=int8", "privacy.enabled=true", "privacy.noise_multiplier=2",
-                             "sim.byzantine=1", "sim.attack=noise", "robust.rule=median"])
+    overrides = TINY + [f"data.dir={synth_dir}", "sim.nodes=6", "sim.rounds=3", "gossip.topology=ring",
+                        "gossip.codec=int8", "privacy.enabled=true", "privacy.noise_multiplier=2",
+                        "sim.byzantine=1", "sim.attack=noise", "robust.rule=median"]
+    cfg = load(None, overrides)
     backbone = make_backbone(synth_data, cfg, tmp_path / "backbone")
     run_simulation(cfg, synth_data, tmp_path / "run", str(backbone), progress=False)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -161,6 +162,12 @@ def test_the_run_folder_carries_epsilon_bytes_and_the_trust_settings(tmp_path: P
     assert (summary["byzantine"], summary["evaluated_nodes"], summary["robust_rule"]) == (1, 5, "median")
     table = trust_table([tmp_path / "run"], "sampled")
     assert table is not None and "| int8 |" in table and "1 noise" in table
+    epsilon_plot([tmp_path / "run"], tmp_path / "dp.png", "sampled")
+    assert (tmp_path / "dp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    clean = load(None, overrides + ["privacy.enabled=false"])
+    run_simulation(clean, synth_data, tmp_path / "clean", str(backbone), progress=False)
+    with pytest.raises(ValueError, match="none of these runs has privacy on"):
+        epsilon_plot([tmp_path / "clean"], tmp_path / "none.png", "sampled")
 
 
 def test_a_target_epsilon_sets_the_noise_for_the_planned_rounds(synth_dir, synth_data) -> None:  # noqa: ANN001

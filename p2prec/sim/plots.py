@@ -36,6 +36,33 @@ def plot_convergence(runs: dict[str, list[dict]], out: Path, protocol: str = "sa
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, loc="lower right")
     fig.suptitle("dotted: best-validation round (test read there)", fontsize=9)
+    return _save(fig, out)
+
+
+def plot_utility_vs_epsilon(private: dict[float, float], clean: float | None, out: Path,
+                            protocol: str = "sampled") -> Path:
+    """Test NDCG@10 at the best-validation round against each run's epsilon (log scale).
+
+    Why a separate plot: the privacy question is "what does a given epsilon cost?", which a
+    per-round overlay cannot answer. ``clean`` (a run without privacy) is drawn as a line.
+    """
+    fig, ax = plt.subplots(figsize=(5.5, 4), constrained_layout=True)
+    eps = sorted(private)
+    ax.plot(eps, [private[e] for e in eps], marker="o", label="local DP")
+    if clean is not None:
+        ax.axhline(clean, color="gray", linestyle="--", label="no privacy")
+    ax.set_xscale("log")
+    ax.minorticks_off()
+    ax.set_xticks(eps, [f"{e:g}" for e in eps])
+    ax.set_xlabel("epsilon per node over the run (delta 1e-5)")
+    ax.set_ylabel(f"test NDCG@10 ({protocol} protocol)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
+def _save(fig: plt.Figure, out: Path) -> Path:
+    """Write ``fig`` to ``out`` through a temporary file, so a crash never leaves half a PNG."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
     os.close(fd)

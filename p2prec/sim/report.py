@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
-from p2prec.sim.plots import plot_convergence
+from p2prec.sim.plots import plot_convergence, plot_utility_vs_epsilon
 from p2prec.sim.results import read_run
 
 
@@ -83,11 +84,32 @@ def run(args: argparse.Namespace) -> int:
             label = summary.get("label") or folder.name
             runs[label], best[label] = records, summary["best_round"]
         plot_convergence(runs, Path(args.plot), protocol=args.protocol, best_rounds=best)
+        if args.epsilon_plot:
+            epsilon_plot(folders, Path(args.epsilon_plot), args.protocol)
     except (FileNotFoundError, ValueError, KeyError) as exc:
         print(f"p2prec report: error: {exc}", file=sys.stderr)
         return 2
     print(f"\noverlay plot: {args.plot}")
+    if args.epsilon_plot:
+        print(f"utility against epsilon: {args.epsilon_plot}")
     return 0
+
+
+def epsilon_plot(folders: list[Path], out: Path, protocol: str) -> None:
+    """Plot test NDCG@10 against epsilon for the private runs, beside the first run without privacy."""
+    private: dict[float, float] = {}
+    clean = None
+    for folder in folders:
+        summary, _ = read_run(folder)
+        ndcg = summary["test_at_best"][protocol]["ndcg@10"]
+        eps = summary.get("epsilon")
+        if eps is not None and math.isfinite(eps):
+            private[float(eps)] = ndcg
+        elif eps is None and clean is None:
+            clean = ndcg
+    if not private:
+        raise ValueError("--epsilon-plot: none of these runs has privacy on (no finite epsilon in summary.json)")
+    plot_utility_vs_epsilon(private, clean, out, protocol)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -95,4 +117,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dirs", nargs="+", help="results folders written by p2prec-sim or p2prec baseline")
     p.add_argument("--protocol", choices=("sampled", "full"), default="sampled")
     p.add_argument("--plot", default="report.png", help="overlay plot to write (PNG)")
+    p.add_argument("--epsilon-plot", default="", help="also plot test NDCG@10 against epsilon for private runs (PNG)")
     p.set_defaults(func=run)
