@@ -26,6 +26,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_local_step.py --data-dir $(DATA)
 	$(BIN)/python benchmarks/bench_sim.py --data-dir $(DATA)
 	$(BIN)/python benchmarks/bench_wire.py
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_rounds.py --data-dir $(DATA)
 
 clean:
 	rm -rf $(VENV) runs
