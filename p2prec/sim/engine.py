@@ -2,8 +2,8 @@
 
 Why this shape (DESIGN section 7): one frozen backbone in memory, every node's adapters and
 Adam state stacked ``[N, ...]`` (:class:`p2prec.learn.population.Population`), the local
-update run for chunks of nodes at once by a hand-batched forward, and gossip as ``A @ X_sent + d * X`` on the stacked
-shared adapters. The node runtime calls the same local-step and mixing functions.
+update run for chunks of nodes at once by a hand-batched forward, and gossip as
+``A @ X_sent + d * X`` on the stacked shared adapters. The node runtime calls the same local-step and mixing functions.
 
 A round follows DESIGN section 2 for all nodes at once: local training; with privacy on,
 each node's shared update is clipped and noised and the node continues from what it
@@ -232,17 +232,16 @@ class Simulation:
         bar = tqdm(range(1, rounds + 1), desc=label, unit="round", disable=not progress, dynamic_ncols=True)
         for rnd in bar:
             stats = self.step(rnd)
-            if not np.isfinite(stats.consensus):
-                # A diverged run is a result (an attack that wins, a step size too large): keep its
-                # history, record the collapse (NaN scores rank last) and stop, rather than lose it.
-                self.diverged_at = rnd
-                records.append(make_record(rnd, self.evaluate(), stats.loss, stats.consensus, self.bytes_sent_total,
-                                           time.perf_counter() - start, epsilon=self.epsilon()))
-                break
-            if rnd % self.cfg.eval.every == 0 or rnd == rounds:
+            # A diverged run is a result (an attack that wins, a step size too large): keep its
+            # history, record the collapse (NaN scores rank last) and stop, rather than lose it.
+            diverged = not np.isfinite(stats.consensus)
+            if diverged or rnd % self.cfg.eval.every == 0 or rnd == rounds:
                 result = self.evaluate()
                 records.append(make_record(rnd, result, stats.loss, stats.consensus, self.bytes_sent_total,
                                            time.perf_counter() - start, epsilon=self.epsilon()))
                 best = max(best, (selection_score(result, self.cfg), -rnd))
+            if diverged:
+                self.diverged_at = rnd
+                break
             bar.set_postfix(loss=f"{stats.loss:.4f}", val=f"{best[0]:.4f}", best=-best[1])
         return records
