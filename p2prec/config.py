@@ -158,6 +158,10 @@ class GossipConfig:
     ``topk`` or a pipeline such as ``topk+int8`` (see :mod:`p2prec.gossip.codecs`);
     ``topk_fraction`` is the share of entries top-k keeps and ``int8_block`` the int8
     block size (0: one scale per tensor).
+
+    ``tracking`` gossips, with the shared adapter, each node's tracker of the network's
+    average gradient, and steps the shared adapter along it (:mod:`p2prec.learn.tracking`);
+    messages are twice as large.
     """
 
     topology: str = "small-world"
@@ -167,6 +171,7 @@ class GossipConfig:
     codec: str = "none"
     topk_fraction: float = _field(0.1, lo=1e-6, hi=1.0)
     int8_block: int = _field(0, lo=0)
+    tracking: bool = False
 
 
 @dataclass

@@ -24,7 +24,7 @@ import zmq
 from p2prec.config import load
 from p2prec.gossip.privacy import epsilon
 from p2prec.node import checkpoint
-from p2prec.node.learner import PARAM
+from p2prec.node.learner import OPT, PARAM
 from p2prec.sim.cli import main as sim_main
 from p2prec.topology import build
 from p2prec.topology.roles import AGGREGATOR, AGGREGATOR_ONLY, CLIENT
@@ -57,17 +57,22 @@ def _launch(tmp_path: Path, synth_dir: Path, backbone: Path, processes: int, ext
     return out
 
 
-@pytest.mark.parametrize("codec", ["none", "int8"])
+@pytest.mark.parametrize("setting", ["gossip.codec=none", "gossip.codec=int8", "gossip.tracking=true"])
 def test_eight_processes_on_a_ring_match_the_simulator(tmp_path: Path, synth_dir: Path, synth_data,  # noqa: ANN001
-                                                       tiny_cfg, codec: str) -> None:
+                                                       tiny_cfg, setting: str) -> None:
     """With ``int8`` too: nodes mix what they decoded from their neighbours with their own
-    true state, exactly as the simulator does."""
+    true state, exactly as the simulator does. With gradient tracking, the trackers travel
+    and are mixed with the shared adapter, and the checkpoints hold them."""
     backbone = make_backbone(synth_data, tiny_cfg, tmp_path / "bb")
-    out = _launch(tmp_path, synth_dir, backbone, 8, ["gossip.topology=ring", f"gossip.codec={codec}"])
+    out = _launch(tmp_path, synth_dir, backbone, 8, ["gossip.topology=ring", setting])
     assert {"config.toml", "metrics.jsonl", "summary.json", "convergence.png"} <= {p.name for p in out.iterdir()}
     sim = simulate(out / "config.toml", synth_data, backbone)
     assert max_diff(sim, out / "nodes", list(range(8)), sim.pop.shared_names) < 1e-5
     assert max_diff(sim, out / "nodes", list(range(8)), list(sim.pop.params)) < 1e-5
+    for i in range(8):
+        state = checkpoint.load(out / "nodes" / f"node-{i}" / checkpoint.FILE_NAME, i).tensors
+        for k, v in sim.pop.state.items():
+            assert float((state[OPT + k][0] - v[i]).abs().max()) < 1e-5, (i, k)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [1, 2, 3]
     final = sim.evaluate()["val"]["sampled"]

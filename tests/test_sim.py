@@ -15,6 +15,7 @@ from p2prec.gossip.mixing import mix, row_normalise
 from p2prec.learn.batches import train_batch
 from p2prec.learn.baselines import step_settings
 from p2prec.learn.local import init_opt_state, local_step
+from p2prec.learn.tracking import LAST_GRAD, TRACKER
 from p2prec.model.backbone import build_backbone
 from p2prec.sim.cli import main
 from p2prec.sim.runner import build_topology
@@ -72,6 +73,22 @@ def test_consensus_shrinks_at_the_spectral_rate_without_training(synth_dir, synt
     measured = (distances[-1] / distances[9]) ** (1 / 30)
     assert measured == pytest.approx(rate, rel=0.1)
     assert all(b < a for a, b in zip(distances, distances[1:]))
+
+
+def test_gossip_keeps_the_trackers_summing_to_the_latest_gradients(synth_dir, synth_data) -> None:  # noqa: ANN001
+    """The gradient-tracking invariant: Metropolis mixing is doubly stochastic, so after every
+    round the nodes' trackers still add up to their latest local gradients, while the trackers
+    themselves are mixed toward each other (the shared step then follows the average)."""
+    sim = _sim(synth_dir, synth_data, ["sim.nodes=8", "gossip.topology=ring", "gossip.tracking=true",
+                                       "train.local_steps=2"])
+    for rnd in range(1, 4):
+        sim.step(rnd)
+        names = sim.pop.shared_names
+        trackers = torch.cat([sim.pop.state[TRACKER + k].flatten(1) for k in names], 1)
+        grads = torch.cat([sim.pop.state[LAST_GRAD + k].flatten(1) for k in names], 1)
+        torch.testing.assert_close(trackers.sum(0), grads.sum(0), atol=1e-5, rtol=1e-4)
+        assert float((trackers - trackers.mean(0)).norm()) < float((grads - grads.mean(0)).norm())
+    assert sim.msg_bytes > 2 * _sim(synth_dir, synth_data, ["sim.nodes=8"]).msg_bytes - 1000
 
 
 def test_star_hierarchy_is_fedavg(synth_dir, synth_data) -> None:  # noqa: ANN001

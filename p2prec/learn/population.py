@@ -2,8 +2,11 @@
 
 Why stacked: memory grows with N x adapter size, never N x model size, and one call of
 :class:`p2prec.learn.batched.BatchedAdapterModel` plus one :func:`p2prec.learn.local.adam_step`
-trains a whole chunk of nodes. With ``vectorized=False``, :meth:`Population.train_round`
-instead runs :func:`p2prec.learn.local.local_step` (``functional_call`` of the peft model)
+trains a whole chunk of nodes. With ``tracking``, the shared adapter instead takes one
+step per round along a tracker of the network's average gradient
+(:mod:`p2prec.learn.tracking`), and its gossip message carries the trackers too.
+With ``vectorized=False``, :meth:`Population.train_round`
+instead takes gradients with :func:`p2prec.learn.local.local_grads` (``functional_call`` of the peft model)
 node by node, as a real node does; that loop is the reference the vectorized path is tested
 against, and what the benchmarks compare it with.
 """
@@ -19,7 +22,8 @@ from p2prec.data.split import Dataset
 from p2prec.learn.baselines import step_settings
 from p2prec.learn.batches import TrainBatch, train_batch
 from p2prec.learn.batched import BatchedAdapterModel
-from p2prec.learn.local import Params, StepSettings, adam_step, init_opt_state, local_step
+from p2prec.learn.local import Params, StepSettings, adam_step, init_opt_state, local_grads
+from p2prec.learn.tracking import LAST_GRAD, STEPS, TRACK, TRACKER, init_tracking_state, tracked_step
 from p2prec.model.adapters import DualAdapterModel
 
 
@@ -32,13 +36,14 @@ class Population:
     """The trainable state of N nodes and their local updates.
 
     Invariant: ``params[name][i]`` is node i's tensor ``name`` (the model's parameter
-    names); ``state`` holds the matching Adam moments and per-node step counts ``t``.
+    names); ``state`` holds the matching Adam moments and per-node step counts ``t`` and,
+    with ``tracking``, each node's tracker and last gradient of the shared adapter.
     """
 
     def __init__(self, model: DualAdapterModel, data: Dataset, sampler: NegativeSampler,
                  nodes: list[np.ndarray], settings: StepSettings, *, local_steps: int,
                  batch_size: int, max_len: int, negatives: int, seed: int, dropout: bool = False,
-                 chunk: int = 128, ids: np.ndarray | None = None) -> None:
+                 chunk: int = 128, ids: np.ndarray | None = None, tracking: bool = False) -> None:
         self.model = model
         self.data = data
         self.sampler = sampler
@@ -59,6 +64,9 @@ class Population:
         self.params = stack(model.trainable_state(), len(nodes))
         self.state = init_opt_state(self.params, batch_dims=1)
         self.shared_names = model.shared_names()
+        self.tracking = tracking
+        if tracking:
+            self.state.update(init_tracking_state(self._shared_params(), self.state["t"]))
         self._batched = BatchedAdapterModel(model)
 
     @property
@@ -75,21 +83,25 @@ class Population:
         """Run ``local_steps`` local steps on every active node; return their mean loss."""
         active_ids = np.arange(self.size) if active is None else np.flatnonzero(active)
         losses = torch.zeros(self.size)
+        summed = {k: torch.zeros_like(v) for k, v in self._shared_params().items()} if self.tracking else {}
         for step in range(self.local_steps):
             batches = [self.node_batch(int(i), round_, step) for i in active_ids]
             torch.manual_seed(int(seeded_rng(self.seed, round_, step).integers(2**62)))
             self.model.train(self.dropout)
             try:
                 if vectorized:
-                    self._vectorized_step(active_ids, batches, losses)
+                    self._vectorized_step(active_ids, batches, losses, summed)
                 else:
-                    self._looped_step(active_ids, batches, losses)
+                    self._looped_step(active_ids, batches, losses, summed)
             finally:
                 self.model.eval()
+        if self.tracking and self.local_steps and len(active_ids):
+            self._track(_rows(active_ids), summed)
         return float(losses[active_ids].mean()) if len(active_ids) and self.local_steps else float("nan")
 
     @torch.no_grad()
-    def _vectorized_step(self, ids: np.ndarray, batches: list[TrainBatch], losses: torch.Tensor) -> None:
+    def _vectorized_step(self, ids: np.ndarray, batches: list[TrainBatch], losses: torch.Tensor,
+                         summed: Params) -> None:
         for start in range(0, len(ids), self.chunk):
             rows = _rows(ids[start:start + self.chunk])
             part = batches[start:start + self.chunk]
@@ -97,32 +109,56 @@ class Population:
             targets = torch.stack([b.targets for b in part])
             negatives = torch.stack([b.negatives for b in part])
             params = {k: v[rows] for k, v in self.params.items()}
-            state = {k: v[rows] for k, v in self.state.items()}
             grads, loss = self._batched.loss_and_grads(params, inputs, targets, negatives, self.settings.loss)
-            new_params, new_state = adam_step(params, grads, state, self.settings)
-            for k, v in new_params.items():
-                self.params[k][rows] = v
-            for k, v in new_state.items():
-                self.state[k][rows] = v
+            self._apply(rows, params, grads, summed)
             losses[rows] = loss
 
     @torch.no_grad()
-    def _looped_step(self, ids: np.ndarray, batches: list[TrainBatch], losses: torch.Tensor) -> None:
+    def _looped_step(self, ids: np.ndarray, batches: list[TrainBatch], losses: torch.Tensor,
+                     summed: Params) -> None:
         for i, batch in zip(ids, batches):
             params = {k: v[i] for k, v in self.params.items()}
-            state = {k: v[i] for k, v in self.state.items()}
             with torch.enable_grad():
-                new_params, new_state, loss = local_step(self.model, params, state, batch.inputs,
-                                                         batch.targets, batch.negatives, self.settings)
-            for k, v in new_params.items():
-                self.params[k][i] = v.detach()
-            for k, v in new_state.items():
-                self.state[k][i] = v.detach()
+                grads, loss = local_grads(self.model, params, batch.inputs, batch.targets, batch.negatives,
+                                          self.settings.loss)
+            self._apply(int(i), params, {k: g.detach() for k, g in grads.items()}, summed)
             losses[i] = loss.detach()
 
-    def shared(self) -> Params:
-        """The stacked shared-adapter tensors (views into :attr:`params`)."""
+    def _apply(self, rows: int | slice | torch.Tensor, params: Params, grads: Params, summed: Params) -> None:
+        """One local step for the nodes ``rows``: Adam on every tensor, or, with tracking, on
+        the private tensors only while the shared adapter's gradients add up in ``summed``."""
+        if self.tracking:
+            for k in self.shared_names:
+                summed[k][rows] += grads[k]
+            params = {k: v for k, v in params.items() if k not in summed}
+        keys = ["t", *(f"{moment}.{k}" for k in params for moment in ("m", "v"))]
+        new_params, new_state = adam_step(params, grads, {k: self.state[k][rows] for k in keys}, self.settings)
+        for k, v in new_params.items():
+            self.params[k][rows] = v
+        for k, v in new_state.items():
+            self.state[k][rows] = v
+
+    def _track(self, rows: slice | torch.Tensor, summed: Params) -> None:
+        """The round's tracked step of the shared adapter, on its mean gradient over the local steps."""
+        shared = {k: self.params[k][rows] for k in self.shared_names}
+        keys = [STEPS, *(f"{p}{k}" for k in self.shared_names for p in (TRACKER, LAST_GRAD, "m.", "v."))]
+        grads = {k: summed[k][rows] / self.local_steps for k in self.shared_names}
+        stepped, new_state = tracked_step(shared, grads, {k: self.state[k][rows] for k in keys}, self.settings)
+        for k, v in stepped.items():
+            self.params[k][rows] = v
+        for k, v in new_state.items():
+            self.state[k][rows] = v
+
+    def _shared_params(self) -> Params:
         return {k: self.params[k] for k in self.shared_names}
+
+    def shared(self) -> Params:
+        """What a node gossips, stacked: its shared-adapter tensors and, with tracking, its
+        trackers as ``track.<name>`` (views into :attr:`params` and :attr:`state`)."""
+        gossiped = self._shared_params()
+        if self.tracking:
+            gossiped.update({TRACK + k: self.state[TRACKER + k] for k in self.shared_names})
+        return gossiped
 
 
 def _rows(ids: np.ndarray) -> slice | torch.Tensor:
@@ -133,6 +169,15 @@ def _rows(ids: np.ndarray) -> slice | torch.Tensor:
     return torch.from_numpy(ids)
 
 
+def gossip_template(model: DualAdapterModel, tracking: bool) -> Params:
+    """One node's gossip message as tensors (trackers zero): what a receiver expects, and
+    what the simulator sizes its messages by."""
+    shared = model.shared_state()
+    if tracking:
+        shared.update({TRACK + k: torch.zeros_like(v) for k, v in list(shared.items())})
+    return shared
+
+
 def configured_population(model: DualAdapterModel, data: Dataset, cfg: Config, nodes: list[np.ndarray],
                           ids: np.ndarray | None = None) -> Population:
     """The population ``cfg`` describes. The simulator (all its nodes) and a real node (itself
@@ -141,4 +186,4 @@ def configured_population(model: DualAdapterModel, data: Dataset, cfg: Config, n
     return Population(model, data, NegativeSampler(data), nodes, step_settings(cfg, model.shared_names()),
                       local_steps=t.local_steps, batch_size=t.batch_size, max_len=cfg.model.max_len,
                       negatives=t.negatives, seed=t.seed, dropout=t.backbone_dropout, chunk=cfg.sim.chunk,
-                      ids=ids)
+                      ids=ids, tracking=cfg.gossip.tracking)

@@ -35,6 +35,7 @@ def build_node(cfg: Config, node_id: int, backbone_dir: str | None):  # noqa: AN
     so a secured node without them stops at once.
     """
     from p2prec.learn.baselines import adapter_model
+    from p2prec.learn.population import gossip_template
     from p2prec.model.pretrain import ensure_backbone
     from p2prec.node.learner import Learner
     from p2prec.node.place import place
@@ -51,7 +52,7 @@ def build_node(cfg: Config, node_id: int, backbone_dir: str | None):  # noqa: AN
     keys = node_keys(cfg.security, node_id, graph) if cfg.security.enabled else None
     model = adapter_model(ensure_backbone(data, cfg, backbone_dir), cfg)
     learner = Learner(cfg, data, model, nodes[node_id], node_id) if where.has_data else None
-    template = {k: v.numpy() for k, v in model.shared_state().items()}
+    template = {k: v.numpy() for k, v in gossip_template(model, cfg.gossip.tracking).items()}
     return Node(cfg, where, learner, template, Path(cfg.node.dir) / f"node-{node_id}", keys)
 
 

@@ -41,7 +41,7 @@ from p2prec.gossip.privacy import LocalPrivacy
 from p2prec.gossip.robust import robust_mix, rule_from_config
 from p2prec.learn.baselines import adapter_model, federated_eval_set, selection_score
 from p2prec.learn.evaluate import evaluate
-from p2prec.learn.population import configured_population
+from p2prec.learn.population import configured_population, gossip_template
 from p2prec.model.backbone import SeqRecModel
 from p2prec.sim.attacks import byzantine_count, choose_byzantine, inject
 from p2prec.sim.faults import FaultPlan, RoundFaults
@@ -114,7 +114,7 @@ class Simulation:
         self.feedback = ErrorFeedback({k: torch.zeros_like(v) for k, v in shared.items()}) \
             if self.codec.keeps_residual else None
         self.privacy = LocalPrivacy.for_config(cfg, shared, range(n)) if cfg.privacy.enabled else None
-        self.msg_bytes = message_bytes(self.model.shared_state(), self.codec)
+        self.msg_bytes = message_bytes(gossip_template(self.model, cfg.gossip.tracking), self.codec)
         self.bytes_sent_total = 0
         self.diverged_at: int | None = None
         self.consensus: list[float] = []
@@ -132,13 +132,13 @@ class Simulation:
         received = self._received(own, rnd, faults)
         mixing = self.plan.round(rnd, faults)
         new = self._mix(mixing, received, own, names)
-        for k in names:
-            self.pop.params[k].copy_(new[k])
+        for k, v in own.items():
+            v.copy_(new[k])
         if self.privacy is not None:
             self.privacy.rebase(own)
         sent_bytes = mixing.messages * self.msg_bytes
         self.bytes_sent_total += sent_bytes
-        self.consensus.append(consensus_distance(self._honest(self.pop.shared()), names))
+        self.consensus.append(consensus_distance(self._honest(self.pop.shared()), self.pop.shared_names))
         return RoundStats(loss, self.consensus[-1], mixing.messages, sent_bytes)
 
     def _received(self, own: Params, rnd: int, faults: RoundFaults) -> Params:
