@@ -159,9 +159,10 @@ class GossipConfig:
     ``topk_fraction`` is the share of entries top-k keeps and ``int8_block`` the int8
     block size (0: one scale per tensor).
 
-    ``tracking`` gossips, with the shared adapter, each node's tracker of the network's
-    average gradient, and steps the shared adapter along it (:mod:`p2prec.learn.tracking`);
-    messages are twice as large.
+    ``tracking`` (the default) gossips, with the shared adapter, each node's tracker of the
+    network's average gradient, and steps the shared adapter along it
+    (:mod:`p2prec.learn.tracking`); messages are twice as large. Measured on ML-100K
+    small-world: validation NDCG@10 0.446 with it, 0.430 without (README, "Gradient tracking").
     """
 
     topology: str = "small-world"
@@ -171,7 +172,7 @@ class GossipConfig:
     codec: str = "none"
     topk_fraction: float = _field(0.1, lo=1e-6, hi=1.0)
     int8_block: int = _field(0, lo=0)
-    tracking: bool = False
+    tracking: bool = True
 
 
 @dataclass
@@ -186,7 +187,7 @@ class SimConfig:
     instead of their state, with ``attack_scale`` as its size (see :mod:`p2prec.sim.attacks`).
     """
 
-    rounds: int = _field(100, lo=1)
+    rounds: int = _field(200, lo=1)
     train_rounds: int = _field(0, lo=0)
     nodes: int = _field(0, lo=0)
     seed: int = 0

@@ -67,15 +67,17 @@ def test_scores_and_gradients_equal_per_node_functional_call(synth_data, persona
     assert grads["gate"].abs().min() > 0
 
 
-@pytest.mark.parametrize("tracking", [False, True])
-def test_vectorized_population_matches_per_node_loop_8_nodes_3_rounds(synth_data, tracking: bool) -> None:  # noqa: ANN001
-    """Both adapters everywhere they can go, momentum SGD on the shared adapter, and one node
-    down in round 1 (so a chunk is gathered by index rather than sliced); with gradient
-    tracking too, whose shared step runs once per round on the mean of the local gradients."""
+@pytest.mark.parametrize("tracking,optimizer", [(False, "sgd"), (True, "adam")])
+def test_vectorized_population_matches_per_node_loop_8_nodes_3_rounds(synth_data, tracking: bool,  # noqa: ANN001
+                                                                      optimizer: str) -> None:
+    """Both adapters everywhere they can go, a shared optimizer of its own, and one node down
+    in round 1 (so a chunk is gathered by index rather than sliced); with gradient tracking
+    too, whose shared step runs once per round on the mean of the local gradients (with Adam,
+    so that the LoRA A factors, whose gradients stay tiny while B grows from zero, visibly move)."""
     def population() -> Population:
         model = _model(synth_data, ATTENTION + ("item_emb",), ATTENTION + ("item_emb", "dense"))
         settings = StepSettings(lr=0.01, shared_names=frozenset(model.shared_names()), shared_lr=0.05,
-                                shared_optimizer="sgd", momentum=0.9)
+                                shared_optimizer=optimizer, momentum=0.9)
         return Population(model, synth_data, NegativeSampler(synth_data), synth_data.nodes(1)[:8], settings,
                           local_steps=2, batch_size=2, max_len=10, negatives=3, seed=3, chunk=3, tracking=tracking)
     vec, loop = population(), population()
@@ -86,9 +88,9 @@ def test_vectorized_population_matches_per_node_loop_8_nodes_3_rounds(synth_data
             loop.train_round(rnd, active, vectorized=False), abs=1e-5)
     for name in vec.params:
         torch.testing.assert_close(vec.params[name], loop.params[name], atol=1e-5, rtol=0, msg=name)
-        assert not torch.equal(vec.params[name], vec.model.trainable_state()[name].expand_as(vec.params[name]))
+        assert not torch.equal(vec.params[name], vec.model.trainable_state()[name].expand_as(vec.params[name])), name
     for name in vec.state:
-        torch.testing.assert_close(vec.state[name], loop.state[name], atol=1e-5, rtol=0, msg=name)
+        torch.testing.assert_close(vec.state[name], loop.state[name], atol=1e-5, rtol=1e-5, msg=name)
     assert vec.state["t"].tolist() == [6.0] * 4 + [4.0] + [6.0] * 3
     if tracking:
         assert vec.state["t.shared"].tolist() == [3.0] * 4 + [2.0] + [3.0] * 3

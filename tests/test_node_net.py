@@ -273,9 +273,11 @@ def test_hostile_messages_are_rejected_and_leave_the_shared_adapter_unchanged(  
         tmp_path: Path, synth_dir: Path, synth_data, tiny_cfg) -> None:
     """Node 0 of a two-node topology; the test plays node 1. Round 1 can only complete with a
     message from node 1, so anything hostile that were accepted would be mixed in. Round 2
-    then waits for node 1 until SIGTERM, which must abandon it and exit 0."""
+    then waits for node 1 until SIGTERM, which must abandon it and exit 0. Without gradient
+    tracking, so that a well-formed message is exactly the shared adapter read from a checkpoint."""
     config = node_config(tmp_path, synth_dir, nx.path_graph(2),
                          ["sim.nodes=2", "sim.rounds=2", "train.local_steps=0", "node.deadline_s=600",
+                          "gossip.tracking=false",
                           "node.start_timeout_s=600"])
     procs = Procs(config, make_backbone(synth_data, tiny_cfg, tmp_path / "bb"))
     folder, total = tmp_path / "nodes", 3000

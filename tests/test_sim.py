@@ -14,8 +14,8 @@ from p2prec.data.sampler import NegativeSampler
 from p2prec.gossip.mixing import mix, row_normalise
 from p2prec.learn.batches import train_batch
 from p2prec.learn.baselines import step_settings
-from p2prec.learn.local import init_opt_state, local_step
-from p2prec.learn.tracking import LAST_GRAD, TRACKER
+from p2prec.learn.local import adam_step, init_opt_state, local_grads, local_step
+from p2prec.learn.tracking import LAST_GRAD, TRACK, TRACKER, init_tracking_state, tracked_step
 from p2prec.model.backbone import build_backbone
 from p2prec.sim.cli import main
 from p2prec.sim.runner import build_topology
@@ -34,32 +34,60 @@ def _sim(synth_dir: Path, synth_data, extra: list[str]) -> Simulation:  # noqa: 
     return Simulation(cfg, synth_data, backbone, graph)
 
 
-def test_vectorized_simulator_matches_a_plain_per_node_loop(synth_dir, synth_data) -> None:  # noqa: ANN001
-    sim = _sim(synth_dir, synth_data, ["sim.nodes=8", "gossip.topology=ring", "train.local_steps=2"])
+def _plain_round(model, params: dict, state: dict, batches: list, settings, shared: list[str],  # noqa: ANN001
+                 tracking: bool) -> tuple[dict, dict]:
+    """One node's local work written out plainly: Adam on everything at every step or, with
+    tracking, Adam on the private tensors at every step and one tracked shared step."""
+    if not tracking:
+        for b in batches:
+            params, state, _ = local_step(model, params, state, b.inputs, b.targets, b.negatives, settings)
+        return params, state
+    total = {k: torch.zeros_like(params[k]) for k in shared}
+    for b in batches:
+        grads, _ = local_grads(model, params, b.inputs, b.targets, b.negatives, settings.loss)
+        new, moved = adam_step({k: v for k, v in params.items() if k not in shared}, grads, state, settings)
+        params, state = {**params, **new}, {**state, **moved}
+        total = {k: total[k] + grads[k] for k in shared}
+    stepped, moved = tracked_step({k: params[k] for k in shared}, {k: total[k] / len(batches) for k in shared},
+                                  state, settings)
+    return {**params, **stepped}, {**state, **moved}
+
+
+@pytest.mark.parametrize("tracking", [False, True])
+def test_vectorized_simulator_matches_a_plain_per_node_loop(synth_dir, synth_data, tracking: bool) -> None:  # noqa: ANN001
+    sim = _sim(synth_dir, synth_data, ["sim.nodes=8", "gossip.topology=ring", "train.local_steps=2",
+                                       f"gossip.tracking={str(tracking).lower()}"])
     model, cfg, pop = sim.model, sim.cfg, sim.pop
+    shared = pop.shared_names
     params = [{k: v[i].clone() for k, v in pop.params.items()} for i in range(8)]
     states = [init_opt_state(p) for p in params]
+    if tracking:
+        states = [{**st, **init_tracking_state({k: p[k] for k in shared}, st["t"])} for p, st in zip(params, states)]
     w = row_normalise(metropolis_hastings(build_topology(cfg, 8)))
     sampler = NegativeSampler(synth_data)
     for rnd in range(1, 4):
         sim.step(rnd)
         for i in range(8):
-            for step in range(cfg.train.local_steps):
-                b = train_batch(synth_data, sampler, sim.nodes[i], cfg.train.batch_size, cfg.model.max_len,
-                                cfg.train.negatives, seeded_rng(cfg.train.seed, rnd, i, step))
-                params[i], states[i], _ = local_step(model, params[i], states[i], b.inputs, b.targets,
-                                                     b.negatives, step_settings(cfg, pop.shared_names))
+            batches = [train_batch(synth_data, sampler, sim.nodes[i], cfg.train.batch_size, cfg.model.max_len,
+                                   cfg.train.negatives, seeded_rng(cfg.train.seed, rnd, i, step))
+                       for step in range(cfg.train.local_steps)]
+            params[i], states[i] = _plain_round(model, params[i], states[i], batches,
+                                                step_settings(cfg, shared), shared, tracking)
+        gossiped = [{**{k: p[k] for k in shared}, **({TRACK + k: st[TRACKER + k] for k in shared} if tracking else {})}
+                    for p, st in zip(params, states)]
         mixed = []
         for i in range(8):
-            row = w[i]
-            peers = row.indices
-            stacked = {k: torch.stack([params[j][k] for j in peers]) for k in pop.shared_names}
-            mixed.append(mix(row[:, peers], stacked))
+            peers = w[i].indices
+            mixed.append(mix(w[i][:, peers], {k: torch.stack([gossiped[j][k] for j in peers]) for k in gossiped[i]}))
         for i in range(8):
-            params[i].update({k: v[0] for k, v in mixed[i].items()})
+            params[i].update({k: mixed[i][k][0] for k in shared})
+            states[i].update({TRACKER + k: mixed[i][TRACK + k][0] for k in shared if tracking})
     for i in range(8):
         for k, v in params[i].items():
             assert torch.allclose(pop.params[k][i], v, atol=1e-5), (i, k)
+        if tracking:
+            for k in shared:
+                assert torch.allclose(pop.state[TRACKER + k][i], states[i][TRACKER + k], atol=1e-6), (i, k)
 
 
 def test_consensus_shrinks_at_the_spectral_rate_without_training(synth_dir, synth_data) -> None:  # noqa: ANN001
@@ -88,7 +116,8 @@ def test_gossip_keeps_the_trackers_summing_to_the_latest_gradients(synth_dir, sy
         grads = torch.cat([sim.pop.state[LAST_GRAD + k].flatten(1) for k in names], 1)
         torch.testing.assert_close(trackers.sum(0), grads.sum(0), atol=1e-5, rtol=1e-4)
         assert float((trackers - trackers.mean(0)).norm()) < float((grads - grads.mean(0)).norm())
-    assert sim.msg_bytes > 2 * _sim(synth_dir, synth_data, ["sim.nodes=8"]).msg_bytes - 1000
+    plain = _sim(synth_dir, synth_data, ["sim.nodes=8", "gossip.tracking=false"])
+    assert sim.msg_bytes > 2 * plain.msg_bytes - 1000
 
 
 def test_star_hierarchy_is_fedavg(synth_dir, synth_data) -> None:  # noqa: ANN001
@@ -98,9 +127,10 @@ def test_star_hierarchy_is_fedavg(synth_dir, synth_data) -> None:  # noqa: ANN00
     sim.pop.train_round = lambda *a, **k: 0.0  # the round below only mixes what was trained above
     sim.step(1)
     counts = torch.tensor([float(sum(len(synth_data.train[u]) for u in n)) for n in sim.nodes])
-    for k, v in before.items():
+    after = sim.pop.shared()
+    for k, v in before.items():  # the shared adapter and, with gradient tracking, its trackers
         expected = (counts.view(-1, *([1] * (v.dim() - 1))) * v).sum(0) / counts.sum()
-        assert torch.allclose(sim.pop.params[k], expected.expand_as(v), atol=1e-6)
+        assert torch.allclose(after[k], expected.expand_as(v), atol=1e-6), k
 
 
 def test_edge_hierarchy_clients_of_one_aggregator_agree(synth_dir, synth_data) -> None:  # noqa: ANN001

@@ -14,6 +14,7 @@ from p2prec.gossip.codecs import get_codec
 from p2prec.gossip.mixing import flatten, mix
 from p2prec.gossip.privacy import epsilon, update_norms
 from p2prec.learn.baselines import adapter_model
+from p2prec.learn.population import gossip_template
 from p2prec.model.backbone import build_backbone
 from p2prec.sim.engine import Simulation, message_bytes
 from p2prec.sim.report import epsilon_plot, trust_table
@@ -60,10 +61,12 @@ def test_neighbours_mix_the_decoded_message_and_bytes_count_each_message(synth_d
         mixing = sim.plan.round(2, sim.faults.round(2))
         received = get_codec(name).roundtrip(own)
         expected = mix(mixing.a, received)
+        after = sim.pop.shared()
         for k, v in own.items():
-            assert torch.allclose(sim.pop.params[k], expected[k] + torch.from_numpy(mixing.d).float().view(
+            assert torch.allclose(after[k], expected[k] + torch.from_numpy(mixing.d).float().view(
                 -1, *[1] * (v.dim() - 1)) * v, atol=1e-6), (name, k)
-        assert stats.bytes_sent == stats.messages * message_bytes(sim.model.shared_state(), get_codec(name))
+        template = gossip_template(sim.model, sim.cfg.gossip.tracking)
+        assert stats.bytes_sent == stats.messages * message_bytes(template, get_codec(name))
     assert sims["int8"].msg_bytes < sims["none"].msg_bytes
 
 
@@ -103,8 +106,9 @@ def test_a_robust_rule_mixes_the_true_own_state_not_its_decoded_copy(synth_dir, 
     for r in (1, 2):
         fast.step(r)
         robust.step(r)
+    mixed = robust.pop.shared()
     for k, v in fast.pop.shared().items():
-        assert torch.allclose(robust.pop.params[k], v, atol=1e-6), k
+        assert torch.allclose(mixed[k], v, atol=1e-6), k
 
 
 def test_private_update_is_clipped_then_noised_and_the_node_keeps_what_it_released(  # noqa: ANN001
@@ -118,16 +122,16 @@ def test_private_update_is_clipped_then_noised_and_the_node_keeps_what_it_releas
     start = {k: v.clone() for k, v in plain.pop.shared().items()}
     for sim in (plain, clipped, noisy):
         sim.step(1)
-    raw = {k: plain.pop.params[k] - v for k, v in start.items()}
+    raw = {k: plain.pop.shared()[k] - v for k, v in start.items()}
     assert bool((update_norms(raw, stacked=True) > 0.01).all())  # the clip bites on every node
-    kept = {k: clipped.pop.params[k] - v for k, v in start.items()}
+    kept = {k: clipped.pop.shared()[k] - v for k, v in start.items()}
     assert torch.allclose(update_norms(kept, stacked=True), torch.full((6,), 0.01), rtol=1e-4)
     scale = (0.01 / update_norms(raw, stacked=True)).view(-1, 1)
     names = sorted(start)
     assert torch.allclose(flatten(kept, names), flatten(raw, names) * scale, atol=1e-7)
-    noise = flatten({k: noisy.pop.params[k] - clipped.pop.params[k] for k in start}, names)
+    noise = flatten({k: noisy.pop.shared()[k] - clipped.pop.shared()[k] for k in start}, names)
     assert float(noise.std()) == pytest.approx(2 * 0.01, rel=0.05)
-    assert torch.equal(noisy.privacy.reference[names[0]], noisy.pop.params[names[0]])
+    assert torch.equal(noisy.privacy.reference[names[0]], noisy.pop.shared()[names[0]])
 
 
 def test_epsilon_is_reported_each_evaluated_round_and_grows(synth_dir, synth_data) -> None:  # noqa: ANN001
@@ -155,8 +159,8 @@ def test_the_run_folder_carries_epsilon_bytes_and_the_trust_settings(tmp_path: P
     assert [r["epsilon"] for r in records] == [pytest.approx(epsilon(2.0, r, 1e-5)) for r in (1, 2, 3)]
     assert summary["epsilon"] == records[-1]["epsilon"] and summary["noise_multiplier"] == 2.0
     m = cfg.model
-    shared = adapter_model(build_backbone(synth_data.n_items, m.hidden, m.layers, m.heads, m.intermediate,
-                                          m.max_len), cfg).shared_state()
+    shared = gossip_template(adapter_model(build_backbone(synth_data.n_items, m.hidden, m.layers, m.heads,
+                                                          m.intermediate, m.max_len), cfg), cfg.gossip.tracking)
     assert summary["codec"] == "int8" and summary["message_bytes"] == message_bytes(shared, get_codec("int8"))
     assert summary["bytes_per_node_per_round"] == 2 * summary["message_bytes"]  # a ring: two messages a node
     assert (summary["byzantine"], summary["evaluated_nodes"], summary["robust_rule"]) == (1, 5, "median")
