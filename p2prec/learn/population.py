@@ -4,10 +4,10 @@ Why stacked: memory grows with N x adapter size, never N x model size, and one c
 :class:`p2prec.learn.batched.BatchedAdapterModel` plus one :func:`p2prec.learn.local.adam_step`
 trains a whole chunk of nodes. With ``tracking``, the shared adapter instead takes one
 step per round along a tracker of the network's average gradient
-(:mod:`p2prec.learn.tracking`), and its gossip message carries the trackers too.
-With ``vectorized=False``, :meth:`Population.train_round`
-instead takes gradients with :func:`p2prec.learn.local.local_grads` (``functional_call`` of the peft model)
-node by node, as a real node does; that loop is the reference the vectorized path is tested
+(:mod:`p2prec.learn.tracking`), and its gossip message carries the trackers too. With
+``vectorized=False``, :meth:`Population.train_round` instead takes gradients with
+:func:`p2prec.learn.local.local_grads` (``functional_call`` of the peft model) node by
+node, as a real node does; that loop is the reference the vectorized path is tested
 against, and what the benchmarks compare it with.
 """
 

@@ -24,6 +24,8 @@ other gossiped tensor.
 
 from __future__ import annotations
 
+import torch
+
 from p2prec.learn.local import Params, StepSettings, adam_step
 
 TRACK = "track."
@@ -39,7 +41,7 @@ STEPS = "t.shared"
 """Optimizer-state key of the shared optimizer's step count (one tracked step per round)."""
 
 
-def init_tracking_state(shared: Params, like_steps: object) -> Params:
+def init_tracking_state(shared: Params, like_steps: torch.Tensor) -> Params:
     """Zero trackers, zero last gradients and a zero step count, shaped like ``shared``.
 
     ``like_steps`` is the population's per-node step count ``t``, whose shape and dtype the
