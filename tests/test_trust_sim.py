@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -68,6 +69,21 @@ def test_neighbours_mix_the_decoded_message_and_bytes_count_each_message(synth_d
         template = gossip_template(sim.model, sim.cfg.gossip.tracking)
         assert stats.bytes_sent == stats.messages * message_bytes(template, get_codec(name))
     assert sims["int8"].msg_bytes < sims["none"].msg_bytes
+
+
+def test_a_complete_graph_mixes_as_a_rank_one_average_with_the_true_own_term(synth_dir, synth_data) -> None:  # noqa: ANN001
+    """The fast path for a uniform average equals the dense ``(J - I)/n @ received + own/n``."""
+    sim = _sim(synth_dir, synth_data, ["sim.nodes=8", "gossip.topology=complete", "gossip.codec=int8"])
+    own = _frozen_training(sim)
+    sim.step(2)
+    mixing = sim.plan.round(2, sim.faults.round(2))
+    assert mixing.echo is not None and len(mixing.factors) == 2
+    np.testing.assert_allclose(mixing.a.toarray(), (np.ones((8, 8)) - np.eye(8)) / 8, atol=1e-12)
+    received = get_codec("int8").roundtrip(own)
+    after = sim.pop.shared()
+    for k, v in own.items():
+        expected = received[k].mean(0, keepdim=True) + (v - received[k]) / 8
+        assert torch.allclose(after[k], expected, atol=1e-6), k
 
 
 def test_topk_error_feedback_moves_only_for_nodes_that_send(synth_dir, synth_data) -> None:  # noqa: ANN001

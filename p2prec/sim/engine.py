@@ -181,6 +181,9 @@ class Simulation:
         if self.rule is None:
             mixed = mix(mixing.factors, received, names)
             d = torch.from_numpy(mixing.d).to(torch.float32)
+            if mixing.echo is not None:
+                echo = torch.from_numpy(mixing.echo).to(torch.float32)
+                mixed = {k: mixed[k] + _rows(echo, v) * received[k] for k, v in mixed.items()}
             return {k: mixed[k] + _rows(d, own[k]) * own[k] for k in names}
         flat = robust_mix(self.rule, mixing.a + sp.diags(mixing.d), flatten(received, names),
                           own=flatten(own, names))

@@ -39,12 +39,15 @@ class RoundMixing:
     """``new = A @ sent + d * own``, plus how many messages were sent this round.
 
     ``factors`` multiply to ``A`` (one matrix for flat topologies; down, across and up for a
-    hierarchy, which :func:`p2prec.gossip.mixing.mix` applies one after the other).
+    hierarchy, which :func:`p2prec.gossip.mixing.mix` applies one after the other), plus
+    ``diag(echo)`` when ``echo`` is set: a uniform average is applied as a rank-one product
+    (column sums, then broadcast), whose diagonal ``echo`` takes back out of ``A``.
     """
 
     factors: tuple[sp.csr_matrix, ...]
     d: np.ndarray
     messages: int
+    echo: np.ndarray | None = None
 
     @property
     def a(self) -> sp.csr_matrix:
@@ -52,12 +55,24 @@ class RoundMixing:
         product = self.factors[0]
         for factor in self.factors[1:]:
             product = product @ factor
+        if self.echo is not None:
+            product = product + sp.diags(self.echo)
         return sp.csr_matrix(product)
 
 
 def split_diagonal(w: sp.csr_matrix) -> RoundMixing:
-    """Separate a square mixing matrix into its off-diagonal part and its diagonal."""
+    """Separate a square mixing matrix into its off-diagonal part and its diagonal.
+
+    A uniform average (Metropolis weights on a complete graph with every message heard)
+    becomes a rank-one product instead: at 754 nodes the dense product over the stacked
+    adapters and trackers took about 8 s a round; column sums take milliseconds.
+    """
     d = w.diagonal().copy()
+    n = w.shape[0]
+    if n > 1 and w.nnz == n * n and np.allclose(w.data, 1.0 / n, rtol=1e-9, atol=0.0):
+        ones = sp.csr_matrix(np.ones((n, 1)))
+        mean = sp.csr_matrix(np.full((1, n), 1.0 / n))
+        return RoundMixing((ones, mean), d, 0, echo=-d)
     a = sp.csr_matrix(w - sp.diags(d))
     a.eliminate_zeros()
     return RoundMixing((a,), d, 0)
