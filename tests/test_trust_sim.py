@@ -227,10 +227,3 @@ def test_sign_flip_attackers_wreck_the_mean_and_not_the_median(synth_dir, synth_
 def test_a_robust_rule_is_refused_in_an_edge_hierarchy(synth_dir, synth_data) -> None:  # noqa: ANN001
     with pytest.raises(ValueError, match="robust.rule"):
         _sim(synth_dir, synth_data, ["sim.nodes=12", "gossip.topology=edge-hierarchy:m=3", "robust.rule=median"])
-
-
-def test_trust_specs_load() -> None:
-    specs = sorted(Path(__file__).resolve().parents[1].joinpath("sim").glob("[def]-*.toml"))
-    assert len(specs) >= 10
-    for spec in specs:
-        load(spec)

@@ -12,21 +12,32 @@ from p2prec.sim.results import read_run
 
 
 def table(folders: list[Path], protocol: str) -> str:
-    """A Markdown table of test metrics at the best-validation round, one row per folder."""
+    """A Markdown table of test metrics at the best-validation round, one row per folder.
+
+    The validation score that chose the round sits beside them, because on small data the two
+    can disagree by more than the differences between runs, and a reader must see both.
+    """
     other = "full" if protocol == "sampled" else "sampled"
-    head = (f"| run | nodes | best round | HR@10 | NDCG@10 | MRR | NDCG@10 node p10-p90 | NDCG@10 ({other}) "
-            f"| bytes/node/round |\n|---|---|---|---|---|---|---|---|---|")
+    head = (f"| run | nodes | best round | val NDCG@10 | HR@10 | NDCG@10 | MRR | NDCG@10 node p10-p90 "
+            f"| NDCG@10 ({other}) | bytes/node/round |\n|---|---|---|---|---|---|---|---|---|---|")
     rows = [head]
     for folder in folders:
         summary, _ = read_run(folder)
         t = summary["test_at_best"][protocol]
         spread = t.get("spread", {}).get("ndcg@10", {})
         rows.append(f"| {summary.get('label') or folder.name} | {summary['nodes']} | {summary['best_round']} "
+                    f"| {_metric(summary.get('val_at_best', {}).get(protocol))} "
                     f"| {t['hr@10']:.4f} | {t['ndcg@10']:.4f} | {t['mrr']:.4f} "
                     f"| {spread.get('p10', float('nan')):.3f}-{spread.get('p90', float('nan')):.3f} "
-                    f"| {summary['test_at_best'].get(other, {}).get('ndcg@10', float('nan')):.4f} "
+                    f"| {_metric(summary['test_at_best'].get(other))} "
                     f"| {summary['bytes_per_node_per_round']:.0f} |")
     return "\n".join(rows)
+
+
+def _metric(scores: dict | None, name: str = "ndcg@10") -> str:
+    """One score to four places, or ``-`` where the run did not evaluate that protocol."""
+    value = (scores or {}).get(name)
+    return "-" if value is None or math.isnan(value) else f"{value:.4f}"
 
 
 def consensus_table(folders: list[Path]) -> str | None:
