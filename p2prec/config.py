@@ -163,6 +163,9 @@ class GossipConfig:
     network's average gradient, and steps the shared adapter along it
     (:mod:`p2prec.learn.tracking`); messages are twice as large. Measured on ML-100K
     small-world: validation NDCG@10 0.446 with it, 0.430 without (README, "Gradient tracking").
+    ``tracking_fraction`` < 1 lets only that seeded share of the nodes fold a fresh gradient
+    into its tracker each round, which gives the shared step mini-batch noise back
+    (:func:`p2prec.learn.tracking.participation`).
     """
 
     topology: str = "small-world"
@@ -173,6 +176,7 @@ class GossipConfig:
     topk_fraction: float = _field(0.1, lo=1e-6, hi=1.0)
     int8_block: int = _field(0, lo=0)
     tracking: bool = True
+    tracking_fraction: float = _field(1.0, lo=1e-3, hi=1.0)
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,7 +15,7 @@ from p2prec.gossip.mixing import mix, row_normalise
 from p2prec.learn.batches import train_batch
 from p2prec.learn.baselines import step_settings
 from p2prec.learn.local import adam_step, init_opt_state, local_grads, local_step
-from p2prec.learn.tracking import LAST_GRAD, TRACK, TRACKER, init_tracking_state, tracked_step
+from p2prec.learn.tracking import LAST_GRAD, TRACK, TRACKER, init_tracking_state, participation, tracked_step
 from p2prec.model.backbone import build_backbone
 from p2prec.sim.cli import main
 from p2prec.sim.runner import build_topology
@@ -117,6 +118,48 @@ def test_gossip_keeps_the_trackers_summing_to_the_latest_gradients(synth_dir, sy
         assert float((trackers - trackers.mean(0)).norm()) < float((grads - grads.mean(0)).norm())
     plain = _sim(synth_dir, synth_data, ["sim.nodes=8", "gossip.tracking=false"])
     assert sim.msg_bytes > 2 * plain.msg_bytes - 1000
+
+
+def test_partial_participation_folds_only_the_drawn_nodes_gradients_into_the_trackers(synth_dir, synth_data) -> None:  # noqa: ANN001
+    """With ``tracking_fraction`` < 1 the nodes outside a round's seeded draw fold in a zero
+    gradient; the draw is a node's own (seed, round, id), and the sum invariant still holds."""
+    ids = np.arange(20_000)
+    drawn = participation(3, 7, ids, 0.25)
+    assert abs(drawn.mean() - 0.25) < 0.02 and (drawn == participation(3, 7, ids, 0.25)).all()
+    assert not (drawn == participation(3, 8, ids, 0.25)).all() and participation(3, 7, ids, 1.0).all()
+    sim = _sim(synth_dir, synth_data, ["sim.nodes=8", "gossip.topology=ring", "gossip.tracking_fraction=0.5"])
+    names = sim.pop.shared_names
+    for rnd in range(1, 4):
+        sim.step(rnd)
+        took = participation(sim.pop.seed, rnd, sim.pop.ids, 0.5)
+        assert 0 < took.sum() < len(took)
+        grads = torch.cat([sim.pop.state[LAST_GRAD + k].flatten(1) for k in names], 1)
+        assert (grads[torch.from_numpy(~took)] == 0).all() and (grads[torch.from_numpy(took)].abs().sum(1) > 0).all()
+        trackers = torch.cat([sim.pop.state[TRACKER + k].flatten(1) for k in names], 1)
+        torch.testing.assert_close(trackers.sum(0), grads.sum(0), atol=1e-5, rtol=1e-4)
+
+
+def test_a_lossy_codec_keeps_a_residual_that_keeps_the_tracker_sum_exact(synth_dir, synth_data) -> None:  # noqa: ANN001
+    """Under tracking a quantiser's error would add to the trackers' sum every round. With the
+    sender's residual the invariant holds exactly in a corrected form: the trackers plus each
+    sender's unsent residual, weighted by the share it gives away (1 - W_jj), sum to the latest
+    gradients. Without the residual the plain sum drifts, which is what the residual is for."""
+    extra = ["sim.nodes=8", "gossip.topology=ring", "gossip.tracking=true", "gossip.codec=int8"]
+    sim, bare = _sim(synth_dir, synth_data, extra), _sim(synth_dir, synth_data, extra)
+    assert sim.feedback is not None
+    bare.feedback = None
+    names = sim.pop.shared_names
+    for rnd in range(1, 5):
+        sim.step(rnd)
+        bare.step(rnd)
+        gives = 1.0 - torch.from_numpy(sim.plan.round(rnd, sim.faults.round(rnd)).d).to(torch.float32)
+        for k in names:
+            residual = sim.feedback.residual[TRACK + k]
+            corrected = sim.pop.state[TRACKER + k].sum(0) + (gives.view(-1, *[1] * (residual.dim() - 1)) * residual).sum(0)
+            torch.testing.assert_close(corrected, sim.pop.state[LAST_GRAD + k].sum(0), atol=1e-5, rtol=1e-4)
+    drift = max(float((bare.pop.state[TRACKER + k].sum(0) - bare.pop.state[LAST_GRAD + k].sum(0)).abs().max())
+                for k in names)
+    assert drift > 1e-3, drift
 
 
 def test_star_hierarchy_is_fedavg(synth_dir, synth_data) -> None:  # noqa: ANN001

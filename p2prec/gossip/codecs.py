@@ -36,9 +36,10 @@ tensor into the same number of blocks would go unnoticed.
 Error feedback: a lossy sender may keep what its messages did not carry in an
 :class:`ErrorFeedback` and add it to the next input, so that over many rounds the sum of
 what was sent tracks the sum of the inputs. Top-k without it loses small coordinates
-forever. The state is explicit so the simulator holds all senders' residuals stacked
+forever, and under gradient tracking any lossy codec keeps one (:meth:`Codec.keeps_residual`).
+The state is explicit so the simulator holds all senders' residuals stacked
 ``[N, ...]`` and a node holds its own; it belongs to the sender and never travels. It
-suits a stream whose sum matters, such as updates (deltas), not absolute states.
+suits a stream whose sum matters: updates (deltas), or tracked states, whose sum is the invariant.
 
 Received bytes are hostile: :meth:`Codec.decode` checks names, dtypes and shapes against
 :meth:`Codec.payload_spec`, then each stage checks its own invariants (int8 range, scales
@@ -321,13 +322,19 @@ class Codec:
         self.name = "+".join(stage.name for stage in self.stages) or NONE
         self._specs: dict[tuple[tuple[str, tuple[int, ...]], ...], list[PayloadSpec]] = {}
 
-    @property
-    def keeps_residual(self) -> bool:
+    def keeps_residual(self, tracking: bool = False) -> bool:
         """Whether a sender should keep an :class:`ErrorFeedback` residual with this codec.
 
-        Why only with a sparsifier: top-k alone would never send the small coordinates, while
-        a quantiser's error is at most half a step per message and does not accumulate.
+        Top-k alone would never send the small coordinates, so a sparsifier always keeps one.
+        A quantiser's error on plain gossip of states is at most half a step per message and
+        does not accumulate; under gradient tracking it does: a node mixes its neighbours'
+        decoded trackers but keeps its own exact one, so each round's quantisation error is
+        added to the trackers' sum and never taken out, a random walk (measured on ML-100K,
+        small-world: int8 lost 3.3% test NDCG@10 against float32). With the residual the errors
+        telescope, and the sum stays within one message's error of the true one.
         """
+        if tracking:
+            return bool(self.stages)
         return any(stage.kind == "sparsify" for stage in self.stages)
 
     def _chain(self, shapes: Shapes) -> list[PayloadSpec]:

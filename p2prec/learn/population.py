@@ -23,7 +23,8 @@ from p2prec.learn.baselines import step_settings
 from p2prec.learn.batches import TrainBatch, train_batch
 from p2prec.learn.batched import BatchedAdapterModel
 from p2prec.learn.local import Params, StepSettings, adam_step, init_opt_state, local_grads
-from p2prec.learn.tracking import LAST_GRAD, STEPS, TRACK, TRACKER, init_tracking_state, tracked_step
+from p2prec.learn.tracking import (LAST_GRAD, STEPS, TRACK, TRACKER, init_tracking_state, participation,
+                                   tracked_step)
 from p2prec.model.adapters import DualAdapterModel
 
 
@@ -43,7 +44,8 @@ class Population:
     def __init__(self, model: DualAdapterModel, data: Dataset, sampler: NegativeSampler,
                  nodes: list[np.ndarray], settings: StepSettings, *, local_steps: int,
                  batch_size: int, max_len: int, negatives: int, seed: int, dropout: bool = False,
-                 chunk: int = 128, ids: np.ndarray | None = None, tracking: bool = False) -> None:
+                 chunk: int = 128, ids: np.ndarray | None = None, tracking: bool = False,
+                 tracking_fraction: float = 1.0) -> None:
         self.model = model
         self.data = data
         self.sampler = sampler
@@ -65,6 +67,7 @@ class Population:
         self.state = init_opt_state(self.params, batch_dims=1)
         self.shared_names = model.shared_names()
         self.tracking = tracking
+        self.tracking_fraction = tracking_fraction
         if tracking:
             self.state.update(init_tracking_state(self._shared_params(), self.state["t"]))
         self._batched = BatchedAdapterModel(model)
@@ -96,7 +99,7 @@ class Population:
             finally:
                 self.model.eval()
         if self.tracking and self.local_steps and len(active_ids):
-            self._track(_rows(active_ids), summed)
+            self._track(active_ids, summed, round_)
         return float(losses[active_ids].mean()) if len(active_ids) and self.local_steps else float("nan")
 
     @torch.no_grad()
@@ -138,11 +141,15 @@ class Population:
         for k, v in new_state.items():
             self.state[k][rows] = v
 
-    def _track(self, rows: slice | torch.Tensor, summed: Params) -> None:
-        """The round's tracked step of the shared adapter, on its mean gradient over the local steps."""
+    def _track(self, ids: np.ndarray, summed: Params, round_: int) -> None:
+        """The round's tracked step of the shared adapter for the nodes ``ids``, on their mean
+        gradient over the local steps; nodes outside this round's participating share fold in zero."""
+        rows = _rows(ids)
         shared = {k: self.params[k][rows] for k in self.shared_names}
         keys = [STEPS, *(f"{p}{k}" for k in self.shared_names for p in (TRACKER, LAST_GRAD, "m.", "v."))]
-        grads = {k: summed[k][rows] / self.local_steps for k in self.shared_names}
+        take = torch.from_numpy(participation(self.seed, round_, self.ids[ids], self.tracking_fraction))
+        scale = take.to(torch.float32) / self.local_steps
+        grads = {k: summed[k][rows] * scale.view(-1, *[1] * (summed[k].dim() - 1)) for k in self.shared_names}
         stepped, new_state = tracked_step(shared, grads, {k: self.state[k][rows] for k in keys}, self.settings)
         for k, v in stepped.items():
             self.params[k][rows] = v
@@ -186,4 +193,4 @@ def configured_population(model: DualAdapterModel, data: Dataset, cfg: Config, n
     return Population(model, data, NegativeSampler(data), nodes, step_settings(cfg, model.shared_names()),
                       local_steps=t.local_steps, batch_size=t.batch_size, max_len=cfg.model.max_len,
                       negatives=t.negatives, seed=t.seed, dropout=t.backbone_dropout, chunk=cfg.sim.chunk,
-                      ids=ids, tracking=cfg.gossip.tracking)
+                      ids=ids, tracking=cfg.gossip.tracking, tracking_fraction=cfg.gossip.tracking_fraction)

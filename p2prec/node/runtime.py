@@ -86,7 +86,7 @@ class Node:
         self.learner = learner
         self.shapes = {k: v.shape for k, v in template.items()}
         self.spec = self.codec.wire_spec(self.shapes, known_senders=frozenset(place.peers))
-        self.feedback = ErrorFeedback() if self.codec.keeps_residual else None
+        self.feedback = ErrorFeedback() if self.codec.keeps_residual(cfg.gossip.tracking) else None
         self.privacy = LocalPrivacy.for_config(cfg, learner.pop.shared(), [place.node]) \
             if cfg.privacy.enabled and learner is not None else None
         self.state_dir = state_dir

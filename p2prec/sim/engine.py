@@ -112,7 +112,7 @@ class Simulation:
         shared = self.pop.shared()
         self.codec = codec_from_config(cfg.gossip)
         self.feedback = ErrorFeedback({k: torch.zeros_like(v) for k, v in shared.items()}) \
-            if self.codec.keeps_residual else None
+            if self.codec.keeps_residual(cfg.gossip.tracking) else None
         self.privacy = LocalPrivacy.for_config(cfg, shared, range(n)) if cfg.privacy.enabled else None
         self.msg_bytes = message_bytes(gossip_template(self.model, cfg.gossip.tracking), self.codec)
         self.bytes_sent_total = 0
