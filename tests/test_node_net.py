@@ -57,12 +57,13 @@ def _launch(tmp_path: Path, synth_dir: Path, backbone: Path, processes: int, ext
     return out
 
 
-@pytest.mark.parametrize("setting", ["gossip.codec=none", "gossip.codec=int8", "gossip.tracking=true"])
+@pytest.mark.parametrize("setting", ["gossip.codec=none", "gossip.codec=int8", "gossip.tracking_fraction=0.5"])
 def test_eight_processes_on_a_ring_match_the_simulator(tmp_path: Path, synth_dir: Path, synth_data,  # noqa: ANN001
                                                        tiny_cfg, setting: str) -> None:
-    """With ``int8`` too: nodes mix what they decoded from their neighbours with their own
-    true state, exactly as the simulator does. With gradient tracking, the trackers travel
-    and are mixed with the shared adapter, and the checkpoints hold them."""
+    """Gradient tracking is on (the default): the trackers travel and are mixed with the shared
+    adapter, and the checkpoints hold them. With ``int8`` too: nodes mix what they decoded from
+    their neighbours with their own true state and keep the sender's residual, exactly as the
+    simulator does. With ``tracking_fraction``, each node draws its own participation."""
     backbone = make_backbone(synth_data, tiny_cfg, tmp_path / "bb")
     out = _launch(tmp_path, synth_dir, backbone, 8, ["gossip.topology=ring", setting])
     assert {"config.toml", "metrics.jsonl", "summary.json", "convergence.png"} <= {p.name for p in out.iterdir()}
