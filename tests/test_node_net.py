@@ -341,7 +341,7 @@ def test_ctrl_c_on_the_launcher_ends_exactly_its_nodes(tmp_path: Path, synth_dir
     backbone = make_backbone(synth_data, tiny_cfg, tmp_path / "bb")
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "p2prec.sim.cli", "--dataset", "synthetic", "--data-dir", str(synth_dir),
-           "--topology", "ring", "--rounds", "1000000", "--processes", "2", "--backbone", str(backbone),
+           "--topology", "ring", "--rounds", "1000", "--processes", "2", "--backbone", str(backbone),
            "--out", str(out)] + _sets(NODE_SETS + ["node.deadline_s=300", "node.start_timeout_s=300"])
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     err = (tmp_path / "launcher.err").open("wb")
