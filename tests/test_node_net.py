@@ -336,6 +336,16 @@ def _children_of(out: Path) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs /proc to list processes")
+def _default_sigint() -> None:
+    """Give the launcher a terminal's Ctrl-C even when the tests run in the background.
+
+    Why: a shell without job control starts background commands with SIGINT ignored, the
+    child inherits that, and Python then never raises KeyboardInterrupt; the launcher would
+    sail through the signal and finish its rounds (CI ran exactly so: exit 0, not 130).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_on_the_launcher_ends_exactly_its_nodes(tmp_path: Path, synth_dir: Path, synth_data,  # noqa: ANN001
                                                       tiny_cfg) -> None:
     backbone = make_backbone(synth_data, tiny_cfg, tmp_path / "bb")
@@ -345,7 +355,7 @@ def test_ctrl_c_on_the_launcher_ends_exactly_its_nodes(tmp_path: Path, synth_dir
            "--out", str(out)] + _sets(NODE_SETS + ["node.deadline_s=300", "node.start_timeout_s=300"])
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     err = (tmp_path / "launcher.err").open("wb")
-    launcher = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err,
+    launcher = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, preexec_fn=_default_sigint,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         wait_for(lambda: len(_children_of(out)) == 2, 60, "two node processes")
