@@ -42,6 +42,28 @@ def test_bad_files(tmp_path: Path) -> None:
         load(unknown)
 
 
+def test_extends_applies_the_base_first_and_the_file_wins(tmp_path: Path) -> None:
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "old.toml").write_text("[train]\nlr = 0.02\nnegatives = 7\n")
+    spec = tmp_path / "spec.toml"
+    spec.write_text('extends = "base/old.toml"\n[train]\nnegatives = 9\n')
+    cfg = load(spec, ["train.lr=0.5"])
+    assert (cfg.train.lr, cfg.train.negatives) == (0.5, 9)
+    assert load(spec).train.lr == 0.02
+
+
+@pytest.mark.parametrize("text,needle", [
+    ('extends = "nowhere.toml"', "config file not found: .*nowhere.toml"),
+    ('extends = "spec.toml"', "spec.toml: 'extends' loops back"),
+    ("extends = 3", "'extends' must be a file path"),
+])
+def test_bad_extends_is_named(tmp_path: Path, text: str, needle: str) -> None:
+    spec = tmp_path / "spec.toml"
+    spec.write_text(text + "\n")
+    with pytest.raises(ConfigError, match=needle):
+        load(spec)
+
+
 def test_toml_round_trip(tmp_path: Path) -> None:
     cfg = load(None, ["train.lr=0.02", "data.name=synthetic"])
     path = tmp_path / "c.toml"
