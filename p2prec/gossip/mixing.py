@@ -12,6 +12,7 @@ own state), which is how a node that heard nothing behaves.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -141,24 +142,43 @@ def to_torch(w: sp.spmatrix, dtype: torch.dtype = torch.float32) -> torch.Tensor
 
 
 def mix(w: sp.csr_matrix | Sequence[sp.csr_matrix], params: Params, names: list[str] | None = None) -> Params:
-    """``W @ X`` for stacked adapters ``X``: one sparse product over all tensors at once.
+    """``W @ X`` for stacked adapters ``X``: one sparse product per stacked tensor.
 
     ``W`` is ``[R, N]`` for ``N`` stacked states; the result holds ``R`` mixed states. ``W``
     may also be given as factors ``(W1, ..., Wk)`` of ``W = W1 @ ... @ Wk``, applied right to
-    left. Why: an edge hierarchy's ``down @ across @ up`` has a few rows per aggregator but
-    its product is dense within each group (a star's is N x N), so the factors are far cheaper.
+    left. Why factors: an edge hierarchy's ``down @ across @ up`` has a few rows per aggregator
+    but its product is dense within each group (a star's is N x N), so the factors are far
+    cheaper. Why per tensor: a stacked tensor viewed as ``[N, D_k]`` is read in place, while
+    concatenating every tensor into one ``[N, D]`` matrix and splitting the product copies each
+    node's state twice; at 754 nodes of 130k values that made mixing 1.8x slower. Each output
+    entry sums the same terms in the same order either way, so the results are identical.
     """
     names = names or list(params)
     factors = [w] if sp.issparse(w) else list(w)
-    flat = flatten(params, names)
+    rows = params[names[0]].shape[0]
     for factor in reversed(factors):
-        if factor.shape[1] != flat.shape[0]:
-            raise ValueError(f"mixing matrix has {factor.shape[1]} columns but {flat.shape[0]} states were given")
-        flat = torch.sparse.mm(to_torch(factor, flat.dtype), flat)
-    return unflatten(flat, params, names)
+        if factor.shape[1] != rows:
+            raise ValueError(f"mixing matrix has {factor.shape[1]} columns but {rows} states were given")
+        rows = factor.shape[0]
+    sparse = [to_torch(factor, params[names[0]].dtype) for factor in reversed(factors)]
+    out: Params = {}
+    for k in names:
+        x = params[k].reshape(params[k].shape[0], -1)
+        for factor in sparse:
+            x = torch.sparse.mm(factor, x)
+        out[k] = x.reshape(rows, *params[k].shape[1:])
+    return out
 
 
 def consensus_distance(params: Params, names: list[str] | None = None) -> float:
-    """Root-mean-square distance of the nodes' shared adapters from their average."""
-    flat = flatten(params, names or list(params))
-    return float((flat - flat.mean(dim=0, keepdim=True)).pow(2).sum(dim=1).mean().sqrt())
+    """Root-mean-square distance of the nodes' shared adapters from their average.
+
+    Summed tensor by tensor, which gives the distance over the concatenated adapter without
+    building that ``[N, D]`` copy (2x faster at 754 nodes, computed every round).
+    """
+    names = names or list(params)
+    total = 0.0
+    for k in names:
+        x = params[k].reshape(params[k].shape[0], -1)
+        total += float((x - x.mean(dim=0, keepdim=True)).pow(2).sum())
+    return math.sqrt(total / params[names[0]].shape[0])
