@@ -335,7 +335,6 @@ def _children_of(out: Path) -> list[int]:
     return pids
 
 
-@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs /proc to list processes")
 def _default_sigint() -> None:
     """Give the launcher a terminal's Ctrl-C even when the tests run in the background.
 
@@ -346,6 +345,7 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs /proc to list processes")
 def test_ctrl_c_on_the_launcher_ends_exactly_its_nodes(tmp_path: Path, synth_dir: Path, synth_data,  # noqa: ANN001
                                                       tiny_cfg) -> None:
     backbone = make_backbone(synth_data, tiny_cfg, tmp_path / "bb")

@@ -150,7 +150,7 @@ def mix(w: sp.csr_matrix | Sequence[sp.csr_matrix], params: Params, names: list[
     but its product is dense within each group (a star's is N x N), so the factors are far
     cheaper. Why per tensor: a stacked tensor viewed as ``[N, D_k]`` is read in place, while
     concatenating every tensor into one ``[N, D]`` matrix and splitting the product copies each
-    node's state twice; at 754 nodes of 130k values that made mixing 1.8x slower. Each output
+    node's state twice; at 754 nodes of 130k values that made mixing about 2x slower. Each output
     entry sums the same terms in the same order either way, so the results are identical.
     """
     names = names or list(params)
