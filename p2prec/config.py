@@ -109,12 +109,16 @@ class TrainConfig:
     optimizer (Adam, or SGD with ``momentum``) at ``shared_lr``, because averaging across
     nodes cancels its gradient noise (see :class:`p2prec.learn.local.StepSettings`).
 
+    ``lr_schedule`` scales both learning rates by round over ``sim.rounds``: ``constant``
+    or ``cosine`` decay (see :mod:`p2prec.learn.schedule`).
+
     ``backbone_dropout`` keeps the frozen backbone's dropout active during local steps: it
     regularises the adapters. Set it false for bit-for-bit comparisons between code paths.
     """
 
     local_steps: int = _field(1, lo=0)
     lr: float = _field(1e-3, lo=0.0)
+    lr_schedule: str = _field("constant", choices=("constant", "cosine"))
     loss: str = _field("ce", choices=("bce", "bpr", "ce"))
     negatives: int = _field(32, lo=1)
     batch_size: int = _field(1, lo=1)

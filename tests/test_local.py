@@ -8,17 +8,18 @@ import torch
 from p2prec.data.sampler import NegativeSampler
 from p2prec.learn.baselines import adapter_model, step_settings
 from p2prec.learn.population import Population
+from p2prec.learn.schedule import lr_factor, scaled
 from p2prec.model.backbone import build_backbone
 
 
-def _population(cfg, data, steps: int = 2) -> Population:  # noqa: ANN001
+def _population(cfg, data, steps: int = 2, **schedule) -> Population:  # noqa: ANN001
     m = cfg.model
     backbone = build_backbone(data.n_items, m.hidden, m.layers, m.heads, m.intermediate, m.max_len, seed=1)
     backbone.requires_grad_(False)
     model = adapter_model(backbone, cfg)
     nodes = data.nodes(2)[:8]
     return Population(model, data, NegativeSampler(data), nodes, step_settings(cfg), local_steps=steps,
-                      batch_size=2, max_len=m.max_len, negatives=2, seed=3, chunk=3)
+                      batch_size=2, max_len=m.max_len, negatives=2, seed=3, chunk=3, **schedule)
 
 
 def test_vectorized_local_update_matches_per_node_loop(tiny_cfg, synth_data) -> None:  # noqa: ANN001
@@ -47,3 +48,21 @@ def test_local_training_reduces_loss(tiny_cfg, synth_data) -> None:  # noqa: ANN
     pop = _population(tiny_cfg, synth_data, steps=1)
     losses = [pop.train_round(r) for r in range(40)]
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+
+
+def test_cosine_schedule_steps_as_constant_lr_scaled_by_its_factor(tiny_cfg, synth_data) -> None:  # noqa: ANN001
+    """Round 3 of 4 under cosine decay is exactly a constant-schedule step at the scaled rates,
+    for both the vectorized and the per-node path."""
+    factor = lr_factor("cosine", 3, 4)
+    assert 0.0 < factor < 1.0
+    for vectorized in (True, False):
+        cosine = _population(tiny_cfg, synth_data, lr_schedule="cosine", rounds=4)
+        manual = _population(tiny_cfg, synth_data)
+        manual.settings = scaled(manual.settings, factor)
+        cosine.train_round(3, vectorized=vectorized)
+        manual.train_round(3, vectorized=vectorized)
+        for name in cosine.params:
+            assert torch.equal(cosine.params[name], manual.params[name]), name
+        untouched = _population(tiny_cfg, synth_data)
+        untouched.train_round(3, vectorized=vectorized)
+        assert any(not torch.equal(cosine.params[k], untouched.params[k]) for k in cosine.params)

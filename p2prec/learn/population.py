@@ -23,6 +23,7 @@ from p2prec.learn.baselines import step_settings
 from p2prec.learn.batches import TrainBatch, train_batch
 from p2prec.learn.batched import BatchedAdapterModel
 from p2prec.learn.local import Params, StepSettings, adam_step, init_opt_state, local_grads
+from p2prec.learn.schedule import lr_factor, scaled
 from p2prec.learn.tracking import (LAST_GRAD, STEPS, TRACK, TRACKER, init_tracking_state, participation,
                                    tracked_step)
 from p2prec.model.adapters import DualAdapterModel
@@ -45,7 +46,7 @@ class Population:
                  nodes: list[np.ndarray], settings: StepSettings, *, local_steps: int,
                  batch_size: int, max_len: int, negatives: int, seed: int, dropout: bool = False,
                  chunk: int = 128, ids: np.ndarray | None = None, tracking: bool = False,
-                 tracking_fraction: float = 1.0) -> None:
+                 tracking_fraction: float = 1.0, lr_schedule: str = "constant", rounds: int = 0) -> None:
         self.model = model
         self.data = data
         self.sampler = sampler
@@ -68,6 +69,9 @@ class Population:
         self.shared_names = model.shared_names()
         self.tracking = tracking
         self.tracking_fraction = tracking_fraction
+        self.lr_schedule = lr_schedule
+        self.rounds = rounds
+        lr_factor(lr_schedule, 1, rounds)  # an unknown schedule fails here, not mid-run
         if tracking:
             self.state.update(init_tracking_state(self._shared_params(), self.state["t"]))
         self._batched = BatchedAdapterModel(model)
@@ -86,6 +90,7 @@ class Population:
         """Run ``local_steps`` local steps on every active node; return their mean loss."""
         active_ids = np.arange(self.size) if active is None else np.flatnonzero(active)
         losses = torch.zeros(self.size)
+        settings = scaled(self.settings, lr_factor(self.lr_schedule, round_, self.rounds))
         summed = {k: torch.zeros_like(v) for k, v in self._shared_params().items()} if self.tracking else {}
         for step in range(self.local_steps):
             batches = [self.node_batch(int(i), round_, step) for i in active_ids]
@@ -93,18 +98,18 @@ class Population:
             self.model.train(self.dropout)
             try:
                 if vectorized:
-                    self._vectorized_step(active_ids, batches, losses, summed)
+                    self._vectorized_step(active_ids, batches, losses, summed, settings)
                 else:
-                    self._looped_step(active_ids, batches, losses, summed)
+                    self._looped_step(active_ids, batches, losses, summed, settings)
             finally:
                 self.model.eval()
         if self.tracking and self.local_steps and len(active_ids):
-            self._track(active_ids, summed, round_)
+            self._track(active_ids, summed, round_, settings)
         return float(losses[active_ids].mean()) if len(active_ids) and self.local_steps else float("nan")
 
     @torch.no_grad()
     def _vectorized_step(self, ids: np.ndarray, batches: list[TrainBatch], losses: torch.Tensor,
-                         summed: Params) -> None:
+                         summed: Params, settings: StepSettings) -> None:
         for start in range(0, len(ids), self.chunk):
             rows = _rows(ids[start:start + self.chunk])
             part = batches[start:start + self.chunk]
@@ -112,22 +117,23 @@ class Population:
             targets = torch.stack([b.targets for b in part])
             negatives = torch.stack([b.negatives for b in part])
             params = {k: v[rows] for k, v in self.params.items()}
-            grads, loss = self._batched.loss_and_grads(params, inputs, targets, negatives, self.settings.loss)
-            self._apply(rows, params, grads, summed)
+            grads, loss = self._batched.loss_and_grads(params, inputs, targets, negatives, settings.loss)
+            self._apply(rows, params, grads, summed, settings)
             losses[rows] = loss
 
     @torch.no_grad()
     def _looped_step(self, ids: np.ndarray, batches: list[TrainBatch], losses: torch.Tensor,
-                     summed: Params) -> None:
+                     summed: Params, settings: StepSettings) -> None:
         for i, batch in zip(ids, batches):
             params = {k: v[i] for k, v in self.params.items()}
             with torch.enable_grad():
                 grads, loss = local_grads(self.model, params, batch.inputs, batch.targets, batch.negatives,
-                                          self.settings.loss)
-            self._apply(int(i), params, {k: g.detach() for k, g in grads.items()}, summed)
+                                          settings.loss)
+            self._apply(int(i), params, {k: g.detach() for k, g in grads.items()}, summed, settings)
             losses[i] = loss.detach()
 
-    def _apply(self, rows: int | slice | torch.Tensor, params: Params, grads: Params, summed: Params) -> None:
+    def _apply(self, rows: int | slice | torch.Tensor, params: Params, grads: Params, summed: Params,
+               settings: StepSettings) -> None:
         """One local step for the nodes ``rows``: Adam on every tensor, or, with tracking, on
         the private tensors only while the shared adapter's gradients add up in ``summed``."""
         if self.tracking:
@@ -135,13 +141,13 @@ class Population:
                 summed[k][rows] += grads[k]
             params = {k: v for k, v in params.items() if k not in summed}
         keys = ["t", *(f"{moment}.{k}" for k in params for moment in ("m", "v"))]
-        new_params, new_state = adam_step(params, grads, {k: self.state[k][rows] for k in keys}, self.settings)
+        new_params, new_state = adam_step(params, grads, {k: self.state[k][rows] for k in keys}, settings)
         for k, v in new_params.items():
             self.params[k][rows] = v
         for k, v in new_state.items():
             self.state[k][rows] = v
 
-    def _track(self, ids: np.ndarray, summed: Params, round_: int) -> None:
+    def _track(self, ids: np.ndarray, summed: Params, round_: int, settings: StepSettings) -> None:
         """The round's tracked step of the shared adapter for the nodes ``ids``, on their mean
         gradient over the local steps; nodes outside this round's participating share fold in zero."""
         rows = _rows(ids)
@@ -150,7 +156,7 @@ class Population:
         take = torch.from_numpy(participation(self.seed, round_, self.ids[ids], self.tracking_fraction))
         scale = take.to(torch.float32) / self.local_steps
         grads = {k: summed[k][rows] * scale.view(-1, *[1] * (summed[k].dim() - 1)) for k in self.shared_names}
-        stepped, new_state = tracked_step(shared, grads, {k: self.state[k][rows] for k in keys}, self.settings)
+        stepped, new_state = tracked_step(shared, grads, {k: self.state[k][rows] for k in keys}, settings)
         for k, v in stepped.items():
             self.params[k][rows] = v
         for k, v in new_state.items():
@@ -193,4 +199,5 @@ def configured_population(model: DualAdapterModel, data: Dataset, cfg: Config, n
     return Population(model, data, NegativeSampler(data), nodes, step_settings(cfg, model.shared_names()),
                       local_steps=t.local_steps, batch_size=t.batch_size, max_len=cfg.model.max_len,
                       negatives=t.negatives, seed=t.seed, dropout=t.backbone_dropout, chunk=cfg.sim.chunk,
-                      ids=ids, tracking=cfg.gossip.tracking, tracking_fraction=cfg.gossip.tracking_fraction)
+                      ids=ids, tracking=cfg.gossip.tracking, tracking_fraction=cfg.gossip.tracking_fraction,
+                      lr_schedule=t.lr_schedule, rounds=cfg.sim.rounds)
