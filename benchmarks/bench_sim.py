@@ -5,8 +5,12 @@ Measured side by side in one run:
    plain per-node loop over the same local-step and mixing code, and their ratio (the bar is
    at least 20x); the same for local training alone, and what else a round spends
    (batch building, mixing), since those are shared by both paths and bound the ratio;
-2. local training time per chunk size (``sim.chunk``), the default's justification;
-3. memory growth per extra simulated node (resident memory of two child processes at two node
+2. the floor under the vectorized path: the frozen backbone alone, forward and backward to
+   its inputs, over the same round's batches in the same chunks (no LoRA terms, no optimizer,
+   no batch building, no mixing). No batched implementation of this workload in PyTorch on
+   this CPU can train a round faster; 20x needs a round at 1/20 of the loop's time;
+3. local training time per chunk size (``sim.chunk``), the default's justification;
+4. memory growth per extra simulated node (resident memory of two child processes at two node
    counts) against the bytes of one node's adapters plus optimizer state (the bar is at most 3x).
 
 Run: ``python benchmarks/bench_sim.py [--data-dir DIR] [--set k=v] [--threads N] [--chunks 32,64,128,256]``.
@@ -20,10 +24,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import median_time, parser, setup  # noqa: E402
 
+from p2prec.learn.batches import TrainBatch  # noqa: E402
+from p2prec.learn.local import ranking_loss  # noqa: E402
+from p2prec.model.backbone import build_backbone, score  # noqa: E402
 from p2prec.sim.engine import Simulation, select_nodes  # noqa: E402
 from p2prec.sim.runner import build_topology  # noqa: E402
 
@@ -32,6 +41,25 @@ def per_node_state_bytes(sim: Simulation) -> int:
     """Bytes of one node's stacked adapters, gate and optimizer state."""
     tensors = list(sim.pop.params.values()) + list(sim.pop.state.values())
     return sum(t[0].numel() * t.element_size() for t in tensors)
+
+
+def backbone_floor(sim: Simulation, batches: list[TrainBatch], n_items: int) -> None:
+    """The frozen backbone's forward and backward, to its input embeddings, over ``batches``
+    in the simulator's chunks and with its loss: what any batched local step must compute."""
+    c = sim.cfg.model
+    backbone = build_backbone(n_items, c.hidden, c.layers, c.heads, c.intermediate,
+                              c.max_len, c.dropout, c.causal).train(sim.cfg.train.backbone_dropout)
+    backbone.requires_grad_(False)
+    for start in range(0, len(batches), sim.cfg.sim.chunk):
+        part = batches[start:start + sim.cfg.sim.chunk]
+        inputs, targets = torch.cat([b.inputs for b in part]), torch.cat([b.targets for b in part])
+        candidates = torch.cat([targets.unsqueeze(-1), torch.cat([b.negatives for b in part])], dim=-1)
+        embeds = backbone.item_emb(inputs).requires_grad_(True)
+        hidden = backbone.encoder.embeddings(inputs_embeds=embeds)
+        states = backbone.encoder.encoder(hidden, attention_mask=backbone.attention_mask(inputs)).last_hidden_state
+        scores = score(states, backbone.item_emb(candidates).requires_grad_(True))
+        mask = (targets != 0).to(scores.dtype)
+        ranking_loss(scores[..., 0], scores[..., 1:], mask, sim.cfg.train.loss).backward()
 
 
 def child_rss(args: list[str], nodes: int) -> int:
@@ -71,6 +99,8 @@ def main() -> None:
     loop = median_time(lambda: sim.step(next(counter), vectorized=False), args.loop_rounds, warmup=0)
     loop_train = median_time(lambda: sim.pop.train_round(next(counter), vectorized=False), args.loop_rounds, warmup=0)
     batches = median_time(lambda: [sim.pop.node_batch(i, 1, 0) for i in range(n)], args.repeats)
+    round_batches = [sim.pop.node_batch(i, 1, 0) for i in range(n)]
+    floor = median_time(lambda: backbone_floor(sim, round_batches, backbone.config.n_items), args.repeats)
     print(f"workload: {n} nodes, {cfg.train.local_steps} local step(s) of batch {cfg.train.batch_size} x "
           f"max_len {cfg.model.max_len}, {cfg.train.negatives} negatives, chunk {cfg.sim.chunk}, "
           f"backbone dropout {cfg.train.backbone_dropout}, {args.threads} thread(s), topology {cfg.gossip.topology}")
@@ -82,6 +112,8 @@ def main() -> None:
           f"local training alone: {loop_train / vec_train:.1f}x")
     print(f"inside a vectorized round: batch building {batches:.3f} s (in training), local step "
           f"{vec_train - batches:.3f} s, mixing and the rest {vec - vec_train:.3f} s")
+    print(f"floor: the frozen backbone alone, forward and backward over the same batches, {floor:.3f} s; "
+          f"20x needs a whole round in {loop / 20:.3f} s ({floor / (loop / 20):.2f}x of that budget)")
 
     print("\n| chunk | local training, median s |\n|---|---|")
     for chunk in (int(c) for c in args.chunks.split(",")):
