@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Re-run every experiment behind the README's results section and print its tables.
-# Usage: sim/reproduce.sh [DATA_DIR] [a|b|c|d|e|f|g|h ...]   (default: $P2PREC_DATA or ../shared/data; all groups)
+# Usage: sim/reproduce.sh [DATA_DIR] [a|b|c|d|e|f|g|h|i ...]   (default: $P2PREC_DATA or ../shared/data; all groups)
 # Groups: a quality per topology, b consensus speed, c faults, d codecs, e local DP, f Byzantine nodes,
-#         g gradient tracking, h what test NDCG@10 depends on (session 4).
+#         g gradient tracking, h what test NDCG@10 depends on (session 4), i learning rates (session 6).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data="${1:-${P2PREC_DATA:-../shared/data}}"
 shift || true
-groups="${*:-a b c d e f g h}"
+groups="${*:-a b c d e f g h i}"
 for group in $groups; do
   for spec in sim/"$group"-*.toml; do
     name=$(basename "$spec" .toml)
