@@ -27,8 +27,9 @@ def test_rounds_past_the_horizon_take_the_last_factor() -> None:
 
 
 def test_unknown_schedule_names_the_key() -> None:
-    with pytest.raises(ValueError, match="train.lr_schedule"):
-        lr_factor("linear", 1, 10)
+    for rounds in (10, 0):
+        with pytest.raises(ValueError, match="train.lr_schedule"):
+            lr_factor("linear", 1, rounds)
 
 
 def test_scaled_multiplies_both_rates_and_nothing_else() -> None:
