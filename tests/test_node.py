@@ -10,12 +10,15 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from p2prec.config import GossipConfig, SimConfig
 from p2prec.gossip.aggregate import aggregator_mixing, combine, count_weighted_row, heard_row
 from p2prec.gossip.mixing import count_weighted_rows, mix, row_normalise, row_normalise_rect, silence_senders
 from p2prec.node import checkpoint
 from p2prec.node.cli import main
 from p2prec.node.inbox import Abandoned, Inbox
 from p2prec.node.place import FLAT, place
+from p2prec.sim.faults import FaultPlan
+from p2prec.sim.plan import MixingPlan
 from p2prec.topology import TopologyError, aggregators, build, metropolis_hastings
 from p2prec.topology.roles import AGGREGATOR, AGGREGATOR_ONLY, CLIENT
 from p2prec.wire import Message, MessageType
@@ -155,6 +158,27 @@ def test_place_gives_roles_peers_and_the_mixing_row() -> None:
         place(_addressed(build("ring", 5)), 9, 5)
 
 
+def test_every_node_draws_the_simulators_matching_for_each_round() -> None:
+    """``gossip.mixing=matching``: each node computes round t's matching from the shared seed
+    alone; all nodes' partner lists agree with each other and with the simulator's plan."""
+    graph = _addressed(build("small-world:k=4", 12, seed=1))
+    cfg = GossipConfig(topology="small-world", mixing="matching", seed=5)
+    places = [place(graph, v, 12, cfg) for v in range(12)]
+    plan = MixingPlan(graph, 12, np.ones(12), cfg)
+    quiet = FaultPlan(SimConfig(), 12)
+    draws = []
+    for rnd in (1, 2, 3):
+        w = plan.round(rnd, quiet.round(rnd)).a + sp.diags(plan.round(rnd, quiet.round(rnd)).d)
+        for v, here in enumerate(places):
+            row = here.rounds.round(rnd)[v]
+            assert np.allclose(row.toarray(), w[[v]].toarray())
+            partners = [j for j in row.indices if j != v]
+            assert len(partners) <= 1 and all(j in here.peers for j in partners)
+            assert all(v in places[j].rounds.round(rnd)[j].indices for j in partners)
+        draws.append(w.toarray())
+    assert not np.allclose(draws[0], draws[1])
+
+
 @pytest.fixture()
 def node_files(tmp_path: Path, synth_dir: Path, synth_data, tiny_cfg) -> tuple[Path, Path]:  # noqa: ANN001
     config = node_config(tmp_path, synth_dir, build("ring", 3), ["sim.nodes=3", "sim.rounds=2"])
@@ -166,6 +190,7 @@ def node_files(tmp_path: Path, synth_dir: Path, synth_data, tiny_cfg) -> tuple[P
     ("topology", "does not exist"),
     ("id", "node id 7 is not in the topology"),
     ("checkpoint", "is unreadable"),
+    ("peers", "gossip.mixing: real nodes support 'metropolis' and 'matching' so far, got 'peers'"),
 ])
 def test_node_cli_bad_input_is_one_line_and_status_2(node_files: tuple[Path, Path], case: str, needle: str,
                                                      capsys: pytest.CaptureFixture) -> None:
@@ -177,6 +202,8 @@ def test_node_cli_bad_input_is_one_line_and_status_2(node_files: tuple[Path, Pat
         args += ["--set", f"gossip.topology={config.parent / 'missing.json'}"]
     elif case == "id":
         args[-1] = "7"
+    elif case == "peers":
+        args += ["--set", "gossip.mixing=peers"]
     else:
         bad = config.parent / "nodes" / "node-0" / checkpoint.FILE_NAME
         bad.parent.mkdir(parents=True)

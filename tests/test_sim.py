@@ -15,7 +15,8 @@ from p2prec.gossip.mixing import mix, row_normalise
 from p2prec.learn.batches import train_batch
 from p2prec.learn.baselines import step_settings
 from p2prec.learn.local import adam_step, init_opt_state, local_grads, local_step
-from p2prec.learn.tracking import LAST_GRAD, TRACK, TRACKER, init_tracking_state, participation, tracked_step
+from p2prec.learn.tracking import (LAST_GRAD, TRACK, TRACKER, gradient_weights, init_tracking_state, participation,
+                                   tracked_step)
 from p2prec.model.backbone import build_backbone
 from p2prec.sim.cli import main
 from p2prec.sim.runner import build_topology
@@ -137,6 +138,27 @@ def test_partial_participation_folds_only_the_drawn_nodes_gradients_into_the_tra
         assert (grads[torch.from_numpy(~took)] == 0).all() and (grads[torch.from_numpy(took)].abs().sum(1) > 0).all()
         trackers = torch.cat([sim.pop.state[TRACKER + k].flatten(1) for k in names], 1)
         torch.testing.assert_close(trackers.sum(0), grads.sum(0), atol=1e-5, rtol=1e-4)
+
+
+def test_sample_weighting_scales_each_nodes_tracked_gradient_by_its_interaction_count(synth_dir, synth_data) -> None:  # noqa: ANN001
+    """``tracking_weight=samples``: a node folds its count times the gradient it would fold
+    under ``node`` weighting (same seeds, so the same round-1 gradient), and the trackers then
+    sum to the count-weighted gradients, the objective FedAvg's server average optimises."""
+    extra = ["sim.nodes=8", "gossip.topology=ring"]
+    plain = _sim(synth_dir, synth_data, extra)
+    weighted = _sim(synth_dir, synth_data, extra + ["gossip.tracking_weight=samples"])
+    counts = torch.tensor([sum(len(synth_data.train[u]) for u in node) for node in weighted.nodes],
+                          dtype=torch.float32)
+    assert counts.unique().numel() > 1
+    torch.testing.assert_close(weighted.pop.weights, counts)
+    plain.step(1)
+    weighted.step(1)
+    for k in weighted.pop.shared_names:
+        scaled = counts.view(-1, *[1] * (plain.pop.state[LAST_GRAD + k].dim() - 1)) * plain.pop.state[LAST_GRAD + k]
+        torch.testing.assert_close(weighted.pop.state[LAST_GRAD + k], scaled, atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(weighted.pop.state[TRACKER + k].sum(0), scaled.sum(0), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="tracking_weight"):
+        gradient_weights("users", counts.numpy())
 
 
 def test_a_lossy_codec_keeps_a_residual_that_keeps_the_tracker_sum_exact(synth_dir, synth_data) -> None:  # noqa: ANN001

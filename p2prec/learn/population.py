@@ -24,8 +24,8 @@ from p2prec.learn.batches import TrainBatch, train_batch
 from p2prec.learn.batched import BatchedAdapterModel
 from p2prec.learn.local import Params, StepSettings, adam_step, init_opt_state, local_grads
 from p2prec.learn.schedule import lr_factor, scaled
-from p2prec.learn.tracking import (LAST_GRAD, STEPS, TRACK, TRACKER, init_tracking_state, participation,
-                                   tracked_step)
+from p2prec.learn.tracking import (LAST_GRAD, STEPS, TRACK, TRACKER, gradient_weights, init_tracking_state,
+                                   participation, tracked_step)
 from p2prec.model.adapters import DualAdapterModel
 
 
@@ -46,7 +46,8 @@ class Population:
                  nodes: list[np.ndarray], settings: StepSettings, *, local_steps: int,
                  batch_size: int, max_len: int, negatives: int, seed: int, dropout: bool = False,
                  chunk: int = 128, ids: np.ndarray | None = None, tracking: bool = False,
-                 tracking_fraction: float = 1.0, lr_schedule: str = "constant", rounds: int = 0) -> None:
+                 tracking_fraction: float = 1.0, tracking_weight: str = "node", lr_schedule: str = "constant",
+                 rounds: int = 0) -> None:
         self.model = model
         self.data = data
         self.sampler = sampler
@@ -69,6 +70,8 @@ class Population:
         self.shared_names = model.shared_names()
         self.tracking = tracking
         self.tracking_fraction = tracking_fraction
+        counts = np.asarray([sum(len(data.train[u]) for u in users) for users in nodes], dtype=np.float64)
+        self.weights = gradient_weights(tracking_weight, counts)
         self.lr_schedule = lr_schedule
         self.rounds = rounds
         lr_factor(lr_schedule, 1, rounds)  # an unknown schedule fails here, not mid-run
@@ -149,12 +152,13 @@ class Population:
 
     def _track(self, ids: np.ndarray, summed: Params, round_: int, settings: StepSettings) -> None:
         """The round's tracked step of the shared adapter for the nodes ``ids``, on their mean
-        gradient over the local steps; nodes outside this round's participating share fold in zero."""
+        gradient over the local steps, times its weight; nodes outside this round's participating
+        share fold in zero."""
         rows = _rows(ids)
         shared = {k: self.params[k][rows] for k in self.shared_names}
         keys = [STEPS, *(f"{p}{k}" for k in self.shared_names for p in (TRACKER, LAST_GRAD, "m.", "v."))]
         take = torch.from_numpy(participation(self.seed, round_, self.ids[ids], self.tracking_fraction))
-        scale = take.to(torch.float32) / self.local_steps
+        scale = take.to(torch.float32) * self.weights[rows] / self.local_steps
         grads = {k: summed[k][rows] * scale.view(-1, *[1] * (summed[k].dim() - 1)) for k in self.shared_names}
         stepped, new_state = tracked_step(shared, grads, {k: self.state[k][rows] for k in keys}, settings)
         for k, v in stepped.items():
@@ -200,4 +204,4 @@ def configured_population(model: DualAdapterModel, data: Dataset, cfg: Config, n
                       local_steps=t.local_steps, batch_size=t.batch_size, max_len=cfg.model.max_len,
                       negatives=t.negatives, seed=t.seed, dropout=t.backbone_dropout, chunk=cfg.sim.chunk,
                       ids=ids, tracking=cfg.gossip.tracking, tracking_fraction=cfg.gossip.tracking_fraction,
-                      lr_schedule=t.lr_schedule, rounds=cfg.sim.rounds)
+                      tracking_weight=cfg.gossip.tracking_weight, lr_schedule=t.lr_schedule, rounds=cfg.sim.rounds)

@@ -70,6 +70,23 @@ def participation(seed: int, round_: int, ids: np.ndarray, fraction: float) -> n
                       dtype=bool)
 
 
+def gradient_weights(kind: str, counts: np.ndarray) -> torch.Tensor:
+    """Each node's weight in the tracked average gradient, from its training-interaction counts.
+
+    Why ``samples``: with doubly-stochastic mixing the trackers follow the plain mean of the
+    nodes' gradients, so a user with 20 ratings pulls the shared adapter as hard as one with
+    500; FedAvg's server and centralized training instead count every interaction once. Scaling
+    a node's gradient by its own count before it enters the tracker gives the decentralized
+    run that same objective. No global normaliser is needed, and none is known to a lone node:
+    the tracked step is Adam, which divides out the gradient's overall scale.
+    """
+    if kind == "node":
+        return torch.ones(len(counts))
+    if kind == "samples":
+        return torch.as_tensor(counts, dtype=torch.float32)
+    raise ValueError(f"gossip.tracking_weight: unknown weighting {kind!r}; use 'node' or 'samples'")
+
+
 def init_tracking_state(shared: Params, like_steps: torch.Tensor) -> Params:
     """Zero trackers, zero last gradients and a zero step count, shaped like ``shared``.
 

@@ -23,9 +23,9 @@ log = logging.getLogger("p2prec.node")
 
 def check_config(cfg: Config) -> None:
     """Refuse settings a real node does not implement yet, rather than ignore them silently."""
-    default = Config().gossip.mixing
-    if cfg.gossip.mixing != default:
-        raise ConfigError(f"gossip.mixing: real nodes support only {default!r} so far, got {cfg.gossip.mixing!r}")
+    if cfg.gossip.mixing == "peers":
+        raise ConfigError("gossip.mixing: real nodes support 'metropolis' and 'matching' so far, got 'peers' "
+                          "(pushing to random nodes of the whole network)")
 
 
 def build_node(cfg: Config, node_id: int, backbone_dir: str | None):  # noqa: ANN201 - a Node; imported lazily
@@ -48,7 +48,7 @@ def build_node(cfg: Config, node_id: int, backbone_dir: str | None):  # noqa: AN
     data = load_data(cfg)
     nodes = select_nodes(data, cfg)
     graph = load(cfg.gossip.topology, len(nodes), cfg.gossip.seed)
-    where = place(graph, node_id, len(nodes))
+    where = place(graph, node_id, len(nodes), cfg.gossip)
     keys = node_keys(cfg.security, node_id, graph) if cfg.security.enabled else None
     model = adapter_model(ensure_backbone(data, cfg, backbone_dir), cfg)
     learner = Learner(cfg, data, model, nodes[node_id], node_id) if where.has_data else None

@@ -15,8 +15,10 @@ from functools import cached_property
 import networkx as nx
 import scipy.sparse as sp
 
+from p2prec.config import GossipConfig
 from p2prec.gossip.aggregate import aggregator_mixing
-from p2prec.topology import TopologyError, aggregators, metropolis_hastings, validate
+from p2prec.gossip.rounds import FlatMixing
+from p2prec.topology import TopologyError, aggregators, validate
 from p2prec.topology.roles import AGGREGATOR_ONLY, CLIENT
 from p2prec.wire import MessageType
 
@@ -31,7 +33,9 @@ class Place:
     ``kind`` is ``flat``, or the node's role in an edge hierarchy (client, aggregator,
     aggregator-only). ``mixing`` is the Metropolis-Hastings matrix this node reads its row
     from: over the data nodes (flat) or over the aggregators (``mixing_ids[k]`` is row k's
-    node id); clients do not mix. ``senders`` says which message type each peer may send.
+    node id); clients do not mix. A flat node's ``rounds`` gives each round's matrix, the
+    same as ``mixing`` unless peers are sampled anew every round (``gossip.mixing``).
+    ``senders`` says which message type each peer may send.
     """
 
     node: int
@@ -44,6 +48,7 @@ class Place:
     agg_peers: tuple[int, ...] = ()
     mixing: sp.csr_matrix | None = None
     mixing_ids: tuple[int, ...] = ()
+    rounds: FlatMixing | None = None
 
     @property
     def has_data(self) -> bool:
@@ -71,8 +76,9 @@ def _address(graph: nx.Graph, node: int) -> str:
     return address.strip()
 
 
-def place(graph: nx.Graph, node: int, n_data_nodes: int) -> Place:
-    """This node's :class:`Place`; :class:`TopologyError` if the topology cannot run it."""
+def place(graph: nx.Graph, node: int, n_data_nodes: int, gossip: GossipConfig | None = None) -> Place:
+    """This node's :class:`Place` under ``gossip`` (the defaults if None); :class:`TopologyError`
+    if the topology cannot run it."""
     validate(graph, n_data_nodes=n_data_nodes)
     if node not in graph:
         raise TopologyError(f"node id {node} is not in the topology (ids 0..{graph.number_of_nodes() - 1})")
@@ -80,9 +86,9 @@ def place(graph: nx.Graph, node: int, n_data_nodes: int) -> Place:
     n = graph.number_of_nodes()
     if not aggs:
         peers = sorted(graph.neighbors(node))
-        mixing = metropolis_hastings(graph.subgraph(range(n_data_nodes)))
+        rounds = FlatMixing(graph.subgraph(range(n_data_nodes)), gossip or GossipConfig())
         return Place(node, FLAT, _address(graph, node), {j: _address(graph, j) for j in peers}, n,
-                     mixing=mixing, mixing_ids=tuple(range(n_data_nodes)))
+                     mixing=rounds.base, mixing_ids=tuple(range(n_data_nodes)), rounds=rounds)
     role = graph.nodes[node]["role"]
     if role == CLIENT:
         hub = graph.nodes[node].get("aggregator")

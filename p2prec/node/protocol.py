@@ -1,7 +1,8 @@
 """One synchronous round of DESIGN section 2, for each role, over real sockets.
 
-- flat: local update, send the shared adapter to every neighbour, collect theirs until the
-  deadline, mix with the topology's weights renormalised over who answered;
+- flat: local update, send the shared adapter to this round's partners (every neighbour, or
+  the round's drawn matching), collect theirs until the deadline, mix with the round's
+  weights renormalised over who answered;
 - client of an edge aggregator: local update, send the shared adapter up with its sample
   count, take the aggregator's result when it comes back (keep its own if it does not);
 - aggregator (training or aggregator-only): local update if it has data, average what its
@@ -121,16 +122,18 @@ class Protocol:
     async def _flat(self, round_: int) -> RoundResult:
         loss, local_s = await self._train(round_)
         own = self.learner.shared()
-        sent = await self._send(self.place.peers, MessageType.GOSSIP, round_, own, self.feedback)
-        got = await self.inbox.collect(round_, MessageType.GOSSIP, self.place.peers, self._deadline(round_))
         me = self.place.node
-        row = heard_row(self.place.mixing, me, got)
+        w = self.place.rounds.round(round_)
+        partners = [int(j) for j in w[me].indices if j != me]
+        sent = await self._send(partners, MessageType.GOSSIP, round_, own, self.feedback)
+        got = await self.inbox.collect(round_, MessageType.GOSSIP, partners, self._deadline(round_))
+        row = heard_row(w, me, got)
         received = {j: m.tensors for j, m in got.items()}
         if self.rule is None:
             self.learner.set_shared(combine(row, {me: own, **received}))
         else:
             self.learner.set_shared(robust_combine(self.rule, row, me, own, received))
-        return RoundResult(loss, len(got), len(self.place.peers), local_s, sent)
+        return RoundResult(loss, len(got), len(partners), local_s, sent)
 
     async def _client(self, round_: int) -> RoundResult:
         loss, local_s = await self._train(round_)

@@ -17,20 +17,18 @@ import numpy as np
 import scipy.sparse as sp
 
 from p2prec.config import GossipConfig
-from p2prec.data.sampler import seeded_rng
 from p2prec.gossip.aggregate import aggregator_mixing
+from p2prec.gossip.rounds import FlatMixing
 from p2prec.gossip.mixing import (
     count_weighted_rows,
     drop_messages,
     freeze_rows,
-    matching_matrix,
     row_normalise,
     row_normalise_rect,
     silence_senders,
-    uniform_peer_matrix,
 )
 from p2prec.sim.faults import RoundFaults
-from p2prec.topology import aggregators, metropolis_hastings
+from p2prec.topology import aggregators
 from p2prec.topology.roles import AGGREGATOR_ONLY
 
 
@@ -93,9 +91,7 @@ class MixingPlan:
             self._init_hierarchy(graph)
         else:
             self.kind = "flat"
-            data_graph = graph.subgraph(range(n))
-            self.base = metropolis_hastings(data_graph)
-            self.edges = np.asarray([(u, v) for u, v in data_graph.edges if u != v], dtype=np.int64).reshape(-1, 2)
+            self.flat = FlatMixing(graph.subgraph(range(n)), cfg)
 
     def _init_hierarchy(self, graph: nx.Graph) -> None:
         index = {a: k for k, a in enumerate(self.aggs)}
@@ -125,13 +121,7 @@ class MixingPlan:
         return self._hierarchy(faults)
 
     def _flat(self, rnd: int, f: RoundFaults) -> RoundMixing:
-        rng = seeded_rng(self.cfg.seed, rnd, 0x60551)
-        if self.cfg.mixing == "peers":
-            w = uniform_peer_matrix(self.n, self.cfg.peers, rng)
-        elif self.cfg.mixing == "matching":
-            w = matching_matrix(self.edges, self.n, rng)
-        else:
-            w = self.base
+        w = self.flat.round(rnd)
         messages = _count_sent(w, ~f.down)
         w = silence_senders(w, f.down | f.lost)
         w = drop_messages(w, f.drop_prob, f.rng) if f.drop_prob else w
