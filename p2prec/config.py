@@ -183,9 +183,11 @@ class GossipConfig:
     mini-batch noise (:func:`p2prec.learn.tracking.participation`; at 0.1 it lowered
     ML-100K small-world test NDCG@10 from 0.409 to 0.398).
     ``tracking_weight`` is what each node's gradient counts for in the tracked average:
-    ``node`` (every node alike) or ``samples`` (in proportion to the node's training
-    interactions, the weighting FedAvg's server average applies;
-    :func:`p2prec.learn.tracking.gradient_weights`).
+    ``samples`` (the default: in proportion to the node's training interactions, the
+    weighting FedAvg's server average applies; :func:`p2prec.learn.tracking.gradient_weights`)
+    or ``node`` (every node alike). Where an aggregator averages the nodes (edge hierarchy,
+    FedAvg server) its count weights already do this, and the key is not applied again.
+    Measured on ML-100K small-world: validation NDCG@10 0.481 with ``samples``, 0.471 with ``node``.
     """
 
     topology: str = "small-world"
@@ -197,7 +199,7 @@ class GossipConfig:
     int8_block: int = _field(0, lo=0)
     tracking: bool = True
     tracking_fraction: float = _field(1.0, lo=1e-3, hi=1.0)
-    tracking_weight: str = _field("node", choices=("node", "samples"))
+    tracking_weight: str = _field("samples", choices=("node", "samples"))
 
 
 @dataclass

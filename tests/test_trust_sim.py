@@ -123,8 +123,8 @@ def test_a_robust_rule_mixes_the_true_own_state_not_its_decoded_copy(synth_dir, 
         fast.step(r)
         robust.step(r)
     mixed = robust.pop.shared()
-    for k, v in fast.pop.shared().items():
-        assert torch.allclose(mixed[k], v, atol=1e-6), k
+    for k, v in fast.pop.shared().items():  # trackers of count-weighted gradients reach ~10: a relative bound
+        assert torch.allclose(mixed[k], v, atol=1e-6 * max(1.0, float(v.abs().max()))), k
 
 
 def test_private_update_is_clipped_then_noised_and_the_node_keeps_what_it_released(  # noqa: ANN001

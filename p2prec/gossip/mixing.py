@@ -87,18 +87,23 @@ def _choose_others(i: int, n: int, k: int, rng: np.random.Generator) -> np.ndarr
 
 def matching_matrix(edges: np.ndarray, n: int, rng: np.random.Generator) -> sp.csr_matrix:
     """A random maximal matching over ``edges`` ``[E, 2]``; matched pairs average, others keep."""
-    order = rng.permutation(len(edges))
-    taken = np.zeros(n, dtype=bool)
-    pairs = []
-    for u, v in edges[order]:
-        if u != v and not taken[u] and not taken[v]:
-            taken[u] = taken[v] = True
-            pairs.append((u, v))
+    shuffled = edges[rng.permutation(len(edges))]
+    taken = [False] * n
+    pairs: list[tuple[int, int]] = []
+    # Plain ints in chunks: this loop may visit every edge, and it stops once at most one node
+    # is left free (no edge can be added), which on a dense graph is long before the end.
+    for start in range(0, len(shuffled), 4096):
+        for u, v in shuffled[start:start + 4096].tolist():
+            if u != v and not taken[u] and not taken[v]:
+                taken[u] = taken[v] = True
+                pairs.append((u, v))
+        if 2 * len(pairs) >= n - 1:
+            break
     a = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
     rows = np.concatenate([a[:, 0], a[:, 1], a[:, 0], a[:, 1]])
     cols = np.concatenate([a[:, 1], a[:, 0], a[:, 0], a[:, 1]])
     w = sp.coo_matrix((np.full(len(rows), 0.5), (rows, cols)), shape=(n, n))
-    return sp.csr_matrix(w + sp.diags((~taken).astype(np.float64)))
+    return sp.csr_matrix(w + sp.diags(~np.asarray(taken) * 1.0))
 
 
 def count_weighted_rows(members: list[np.ndarray], counts: np.ndarray, n: int) -> sp.csr_matrix:

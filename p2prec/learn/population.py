@@ -196,12 +196,19 @@ def gossip_template(model: DualAdapterModel, tracking: bool) -> Params:
 
 
 def configured_population(model: DualAdapterModel, data: Dataset, cfg: Config, nodes: list[np.ndarray],
-                          ids: np.ndarray | None = None) -> Population:
+                          ids: np.ndarray | None = None, gossiped: bool = True) -> Population:
     """The population ``cfg`` describes. The simulator (all its nodes) and a real node (itself
-    alone, with its global id in ``ids``) both build it here, so their local updates cannot drift."""
+    alone, with its global id in ``ids``) both build it here, so their local updates cannot drift.
+
+    ``gossiped``: the nodes mix their states among themselves (flat gossip). Otherwise an
+    aggregator's count-weighted average mixes them (an edge hierarchy, FedAvg's server), which
+    already weighs each node by its samples, or nothing does (local-only); either way
+    ``gossip.tracking_weight`` is not applied there.
+    """
     t = cfg.train
+    weight = cfg.gossip.tracking_weight if gossiped else "node"
     return Population(model, data, NegativeSampler(data), nodes, step_settings(cfg, model.shared_names()),
                       local_steps=t.local_steps, batch_size=t.batch_size, max_len=cfg.model.max_len,
                       negatives=t.negatives, seed=t.seed, dropout=t.backbone_dropout, chunk=cfg.sim.chunk,
                       ids=ids, tracking=cfg.gossip.tracking, tracking_fraction=cfg.gossip.tracking_fraction,
-                      tracking_weight=cfg.gossip.tracking_weight, lr_schedule=t.lr_schedule, rounds=cfg.sim.rounds)
+                      tracking_weight=weight, lr_schedule=t.lr_schedule, rounds=cfg.sim.rounds)

@@ -38,7 +38,7 @@ def build_node(cfg: Config, node_id: int, backbone_dir: str | None):  # noqa: AN
     from p2prec.learn.population import gossip_template
     from p2prec.model.pretrain import ensure_backbone
     from p2prec.node.learner import Learner
-    from p2prec.node.place import place
+    from p2prec.node.place import FLAT, place
     from p2prec.node.runtime import Node
     from p2prec.node.security import node_keys
     from p2prec.sim.engine import select_nodes
@@ -51,7 +51,8 @@ def build_node(cfg: Config, node_id: int, backbone_dir: str | None):  # noqa: AN
     where = place(graph, node_id, len(nodes), cfg.gossip)
     keys = node_keys(cfg.security, node_id, graph) if cfg.security.enabled else None
     model = adapter_model(ensure_backbone(data, cfg, backbone_dir), cfg)
-    learner = Learner(cfg, data, model, nodes[node_id], node_id) if where.has_data else None
+    learner = Learner(cfg, data, model, nodes[node_id], node_id, gossiped=where.kind == FLAT) if where.has_data \
+        else None
     template = {k: v.numpy() for k, v in gossip_template(model, cfg.gossip.tracking).items()}
     return Node(cfg, where, learner, template, Path(cfg.node.dir) / f"node-{node_id}", keys)
 

@@ -26,13 +26,15 @@ OPT = "opt/"
 
 
 class Learner:
-    """Node ``node``'s adapters, optimizer state and evaluation set, for the users in ``users``."""
+    """Node ``node``'s adapters, optimizer state and evaluation set, for the users in ``users``;
+    ``gossiped`` unless an edge aggregator averages its state (see :func:`configured_population`)."""
 
-    def __init__(self, cfg: Config, data: Dataset, model: DualAdapterModel, users: np.ndarray, node: int) -> None:
+    def __init__(self, cfg: Config, data: Dataset, model: DualAdapterModel, users: np.ndarray, node: int,
+                 gossiped: bool = True) -> None:
         self.cfg = cfg
         self.model = model
         self.users = users
-        self.pop = configured_population(model, data, cfg, [users], ids=np.asarray([node]))
+        self.pop = configured_population(model, data, cfg, [users], ids=np.asarray([node]), gossiped=gossiped)
         self.eval_set = federated_eval_set(data, cfg, [users])
         self.samples = int(sum(len(data.train[u]) for u in users))
 

@@ -47,6 +47,7 @@ from p2prec.sim.attacks import byzantine_count, choose_byzantine, inject
 from p2prec.sim.faults import FaultPlan, RoundFaults
 from p2prec.sim.plan import MixingPlan, RoundMixing
 from p2prec.sim.results import make_record
+from p2prec.topology import aggregators
 from p2prec.wire import Message, MessageType, encode
 
 PLAIN = get_codec("none")
@@ -97,7 +98,8 @@ class Simulation:
         self.model = adapter_model(backbone, cfg)
         self.nodes = select_nodes(data, cfg)
         n = len(self.nodes)
-        self.pop = configured_population(self.model, data, cfg, self.nodes)
+        self.pop = configured_population(self.model, data, cfg, self.nodes,
+                                         gossiped=graph is not None and not aggregators(graph))
         attackers = byzantine_count(cfg.sim.byzantine, n) if cfg.sim.attack != "none" else 0
         self.byzantine = choose_byzantine(n, attackers, cfg.sim.seed)
         self.honest = torch.from_numpy(np.flatnonzero(~self.byzantine.numpy()))
