@@ -14,6 +14,7 @@ from p2prec.gossip.robust import (
     Neighbourhood,
     clipped_gossip,
     coordinate_median,
+    sort_few,
     get_rule,
     robust_mix,
     trimmed_mean,
@@ -110,6 +111,15 @@ def test_a_hub_does_not_pad_everyone_to_its_degree(monkeypatch: pytest.MonkeyPat
     robust_mix(weighted_mean, w, torch.randn(n, 10))
     # the leaves are padded to one slot only, the hub alone to its degree
     assert seen == [(n - 1, 1, 10), (1, n - 1, 10)]
+
+
+@pytest.mark.parametrize("k", [1, 2, 7, 8, 11])
+def test_sort_few_sorts_like_torch_sort(k: int) -> None:
+    g = torch.Generator().manual_seed(k)
+    values = torch.randint(-3, 4, (5, k, 40), generator=g).float()  # many ties
+    values[0, 0, :5] = torch.inf
+    values[1, -1, :5] = -torch.inf
+    assert torch.equal(sort_few(values), values.sort(dim=1).values)
 
 
 def test_config_rule_names_match_the_registry() -> None:
