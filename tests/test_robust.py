@@ -120,6 +120,7 @@ def test_sort_few_sorts_like_torch_sort(k: int) -> None:
     values[0, 0, :5] = torch.inf
     values[1, -1, :5] = -torch.inf
     assert torch.equal(sort_few(values), values.sort(dim=1).values)
+    assert torch.equal(sort_few(values, block=7), values.sort(dim=1).values)  # blocks that do not divide P
 
 
 def test_config_rule_names_match_the_registry() -> None:
