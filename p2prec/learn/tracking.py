@@ -28,6 +28,10 @@ membership from the shared seed and the round, so no coordinator is needed. Meas
 ML-100K small-world at 0.1 it did not help: the trackers then change faster than gossip
 averages them.
 
+With ``gossip.tracking_weight = "samples"`` (the default since session 7) each node's
+``g_i`` is its gradient times its training-interaction count (:func:`gradient_weights`), so
+the trackers follow the count-weighted average gradient, FedAvg's objective.
+
 The trackers travel with the shared adapter under the names ``track.<tensor>``, so the
 codec, the privacy mechanism, the robust rules and the wire validator treat them like any
 other gossiped tensor.
