@@ -4,7 +4,7 @@
 # Groups: a quality per topology, b consensus speed, c faults, d codecs, e local DP, f Byzantine nodes,
 #         g gradient tracking, h what test NDCG@10 depends on (session 4), i learning rates (session 6),
 #         j weighting gradients by samples (session 7), k one exchange per round (the issue-5 byte budget),
-#         l faster-mixing graphs of the same degree (session 7).
+#         l a faster-mixing graph of the same degree (session 7).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data="${1:-${P2PREC_DATA:-../shared/data}}"
