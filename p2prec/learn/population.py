@@ -40,6 +40,8 @@ class Population:
     Invariant: ``params[name][i]`` is node i's tensor ``name`` (the model's parameter
     names); ``state`` holds the matching Adam moments and per-node step counts ``t`` and,
     with ``tracking``, each node's tracker and last gradient of the shared adapter.
+    ``counts[i]`` is node i's number of training interactions (FedAvg's and the tracked
+    average's weight).
     """
 
     def __init__(self, model: DualAdapterModel, data: Dataset, sampler: NegativeSampler,
@@ -70,8 +72,8 @@ class Population:
         self.shared_names = model.shared_names()
         self.tracking = tracking
         self.tracking_fraction = tracking_fraction
-        counts = np.asarray([sum(len(data.train[u]) for u in users) for users in nodes], dtype=np.float64)
-        self.weights = gradient_weights(tracking_weight, counts)
+        self.counts = np.asarray([sum(len(data.train[u]) for u in users) for users in nodes], dtype=np.float64)
+        self.weights = gradient_weights(tracking_weight, self.counts)
         self.lr_schedule = lr_schedule
         self.rounds = rounds
         lr_factor(lr_schedule, 1, rounds)  # an unknown schedule fails here, not mid-run

@@ -36,7 +36,7 @@ class Learner:
         self.users = users
         self.pop = configured_population(model, data, cfg, [users], ids=np.asarray([node]), gossiped=gossiped)
         self.eval_set = federated_eval_set(data, cfg, [users])
-        self.samples = int(sum(len(data.train[u]) for u in users))
+        self.samples = int(self.pop.counts[0])
 
     def trains(self, round_: int) -> bool:
         """Whether round ``round_`` has a local update (none once ``sim.train_rounds`` have passed)."""

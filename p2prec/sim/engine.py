@@ -104,8 +104,7 @@ class Simulation:
         self.byzantine = choose_byzantine(n, attackers, cfg.sim.seed)
         self.honest = torch.from_numpy(np.flatnonzero(~self.byzantine.numpy()))
         self.eval_set = federated_eval_set(data, cfg, [self.nodes[i] for i in self.honest.tolist()])
-        counts = np.asarray([sum(len(data.train[u]) for u in node) for node in self.nodes], dtype=np.float64)
-        self.plan = MixingPlan(graph, n, counts, cfg.gossip)
+        self.plan = MixingPlan(graph, n, self.pop.counts, cfg.gossip)
         self.faults = FaultPlan(cfg.sim, n)
         self.rule = rule_from_config(cfg.robust)
         if self.rule is not None and self.plan.kind == "hierarchy":
