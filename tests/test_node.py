@@ -22,6 +22,7 @@ from p2prec.sim.plan import MixingPlan
 from p2prec.topology import TopologyError, aggregators, build, metropolis_hastings
 from p2prec.topology.roles import AGGREGATOR, AGGREGATOR_ONLY, CLIENT
 from p2prec.wire import Message, MessageType
+from p2prec.wire.message import exchange_meta
 from tests.node_support import make_backbone, node_config
 
 
@@ -84,6 +85,18 @@ def test_a_damaged_checkpoint_is_a_one_line_error(tmp_path: Path, damage) -> Non
 
 def _msg(sender: int, rnd: int, kind: MessageType = MessageType.GOSSIP) -> Message:
     return Message(kind, sender, rnd, "none", {}, {})
+
+
+async def test_inbox_does_not_wait_for_an_exchange_a_peer_has_already_passed() -> None:
+    """Messages of one peer arrive in order, so once its exchange 1 is in, its exchange 0 of
+    the same round came or never will."""
+    inbox = Inbox(0, future_rounds=1)
+    inbox.offer(Message(MessageType.GOSSIP, 1, 1, "none", {}, exchange_meta(1)))
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    assert await inbox.collect(1, MessageType.GOSSIP, [1], start + 30, exchange=0) == {}
+    assert loop.time() - start < 5
+    assert list(await inbox.collect(1, MessageType.GOSSIP, [1], start + 30, exchange=1)) == [1]
 
 
 async def test_inbox_drops_late_buffers_future_up_to_its_bound_and_dedupes() -> None:

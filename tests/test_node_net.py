@@ -59,7 +59,7 @@ def _launch(tmp_path: Path, synth_dir: Path, backbone: Path, processes: int, ext
 
 @pytest.mark.parametrize("settings", [["gossip.codec=none"], ["gossip.codec=int8"],
                                       ["gossip.tracking_fraction=0.5", "gossip.tracking_weight=samples"],
-                                      ["gossip.mixing=matching"]])
+                                      ["gossip.mixing=matching"], ["gossip.mixing=matching", "gossip.exchanges=2"]])
 def test_eight_processes_on_a_ring_match_the_simulator(tmp_path: Path, synth_dir: Path, synth_data,  # noqa: ANN001
                                                        tiny_cfg, settings: list[str]) -> None:
     """Gradient tracking is on (the default): the trackers travel and are mixed with the shared
@@ -67,7 +67,8 @@ def test_eight_processes_on_a_ring_match_the_simulator(tmp_path: Path, synth_dir
     their neighbours with their own true state and keep the sender's residual, exactly as the
     simulator does. With ``tracking_fraction``, each node draws its own participation; with
     ``tracking_weight=samples``, each weighs its gradient by its own interaction count; with
-    ``mixing=matching``, each draws the round's matching and talks to its partner only."""
+    ``mixing=matching``, each draws the round's matching and talks to its partner only; with
+    ``exchanges=2`` too, a second matching per round, whose messages name their exchange."""
     backbone = make_backbone(synth_data, tiny_cfg, tmp_path / "bb")
     out = _launch(tmp_path, synth_dir, backbone, 8, ["gossip.topology=ring", *settings])
     assert {"config.toml", "metrics.jsonl", "summary.json", "convergence.png"} <= {p.name for p in out.iterdir()}
@@ -87,8 +88,10 @@ def test_eight_processes_on_a_ring_match_the_simulator(tmp_path: Path, synth_dir
     summary = json.loads((out / "summary.json").read_text())
     assert summary["processes"] == 8
     assert summary["bytes_per_node_per_round"] == pytest.approx(sim.bytes_sent_total / (8 * 3))
-    assert sim.bytes_sent_total < 8 * 3 * 2 * sim.msg_bytes if "gossip.mixing=matching" in settings \
-        else sim.bytes_sent_total == 8 * 3 * 2 * sim.msg_bytes
+    exchanges = sim.cfg.gossip.exchanges
+    every_edge = 8 * 3 * 2 * (sim.msg_bytes + (exchanges - 1) * sim.later_msg_bytes)  # two neighbours on a ring
+    assert sim.bytes_sent_total < every_edge if "gossip.mixing=matching" in settings \
+        else sim.bytes_sent_total == every_edge
 
 
 def test_secured_processes_match_the_simulator(tmp_path: Path, synth_dir: Path, synth_data,  # noqa: ANN001
@@ -132,9 +135,11 @@ def test_private_processes_release_what_the_simulator_does(tmp_path: Path, synth
     assert merged[-1]["epsilon"] == pytest.approx(sim.epsilon())
 
 
+@pytest.mark.parametrize("exchanges", [1, 2])
 def test_edge_hierarchy_processes_match_the_simulator(tmp_path: Path, synth_dir: Path, synth_data,  # noqa: ANN001
-                                                      tiny_cfg) -> None:
-    """Six clients, a training aggregator (6) and an aggregator-only one (7): eight processes."""
+                                                      tiny_cfg, exchanges: int) -> None:
+    """Six clients, a training aggregator (6) and an aggregator-only one (7): eight processes;
+    with two exchanges every round goes up, across and down twice."""
     graph = nx.Graph()
     graph.add_nodes_from(range(6), role=CLIENT)
     graph.add_node(6, role=AGGREGATOR)
@@ -145,7 +150,8 @@ def test_edge_hierarchy_processes_match_the_simulator(tmp_path: Path, synth_dir:
     graph.add_edge(6, 7)
     nx.write_graphml(graph, tmp_path / "hierarchy.graphml")
     backbone = make_backbone(synth_data, tiny_cfg, tmp_path / "bb")
-    out = _launch(tmp_path, synth_dir, backbone, 7, [f"gossip.topology={tmp_path / 'hierarchy.graphml'}"])
+    out = _launch(tmp_path, synth_dir, backbone, 7, [f"gossip.topology={tmp_path / 'hierarchy.graphml'}",
+                                                     f"gossip.exchanges={exchanges}"])
     sim = simulate(out / "config.toml", synth_data, backbone)
     assert sim.plan.kind == "hierarchy"
     assert max_diff(sim, out / "nodes", list(range(7)), sim.pop.shared_names) < 1e-5

@@ -41,6 +41,7 @@ from p2prec.topology import build, metropolis_hastings, write
 from p2prec.topology import load as load_topology
 from p2prec.topology.roles import CLIENT
 from p2prec.wire import Message, MessageType, encode
+from p2prec.wire.message import exchange_meta
 from tests.node_support import make_backbone, node_config, with_addresses
 
 QUIET_S = 1.0
@@ -212,6 +213,26 @@ async def test_a_node_decodes_its_codec_and_rejects_any_other(tmp_path: Path,
     expected = int8.decode(int8.encode(x), {"w": (4,)})["w"].numpy()
     np.testing.assert_array_equal(got[1].tensors["w"], expected)
     assert not np.array_equal(expected, x["w"])
+
+
+async def test_a_node_files_each_exchange_apart_and_rejects_one_beyond_its_config(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """``gossip.exchanges = 2``: a round's two messages from one peer are both held, each for its
+    own exchange, and a message naming exchange 2 is rejected (the network has 0 and 1)."""
+    cfg, graph = load(None, ["gossip.exchanges=2", "node.linger_ms=0"]), path_of_three()
+    node = Node(cfg, place(graph, 0, 3), None, TEMPLATE, tmp_path / "node-0")
+    states = [{"w": np.full(4, value, dtype=np.float32)} for value in (1.0, 2.0, 3.0)]
+    async with receiving(node) as inbox:
+        sender = as_node_one(graph)
+        try:
+            for exchange, state in enumerate(states):
+                await sender.send(0, encode(Message(MessageType.GOSSIP, 1, 1, "none", state, exchange_meta(exchange))))
+            deadline = asyncio.get_running_loop().time() + 5
+            got = [await inbox.collect(1, MessageType.GOSSIP, [1], deadline, exchange) for exchange in (0, 1)]
+        finally:
+            sender.close()
+    assert [float(g[1].tensors["w"][0]) for g in got] == [1.0, 2.0]
+    assert node.rejected == 1 and "exchange 2 is beyond this network's gossip.exchanges = 2" in caplog.text
 
 
 def test_the_error_feedback_residual_survives_a_restart(tmp_path: Path) -> None:

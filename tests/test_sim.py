@@ -108,6 +108,26 @@ def test_consensus_shrinks_at_the_spectral_rate_without_training(synth_dir, synt
     assert all(b < a for a, b in zip(distances, distances[1:]))
 
 
+@pytest.mark.parametrize("topology", ["ring", "edge-hierarchy:m=2"])
+def test_a_round_of_two_exchanges_mixes_as_a_training_round_then_a_mixing_round(synth_dir, synth_data,  # noqa: ANN001
+                                                                                topology: str) -> None:
+    """The second exchange sends what the first produced, with a fresh matching draw where
+    peers are sampled, and names its index on the wire (a few more bytes per message)."""
+    extra = ["sim.nodes=8", f"gossip.topology={topology}", "sim.train_rounds=1"]
+    twice = _sim(synth_dir, synth_data, extra + ["gossip.exchanges=2"])
+    once = _sim(synth_dir, synth_data, extra)
+    stats = twice.step(1)
+    first, second = once.step(1), once.step(2)
+    for k in once.pop.params:
+        torch.testing.assert_close(twice.pop.params[k], once.pop.params[k], atol=1e-6, rtol=1e-5)
+    assert stats.messages == first.messages + second.messages
+    assert stats.bytes_sent == first.bytes_sent + second.messages * twice.later_msg_bytes
+    assert twice.msg_bytes < twice.later_msg_bytes < twice.msg_bytes + 16
+    matched = _sim(synth_dir, synth_data, ["sim.nodes=8", "gossip.topology=complete", "gossip.mixing=matching",
+                                           "gossip.exchanges=2"])
+    assert (matched.plan.flat.round(1, 0) != matched.plan.flat.round(1, 1)).nnz > 0
+
+
 def test_gossip_keeps_the_trackers_summing_to_the_latest_gradients(synth_dir, synth_data) -> None:  # noqa: ANN001
     """The gradient-tracking invariant: Metropolis mixing is doubly stochastic, so after every
     round the nodes' trackers still add up to their latest local gradients, while the trackers

@@ -36,11 +36,13 @@ class FlatMixing:
         self.base = metropolis_hastings(graph)
         self.edges = np.asarray([(u, v) for u, v in graph.edges if u != v], dtype=np.int64).reshape(-1, 2)
 
-    def round(self, rnd: int) -> sp.csr_matrix:
-        """Round ``rnd``'s matrix (rows sum to one), the same wherever it is computed."""
+    def round(self, rnd: int, exchange: int = 0) -> sp.csr_matrix:
+        """The matrix of round ``rnd``'s exchange ``exchange`` (rows sum to one), the same
+        wherever it is computed. Exchange 0 draws from (seed, round) alone, as a one-exchange
+        round always has; later exchanges add their index to the draw's key."""
         if self.cfg.mixing == "metropolis":
             return self.base
-        rng = seeded_rng(self.cfg.seed, rnd, _DRAW)
+        rng = seeded_rng(self.cfg.seed, rnd, _DRAW, *([exchange] if exchange else []))
         if self.cfg.mixing == "matching":
             return matching_matrix(self.edges, self.n, rng)
         return uniform_peer_matrix(self.n, self.cfg.peers, rng)

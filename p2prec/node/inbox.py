@@ -4,12 +4,13 @@ Why a separate inbox: messages arrive whenever peers send them, while the round 
 asks for "round t's messages of this type from these peers, until the deadline". The
 inbox bridges the two and enforces the issue's rules: a message for a past round is
 dropped, one for a future round is held only up to ``future_rounds`` ahead, and at most
-one message per (round, type, sender) is held, so a peer cannot make a node hold more
-than ``future_rounds + 1`` rounds of its messages.
+one message per (round, exchange, type, sender) is held, so a peer cannot make a node hold
+more than ``future_rounds + 1`` rounds of its messages (the node has checked the exchange
+index against ``gossip.exchanges`` before offering the message).
 
-A round's wait skips two kinds of peer. One already heard at a *later* round: each peer's
-messages arrive in order over one connection, so its message for this round came or never
-will; this lets a node that restarted behind its neighbours catch up without waiting out a
+A round's wait skips two kinds of peer. One already heard at a *later* round or exchange:
+each peer's messages arrive in order over one connection, so its message for this one came
+or never will; this lets a node that restarted behind its neighbours catch up without waiting out a
 deadline per round. And one that is *absent*: it missed a deadline (or the start-up wait)
 and nothing from it has arrived since. Why: with synchronous rounds, a node that waits out
 a full deadline every round for a dead neighbour delays its own messages by that much, so
@@ -25,6 +26,7 @@ import logging
 from collections.abc import Callable, Collection
 
 from p2prec.wire import Message, MessageType
+from p2prec.wire.message import exchange_of
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +42,8 @@ class Inbox:
         self.node = node
         self.future_rounds = future_rounds
         self.current = first_round
-        self._held: dict[tuple[int, MessageType], dict[int, Message]] = {}
-        self._latest: dict[int, int] = {}
+        self._held: dict[tuple[int, int, MessageType], dict[int, Message]] = {}
+        self._latest: dict[int, tuple[int, int]] = {}
         self._present: set[int] = set()
         self._absent: set[int] = set()
         self._changed = asyncio.Event()
@@ -51,14 +53,15 @@ class Inbox:
         """File a validated message; return whether it is held for a round.
 
         Any message marks its sender present; a round-bearing one also records the latest
-        round the sender has reached, even when the message itself is dropped.
+        (round, exchange) the sender has reached, even when the message itself is dropped.
         """
         self._present.add(msg.sender)
         self._absent.discard(msg.sender)
         self._changed.set()
         if msg.type in (MessageType.HELLO, MessageType.BYE):
             return False
-        self._latest[msg.sender] = max(self._latest.get(msg.sender, 0), msg.round)
+        exchange = exchange_of(msg)
+        self._latest[msg.sender] = max(self._latest.get(msg.sender, (0, 0)), (msg.round, exchange))
         name = msg.type.name
         if msg.round < self.current:
             log.info("node %d: dropped late %s from node %d for round %d (now at round %d)",
@@ -68,10 +71,10 @@ class Inbox:
             log.info("node %d: dropped %s from node %d for round %d, beyond the buffer of %d rounds "
                         "after round %d", self.node, name, msg.sender, msg.round, self.future_rounds, self.current)
             return False
-        slot = self._held.setdefault((msg.round, msg.type), {})
+        slot = self._held.setdefault((msg.round, exchange, msg.type), {})
         if msg.sender in slot:
-            log.warning("node %d: dropped duplicate %s from node %d for round %d", self.node, name, msg.sender,
-                        msg.round)
+            log.warning("node %d: dropped duplicate %s from node %d for round %d, exchange %d", self.node, name,
+                        msg.sender, msg.round, exchange)
             return False
         slot[msg.sender] = msg
         return True
@@ -92,10 +95,10 @@ class Inbox:
         if self._closed:
             raise Abandoned
 
-    def _pending(self, round_: int, kind: MessageType, senders: Collection[int]) -> list[int]:
-        got = self._held.get((round_, kind), {})
+    def _pending(self, at: tuple[int, int], kind: MessageType, senders: Collection[int]) -> list[int]:
+        got = self._held.get((*at, kind), {})
         return [j for j in senders
-                if j not in got and j not in self._absent and self._latest.get(j, 0) <= round_]
+                if j not in got and j not in self._absent and self._latest.get(j, (0, 0)) <= at]
 
     def _give_up(self, peers: Collection[int], why: str) -> None:
         if peers:
@@ -119,12 +122,15 @@ class Inbox:
             raise Abandoned
 
     async def collect(self, round_: int, kind: MessageType, senders: Collection[int],
-                      deadline: float) -> dict[int, Message]:
-        """Round ``round_``'s ``kind`` messages from ``senders``, once all are in or ``deadline``
-        (event-loop time) passes; peers that miss it are marked absent (module docstring)."""
-        await self._wait(deadline, lambda: not self._pending(round_, kind, senders))
-        self._give_up(self._pending(round_, kind, senders), f"no {kind.name} for round {round_} in time")
-        got = self._held.get((round_, kind), {})
+                      deadline: float, exchange: int = 0) -> dict[int, Message]:
+        """Round ``round_``'s ``kind`` messages of ``exchange`` from ``senders``, once all are in
+        or ``deadline`` (event-loop time) passes; peers that miss it are marked absent (module
+        docstring)."""
+        at = (round_, exchange)
+        await self._wait(deadline, lambda: not self._pending(at, kind, senders))
+        self._give_up(self._pending(at, kind, senders),
+                      f"no {kind.name} for round {round_}{f', exchange {exchange}' if exchange else ''} in time")
+        got = self._held.get((*at, kind), {})
         return {j: got[j] for j in senders if j in got}
 
     async def wait_present(self, peers: Collection[int], deadline: float) -> set[int]:

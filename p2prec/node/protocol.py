@@ -1,5 +1,9 @@
 """One synchronous round of DESIGN section 2, for each role, over real sockets.
 
+A round is the local update, then ``gossip.exchanges`` exchanges of the node's role, each
+sending what the previous one produced (the simulator's loop in
+:meth:`p2prec.sim.engine.Simulation.step`). Per exchange:
+
 - flat: local update, send the shared adapter to this round's partners (every neighbour, or
   the round's drawn matching), collect theirs until the deadline, mix with the round's
   weights renormalised over who answered;
@@ -39,9 +43,19 @@ from p2prec.node.place import FLAT, Place
 from p2prec.node.transport import Transport
 from p2prec.topology.roles import CLIENT
 from p2prec.wire import Message, MessageType, encode
+from p2prec.wire.message import exchange_meta
 
 CLIENT_EXCHANGES = 3
 """A client's answer needs three exchanges (up, across, down), so it waits three deadlines."""
+
+
+@dataclass
+class Exchanged:
+    """What one exchange did: messages heard, messages expected, bytes sent."""
+
+    heard: int
+    expected: int
+    bytes_sent: int
 
 
 @dataclass
@@ -61,14 +75,16 @@ class Protocol:
     ``codec`` encodes every message; ``feedback``, the sender's error-feedback residual
     (``None`` unless the codec keeps one), carries over from one gossip message to the next.
     ``rule`` is a flat node's robust aggregation rule, ``None`` for plain mixing;
-    ``privacy`` the node's local DP (a stack of one), ``None`` without it.
+    ``privacy`` the node's local DP (a stack of one), ``None`` without it. ``exchanges`` is
+    ``gossip.exchanges``.
     """
 
     def __init__(self, place: Place, learner: Learner | None, inbox: Inbox, transport: Transport,
                  deadline_s: float, first_round: int, start_timeout_s: float, codec: Codec,
                  feedback: ErrorFeedback | None = None, rule: Rule | None = None,
-                 privacy: LocalPrivacy | None = None) -> None:
+                 privacy: LocalPrivacy | None = None, exchanges: int = 1) -> None:
         self.place = place
+        self.exchanges = exchanges
         self.privacy = privacy
         self.codec = codec
         self.feedback = feedback
@@ -82,11 +98,11 @@ class Protocol:
 
     async def run(self, round_: int) -> RoundResult:
         """One complete round; raises :class:`p2prec.node.inbox.Abandoned` if told to stop meanwhile."""
-        if self.place.kind == FLAT:
-            return await self._flat(round_)
-        if self.place.kind == CLIENT:
-            return await self._client(round_)
-        return await self._aggregator(round_)
+        loss, local_s = await self._train(round_)
+        step = {FLAT: self._flat, CLIENT: self._client}.get(self.place.kind, self._aggregator)
+        done = [await step(round_, exchange) for exchange in range(self.exchanges)]
+        return RoundResult(loss, sum(d.heard for d in done), sum(d.expected for d in done), local_s,
+                           sum(d.bytes_sent for d in done))
 
     async def _train(self, round_: int) -> tuple[float, float]:
         """The local update, off the event loop so messages keep arriving; (loss, seconds).
@@ -106,11 +122,12 @@ class Protocol:
             self.privacy.release(self.learner.pop.shared(), round_, np.ones(1, dtype=bool))
         return loss, time.perf_counter() - start
 
-    async def _send(self, peers: Iterable[int], kind: MessageType, round_: int,
+    async def _send(self, peers: Iterable[int], kind: MessageType, round_: int, exchange: int,
                     tensors: Mapping[str, np.ndarray], feedback: ErrorFeedback | None = None, **meta: int) -> int:
         """Encode ``tensors`` once, through the codec (and ``feedback``), and queue it for every peer."""
         payload = self.codec.encode(tensors, feedback)
-        frames = encode(Message(kind, self.place.node, round_, self.codec.name, payload, meta))
+        frames = encode(Message(kind, self.place.node, round_, self.codec.name, payload,
+                                {**meta, **exchange_meta(exchange)}))
         return sum([await self.transport.send(peer, frames) for peer in peers])
 
     def _deadline(self, round_: int, exchanges: int = 1) -> float:
@@ -119,37 +136,35 @@ class Protocol:
         extra = self.start_timeout_s if round_ == self.first_round else 0.0
         return asyncio.get_running_loop().time() + exchanges * self.deadline_s + extra
 
-    async def _flat(self, round_: int) -> RoundResult:
-        loss, local_s = await self._train(round_)
+    async def _flat(self, round_: int, exchange: int) -> Exchanged:
         own = self.learner.shared()
         me = self.place.node
-        w = self.place.rounds.round(round_)
+        w = self.place.rounds.round(round_, exchange)
         partners = [int(j) for j in w[me].indices if j != me]
-        sent = await self._send(partners, MessageType.GOSSIP, round_, own, self.feedback)
-        got = await self.inbox.collect(round_, MessageType.GOSSIP, partners, self._deadline(round_))
+        sent = await self._send(partners, MessageType.GOSSIP, round_, exchange, own, self.feedback)
+        got = await self.inbox.collect(round_, MessageType.GOSSIP, partners, self._deadline(round_), exchange)
         row = heard_row(w, me, got)
         received = {j: m.tensors for j, m in got.items()}
         if self.rule is None:
             self.learner.set_shared(combine(row, {me: own, **received}))
         else:
             self.learner.set_shared(robust_combine(self.rule, row, me, own, received))
-        return RoundResult(loss, len(got), len(partners), local_s, sent)
+        return Exchanged(len(got), len(partners), sent)
 
-    async def _client(self, round_: int) -> RoundResult:
-        loss, local_s = await self._train(round_)
+    async def _client(self, round_: int, exchange: int) -> Exchanged:
         hub = self.place.aggregator
-        sent = await self._send([hub], MessageType.AGGREGATE_UP, round_, self.learner.shared(),
+        sent = await self._send([hub], MessageType.AGGREGATE_UP, round_, exchange, self.learner.shared(),
                                 samples=self.learner.samples)
         got = await self.inbox.collect(round_, MessageType.AGGREGATE_DOWN, [hub],
-                                       self._deadline(round_, CLIENT_EXCHANGES))
+                                       self._deadline(round_, CLIENT_EXCHANGES), exchange)
         if hub in got:
             self.learner.set_shared(got[hub].tensors)
-        return RoundResult(loss, len(got), 1, local_s, sent)
+        return Exchanged(len(got), 1, sent)
 
-    async def _aggregator(self, round_: int) -> RoundResult:
+    async def _aggregator(self, round_: int, exchange: int) -> Exchanged:
         place, me = self.place, self.place.node
-        loss, local_s = await self._train(round_)
-        ups = await self.inbox.collect(round_, MessageType.AGGREGATE_UP, place.members, self._deadline(round_))
+        ups = await self.inbox.collect(round_, MessageType.AGGREGATE_UP, place.members, self._deadline(round_),
+                                       exchange)
         states: dict[int, Mapping[str, np.ndarray]] = {j: m.tensors for j, m in ups.items()}
         counts = {j: float(m.meta["samples"]) for j, m in ups.items()}
         if self.learner is not None:
@@ -159,18 +174,19 @@ class Protocol:
         if not states:
             # Nothing to average: stay silent, as the simulator does; neighbours renormalise
             # without it and its clients keep their own adapters.
-            return RoundResult(loss, 0, expected, local_s, 0)
+            return Exchanged(0, expected, 0)
         ids = sorted(states)
         up = combine(count_weighted_row(ids, [counts[j] for j in ids], place.n_nodes), states)
         up_arrays = {k: v.numpy() for k, v in up.items()}
-        sent = await self._send(place.agg_peers, MessageType.GOSSIP, round_, up_arrays)
-        across = await self.inbox.collect(round_, MessageType.GOSSIP, place.agg_peers, self._deadline(round_))
+        sent = await self._send(place.agg_peers, MessageType.GOSSIP, round_, exchange, up_arrays)
+        across = await self.inbox.collect(round_, MessageType.GOSSIP, place.agg_peers, self._deadline(round_),
+                                          exchange)
         index = place.mixing_ids.index
         row = heard_row(place.mixing, place.mixing_row, [index(b) for b in across])
         mixed = combine(row, {place.mixing_row: up_arrays, **{index(b): m.tensors for b, m in across.items()}})
         mixed_arrays = {k: v.numpy() for k, v in mixed.items()}
-        sent += await self._send(place.members, MessageType.AGGREGATE_DOWN, round_, mixed_arrays)
+        sent += await self._send(place.members, MessageType.AGGREGATE_DOWN, round_, exchange, mixed_arrays)
         if self.learner is not None:
             self.learner.set_shared(mixed_arrays)
-        return RoundResult(loss, len(ups) + len(across), expected, local_s, sent)
+        return Exchanged(len(ups) + len(across), expected, sent)
 

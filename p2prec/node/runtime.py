@@ -36,6 +36,7 @@ from p2prec.node.security import NodeKeys, SecurityError
 from p2prec.node.transport import Transport, routing_id
 from p2prec.sim.results import make_record, write_atomic
 from p2prec.wire import Message, MessageType, WireError, encode, validate_and_decode
+from p2prec.wire.message import exchange_of
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +182,9 @@ class Node:
                     raise WireError(f"codec {msg.codec!r} is not this network's gossip.codec {self.codec.name!r}")
                 if msg.sender not in self.place.senders.get(msg.type, ()):
                     raise WireError(f"node {msg.sender} may not send {msg.type.name} to this node")
+                if exchange_of(msg) >= self.cfg.gossip.exchanges:
+                    raise WireError(f"exchange {exchange_of(msg)} is beyond this network's gossip.exchanges "
+                                    f"= {self.cfg.gossip.exchanges}")
                 if self.codec.stages:  # plain float32 is mixed as received; ``combine`` copies it once
                     decoded = self.codec.decode(msg.tensors, self.shapes)
                     msg = replace(msg, tensors={k: v.numpy() for k, v in decoded.items()})
@@ -259,7 +263,8 @@ class Node:
         receiver = loop.create_task(self.receive(transport, inbox))
         protocol = Protocol(self.place, self.learner, inbox, transport, n.deadline_s,
                             first_round=self.progress.round + 1, start_timeout_s=n.start_timeout_s,
-                            codec=self.codec, feedback=self.feedback, rule=self.rule, privacy=self.privacy)
+                            codec=self.codec, feedback=self.feedback, rule=self.rule, privacy=self.privacy,
+                            exchanges=self.cfg.gossip.exchanges)
         try:
             inbox.check_open()
             await self._greet(transport, inbox)

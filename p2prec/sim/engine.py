@@ -49,6 +49,7 @@ from p2prec.sim.plan import MixingPlan, RoundMixing
 from p2prec.sim.results import make_record
 from p2prec.topology import aggregators
 from p2prec.wire import Message, MessageType, encode
+from p2prec.wire.message import exchange_meta
 
 PLAIN = get_codec("none")
 """float32 under the tensors' own names: what a message carries without compression."""
@@ -63,10 +64,12 @@ def select_nodes(data: Dataset, cfg: Config) -> list[np.ndarray]:
     return nodes
 
 
-def message_bytes(shared: Mapping[str, torch.Tensor], codec: Codec = PLAIN, round_: int = 0) -> int:
-    """Bytes on the wire of one gossip message carrying ``shared`` through ``codec``: the
-    real codec's payload in the real encoder's frames, so headers, scales and indices count."""
-    frames = encode(Message(MessageType.GOSSIP, 0, round_, codec.name, codec.encode(shared), {}))
+def message_bytes(shared: Mapping[str, torch.Tensor], codec: Codec = PLAIN, round_: int = 0,
+                  exchange: int = 0) -> int:
+    """Bytes on the wire of one gossip message carrying ``shared`` through ``codec`` in a round's
+    ``exchange``: the real codec's payload in the real encoder's frames, so headers, scales
+    and indices count (and the exchange index that later exchanges name)."""
+    frames = encode(Message(MessageType.GOSSIP, 0, round_, codec.name, codec.encode(shared), exchange_meta(exchange)))
     return sum(memoryview(f).nbytes for f in frames)
 
 
@@ -115,7 +118,10 @@ class Simulation:
         self.feedback = ErrorFeedback({k: torch.zeros_like(v) for k, v in shared.items()}) \
             if self.codec.keeps_residual(cfg.gossip.tracking) else None
         self.privacy = LocalPrivacy.for_config(cfg, shared, range(n)) if cfg.privacy.enabled else None
-        self.msg_bytes = message_bytes(gossip_template(self.model, cfg.gossip.tracking), self.codec)
+        template = gossip_template(self.model, cfg.gossip.tracking)
+        self.msg_bytes = message_bytes(template, self.codec)
+        # Later exchanges name their index (one small int: the same size for every index allowed).
+        self.later_msg_bytes = message_bytes(template, self.codec, exchange=1)
         self.bytes_sent_total = 0
         self.diverged_at: int | None = None
         self.consensus: list[float] = []
@@ -130,28 +136,31 @@ class Simulation:
         names = list(own)
         if self.privacy is not None and training:
             self.privacy.release(own, rnd, ~faults.down)
-        received = self._received(own, rnd, faults)
-        mixing = self.plan.round(rnd, faults)
-        new = self._mix(mixing, received, own, names)
-        for k, v in own.items():
-            v.copy_(new[k])
+        messages = sent_bytes = 0
+        for exchange in range(self.cfg.gossip.exchanges):
+            received = self._received(own, rnd, exchange, faults)
+            mixing = self.plan.round(rnd, faults, exchange)
+            new = self._mix(mixing, received, own, names)
+            for k, v in own.items():
+                v.copy_(new[k])
+            messages += mixing.messages
+            sent_bytes += mixing.messages * (self.later_msg_bytes if exchange else self.msg_bytes)
         if self.privacy is not None:
             self.privacy.rebase(own)
-        sent_bytes = mixing.messages * self.msg_bytes
         self.bytes_sent_total += sent_bytes
         self.consensus.append(consensus_distance(self._honest(self.pop.shared()), self.pop.shared_names))
-        return RoundStats(loss, self.consensus[-1], mixing.messages, sent_bytes)
+        return RoundStats(loss, self.consensus[-1], messages, sent_bytes)
 
-    def _received(self, own: Params, rnd: int, faults: RoundFaults) -> Params:
-        """What neighbours receive from each node this round, one row per sender.
+    def _received(self, own: Params, rnd: int, exchange: int, faults: RoundFaults) -> Params:
+        """What neighbours receive from each node in this exchange, one row per sender.
 
         A Byzantine node's forgery replaces its state, the codec's round trip gives what
-        receivers decode, and a late straggler's row is its previous round's message.
+        receivers decode, and a late straggler's row is its previous message (one exchange late).
         """
         sent = own
         if bool(self.byzantine.any()):
-            sent = inject(self.cfg.sim.attack, sent, self.byzantine, self.cfg.sim.attack_scale,
-                          torch_generator(self.cfg.sim.seed, rnd, 0xA77))
+            forgery = torch_generator(self.cfg.sim.seed, rnd, 0xA77, *([exchange] if exchange else []))
+            sent = inject(self.cfg.sim.attack, sent, self.byzantine, self.cfg.sim.attack_scale, forgery)
         sent = self._compress(sent, ~faults.down)
         received = sent
         if faults.late.any() and self._previous_sent is not None:

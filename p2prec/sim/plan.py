@@ -113,15 +113,17 @@ class MixingPlan:
         self.own_entry = agg_is_data[up_rows] & (aggs[up_rows] == self.up_cols)
         self.is_own_agg = agg_is_data[home] & (aggs[home] == np.arange(self.n))
 
-    def round(self, rnd: int, faults: RoundFaults) -> RoundMixing:
+    def round(self, rnd: int, faults: RoundFaults, exchange: int = 0) -> RoundMixing:
+        """Exchange ``exchange`` of round ``rnd`` under the round's faults (each exchange
+        draws its own message drops from ``faults.rng``)."""
         if self.kind == "none":
             return RoundMixing((sp.csr_matrix((self.n, self.n)),), np.ones(self.n), 0)
         if self.kind == "flat":
-            return self._flat(rnd, faults)
+            return self._flat(rnd, exchange, faults)
         return self._hierarchy(faults)
 
-    def _flat(self, rnd: int, f: RoundFaults) -> RoundMixing:
-        w = self.flat.round(rnd)
+    def _flat(self, rnd: int, exchange: int, f: RoundFaults) -> RoundMixing:
+        w = self.flat.round(rnd, exchange)
         messages = _count_sent(w, ~f.down)
         w = silence_senders(w, f.down | f.lost)
         w = drop_messages(w, f.drop_prob, f.rng) if f.drop_prob else w

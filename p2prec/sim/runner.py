@@ -47,7 +47,7 @@ def run_simulation(cfg: Config, data: Dataset, out: Path, backbone_dir: str | No
         if graph is not None and graph.number_of_nodes() == n and cfg.gossip.mixing == "metropolis":
             w = metropolis_hastings(graph)
             extra["spectral_gap"] = spectral_gap(w)
-            extra["consensus_rate_predicted"] = predicted_rate(w)
+            extra["consensus_rate_predicted"] = predicted_rate(w) ** cfg.gossip.exchanges
         sim = Simulation(cfg, data, backbone, graph)
         extra["message_bytes"] = sim.msg_bytes
         records = sim.run(progress=progress, label=label)

@@ -91,6 +91,27 @@ class Message:
     meta: dict[str, Scalar] = field(default_factory=dict)
 
 
+MAX_EXCHANGES = 16
+"""Most exchanges a round may have (``gossip.exchanges``); bounds what a receiver holds."""
+EXCHANGE = "exchange"
+"""Meta key of a message's exchange within its round, present only after the first exchange.
+
+Why only then: a network with one exchange per round (``gossip.exchanges = 1``, the
+default) sends exactly the messages it always has; a receiver reads a missing key as 0.
+"""
+
+
+def exchange_meta(exchange: int) -> dict[str, Scalar]:
+    """The meta entry naming ``exchange``: none for exchange 0 (see :data:`EXCHANGE`)."""
+    return {EXCHANGE: exchange} if exchange else {}
+
+
+def exchange_of(msg: Message) -> int:
+    """Which exchange of its round ``msg`` belongs to (0 when its meta names none); the
+    validator has checked that a named one is an int in ``1 .. MAX_EXCHANGES - 1``."""
+    return int(msg.meta.get(EXCHANGE, 0))
+
+
 def wire_dtype_tag(dtype: np.dtype) -> str:
     """Return the wire tag of a numpy dtype, refusing dtypes the protocol cannot carry."""
     tag = _TAG_OF_DTYPE.get(np.dtype(dtype))

@@ -35,6 +35,8 @@ import zmq
 from p2prec.wire.finite import Run, first_non_finite, float_runs
 from p2prec.wire.layout import FrameLayout, frame_layout
 from p2prec.wire.message import (
+    EXCHANGE,
+    MAX_EXCHANGES,
     PROTOCOL_VERSION,
     TENSORLESS_TYPES,
     WIRE_DTYPES,
@@ -270,7 +272,8 @@ def _message_type(value: Any) -> MessageType:
 
 
 def _meta(meta: Any, msg_type: MessageType) -> dict[str, Scalar]:
-    """Check the small scalar map; an AGGREGATE_UP must say how many samples it weighs.
+    """Check the small scalar map; an AGGREGATE_UP must say how many samples it weighs, and
+    an exchange index, where present, is a small positive int (exchange 0 names none).
 
     Its size is already bounded: the header was unpacked with ``max_map_len=MAX_META``.
     """
@@ -287,6 +290,8 @@ def _meta(meta: Any, msg_type: MessageType) -> dict[str, Scalar]:
             _short_str(value, f"meta {key!r}")
     if msg_type is MessageType.AGGREGATE_UP:
         _bounded_int(meta.get("samples"), "meta 'samples' of AGGREGATE_UP", 1, INT64_MAX)
+    if EXCHANGE in meta:
+        _bounded_int(meta[EXCHANGE], f"meta {EXCHANGE!r}", 1, MAX_EXCHANGES - 1)
     return meta
 
 
