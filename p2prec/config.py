@@ -279,9 +279,10 @@ class PrivacyConfig:
 @dataclass
 class RobustConfig:
     """The aggregation rule (see :mod:`p2prec.gossip.robust`): ``trim`` is the trimmed
-    mean's fraction cut at each end, ``tau`` ClippedGossip's clipping radius."""
+    mean's fraction cut at each end, ``tau`` ClippedGossip's clipping radius (``clipped``) or
+    that radius as a multiple of each node's median neighbour distance (``clipped-adaptive``)."""
 
-    rule: str = _field("mean", choices=("mean", "median", "trimmed-mean", "clipped"))
+    rule: str = _field("mean", choices=("mean", "median", "trimmed-mean", "clipped", "clipped-adaptive"))
     trim: float = _field(0.1, lo=0.0, hi=0.49)
     tau: float = _field(1.0, lo=1e-12)
 

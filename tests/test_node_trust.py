@@ -252,7 +252,7 @@ def test_a_compressing_codec_needs_flat_gossip(tmp_path: Path) -> None:
         Node(load(None, ["gossip.codec=int8"]), place(graph, 0, 6), None, TEMPLATE, tmp_path / "n")
 
 
-@pytest.mark.parametrize("rule", ["mean", "median", "trimmed-mean", "clipped"])
+@pytest.mark.parametrize("rule", ["mean", "median", "trimmed-mean", "clipped", "clipped-adaptive"])
 def test_a_nodes_robust_aggregate_is_its_row_of_the_simulators(rule: str) -> None:
     """Each node's :func:`robust_combine` over what it heard (its own true state apart) equals
     its row of :func:`robust_mix` on the renormalised, silenced matrix the simulator uses."""

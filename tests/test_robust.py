@@ -46,6 +46,17 @@ def test_weights_are_renormalised_and_clipping_bounds_each_pull() -> None:
     assert torch.allclose(clipped_gossip(hood, 1e9), weighted_mean(hood))
 
 
+def test_the_adaptive_radius_is_tau_times_the_median_distance_of_the_neighbours_heard() -> None:
+    hood = one([0.0, 0.0], [[3.0, 4.0], [0.0, 1.0], [0.0, 2.0]])
+    # distances 5, 1 and 2: the radius is 2, so only the first is clipped, to (1.2, 1.6)
+    assert torch.allclose(clipped_gossip(hood, 1.0, adaptive=True), torch.tensor([[1.2 / 4, 4.6 / 4]]))
+    assert torch.allclose(clipped_gossip(hood, 2.5, adaptive=True), weighted_mean(hood))
+    stacked = Neighbourhood(hood.own.repeat(2, 1), hood.received.repeat(2, 1, 1),
+                            torch.tensor([[True, True, True], [False, True, False]]), torch.ones(2, 3), torch.ones(2))
+    # the second node heard only the neighbour 1 away: its radius is 1 and it mixes as mean
+    assert torch.allclose(clipped_gossip(stacked, 1.0, adaptive=True)[1], torch.tensor([0.0, 0.5]))
+
+
 def test_a_node_that_heard_nothing_keeps_its_state_under_every_rule() -> None:
     hood = Neighbourhood.for_node(torch.tensor([1.0, -2.0]), [])
     for name in RULES:
@@ -60,7 +71,7 @@ def test_median_and_trimmed_mean_resist_a_scaled_sign_flip_while_mean_does_not()
     hood = Neighbourhood.for_node(honest[0], [*honest[1:], attacker])
     error = {name: float((get_rule(name, trim=0.2, tau=0.1)(hood)[0] - truth).norm()) for name in RULES}
     assert error["mean"] > 10 * truth.norm()
-    for name in ("median", "trimmed-mean", "clipped"):
+    for name in ("median", "trimmed-mean", "clipped", "clipped-adaptive"):
         assert error[name] < 0.1 * float(truth.norm()), (name, error)
 
 

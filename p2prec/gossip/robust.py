@@ -24,6 +24,13 @@ Rules:
 - ``clipped``: ClippedGossip (He, Karimireddy and Jaggi, 2022),
   ``x_i + sum_j w_ij clip(x_j - x_i, tau)`` with weights renormalised as for ``mean``;
   each neighbour moves a node by at most ``w_ij * tau``. With ``tau = inf`` it is ``mean``.
+- ``clipped-adaptive``: ClippedGossip whose radius is each node's own, ``tau`` times the
+  median distance to the neighbours it heard this round. Why: one fixed radius cannot fit
+  a whole run, since honest disagreement shrinks as the nodes converge and differs between
+  adapter scales; the median of a neighbourhood with an honest majority is an honest
+  distance, so honest neighbours within ``tau`` times it mix exactly as ``mean`` (which keeps
+  gradient tracking's sum, where order statistics do not) and a far-off forgery moves a
+  node by at most its weight times that radius (the paper's adaptive radius, simplified).
 
 Invariant: a node that received nothing keeps its own state under every rule.
 
@@ -49,7 +56,7 @@ import torch
 if TYPE_CHECKING:
     from p2prec.config import RobustConfig
 
-RULES = ("mean", "median", "trimmed-mean", "clipped")
+RULES = ("mean", "median", "trimmed-mean", "clipped", "clipped-adaptive")
 """The rule names :func:`get_rule` accepts (``robust.rule`` in the config)."""
 
 _CHUNK_ELEMENTS = 2**24
@@ -160,14 +167,20 @@ def trimmed_mean(hood: Neighbourhood, trim: float) -> torch.Tensor:
     return _sorted_band(hood, cut, m - cut)
 
 
-def clipped_gossip(hood: Neighbourhood, tau: float) -> torch.Tensor:
-    """ClippedGossip: move towards each neighbour by its weight times its difference clipped to ``tau``."""
+def clipped_gossip(hood: Neighbourhood, tau: float, adaptive: bool = False) -> torch.Tensor:
+    """ClippedGossip: move towards each neighbour by its weight times its difference clipped to
+    a radius: ``tau``, or with ``adaptive`` ``tau`` times the node's median neighbour distance."""
     if tau <= 0:
         raise ValueError(f"clipping radius tau must be positive, got {tau}")
     _, w = hood.normalised_weights()
     diff = hood.received - hood.own.unsqueeze(1)
     norms = diff.norm(dim=2, keepdim=True)
-    clipped = diff * torch.clamp(tau / torch.clamp(norms, min=torch.finfo(diff.dtype).tiny), max=1.0)
+    radius = torch.as_tensor(tau, dtype=diff.dtype)
+    if adaptive and hood.mask.shape[1]:
+        heard = torch.where(hood.mask.unsqueeze(2), norms, torch.nan)
+        # A node that heard nobody gets radius 0; its weights are all zero anyway.
+        radius = tau * torch.nan_to_num(heard.nanmedian(dim=1, keepdim=True).values, nan=0.0)
+    clipped = diff * torch.clamp(radius / torch.clamp(norms, min=torch.finfo(diff.dtype).tiny), max=1.0)
     return hood.own + torch.einsum("nk,nkp->np", w, clipped)
 
 
@@ -178,6 +191,7 @@ def get_rule(name: str, *, trim: float = 0.1, tau: float = 1.0) -> Rule:
         "median": coordinate_median,
         "trimmed-mean": partial(trimmed_mean, trim=trim),
         "clipped": partial(clipped_gossip, tau=tau),
+        "clipped-adaptive": partial(clipped_gossip, tau=tau, adaptive=True),
     }
     if name not in rules:
         raise ValueError(f"unknown robust rule {name!r}; known: {', '.join(RULES)}")
