@@ -268,6 +268,20 @@ def test_sim_cli_writes_the_output_contract(tmp_path: Path, synth_dir: Path, cac
     assert load(out / "config.toml").gossip.topology == "ring"
 
 
+def test_fedavg_with_a_server_exchanges_once_whatever_the_config_says(tmp_path: Path, synth_dir: Path,
+                                                                     cache_dir: Path) -> None:
+    """One up and one down a round: the config it records says so, and so do its bytes."""
+    runs = {}
+    for exchanges in (1, 3):
+        out = tmp_path / f"x{exchanges}"
+        args = ["--dataset", "synthetic", "--data-dir", str(synth_dir), "--rounds", "1", "--nodes", "5",
+                "--baseline", "fedavg-server", "--out", str(out), "--set", f"gossip.exchanges={exchanges}"]
+        assert main(args + [a for o in TINY for a in ("--set", o)]) == 0
+        runs[exchanges] = json.loads((out / "summary.json").read_text())["bytes_per_node_per_round"]
+        assert load(out / "config.toml").gossip.exchanges == 1
+    assert runs[3] == runs[1] > 0
+
+
 @pytest.mark.parametrize("flags,needle", [
     (["--topology", "no-such-topology"], "no-such-topology"),
     (["--set", "sim.bogus=1"], "sim.bogus"),

@@ -53,7 +53,7 @@ from p2prec.node.runtime import METRICS, ROUNDS
 from p2prec.node.security import PUBLIC_SUFFIX, SECRET_SUFFIX, generate_keys, key_name, load_public_key
 from p2prec.sim.engine import select_nodes
 from p2prec.sim.results import summarize_run, write_atomic, write_run
-from p2prec.sim.runner import build_topology
+from p2prec.sim.runner import build_topology, fix_baseline
 from p2prec.topology import write
 
 log = logging.getLogger(__name__)
@@ -78,12 +78,14 @@ def free_ports(k: int) -> list[int]:
 
 
 def check_config(cfg: Config, processes: int) -> None:
-    """Refuse what real processes cannot do; ``sim.nodes`` becomes ``processes``."""
+    """Refuse what real processes cannot do; ``sim.nodes`` becomes ``processes`` and a baseline
+    runs its own protocol (:func:`p2prec.sim.runner.fix_baseline`)."""
     for key in SIM_ONLY_FAULTS:
         if getattr(cfg.sim, key):
             raise ConfigError(f"sim.{key}: fault injection is simulator-only; real processes meet real faults")
     if cfg.sim.baseline not in ("", "fedavg-server"):
         raise ConfigError(f"sim.baseline: {cfg.sim.baseline!r} cannot run as processes (only fedavg-server can)")
+    fix_baseline(cfg)
     check_node_config(cfg)
     if cfg.sim.nodes not in (0, processes):
         raise ConfigError(f"sim.nodes={cfg.sim.nodes} disagrees with --processes {processes}")

@@ -28,9 +28,18 @@ def build_topology(cfg: Config, n: int):  # noqa: ANN201 - networkx.Graph or Non
     return graph
 
 
+def fix_baseline(cfg: Config) -> None:
+    """Set what a baseline's protocol fixes, whatever the config says, so ``config.toml``
+    records what ran: FedAvg-with-server exchanges once per round (one up, one down), since
+    its server's average is exact after one and a second exchange would only repeat it."""
+    if cfg.sim.baseline == "fedavg-server":
+        cfg.gossip.exchanges = 1
+
+
 def run_simulation(cfg: Config, data: Dataset, out: Path, backbone_dir: str | None = None,
                    progress: bool = True) -> dict:
     """Run the configured simulation or baseline, write ``out`` and return the summary."""
+    fix_baseline(cfg)
     n = len(select_nodes(data, cfg))
     graph = build_topology(cfg, n) if cfg.sim.baseline not in ("centralized", "backbone-only") else None
     backbone = ensure_backbone(data, cfg, backbone_dir)
