@@ -1,4 +1,4 @@
-"""The vectorized simulator: N nodes' local updates, then one sparse mixing product per round.
+"""The vectorized simulator: N nodes' local updates, then one sparse mixing product per exchange.
 
 Why this shape (DESIGN section 7): one frozen backbone in memory, every node's adapters and
 Adam state stacked ``[N, ...]`` (:class:`p2prec.learn.population.Population`), the local
@@ -7,11 +7,12 @@ update run for chunks of nodes at once by a hand-batched forward, and gossip as
 
 A round follows DESIGN section 2 for all nodes at once: local training; with privacy on,
 each node's shared update is clipped and noised and the node continues from what it
-released; then what every node's neighbours receive is built row by sender (a Byzantine
-node's forgery instead of its state, the codec's decoded message, a late straggler's
-previous message), and mixing combines that with each node's own, true state. With the
-default config (no privacy, codec ``none``, no attack, rule ``mean``) what is received is
-the state itself and the round is exactly ``A @ X_sent + d * X``.
+released; then, once per gossip exchange (``gossip.exchanges``), what every node's neighbours
+receive is built row by sender (a Byzantine node's forgery instead of its state, the codec's
+decoded message, a late straggler's previous message), and mixing combines that with each
+node's own, true state. With the default config (no privacy, codec ``none``, no attack,
+rule ``mean``) what is received is the state itself and each exchange is exactly
+``A @ X_sent + d * X``.
 
 In an edge hierarchy the codec and the attacks act on what clients send up; the
 aggregators' own messages (across and down) are counted at the codec's size but are
@@ -128,7 +129,8 @@ class Simulation:
         self._previous_sent: Params | None = None
 
     def step(self, rnd: int, vectorized: bool = True) -> RoundStats:
-        """One round: local updates on the nodes that are up, then mixing of the shared adapters."""
+        """One round: local updates on the nodes that are up, then ``gossip.exchanges`` mixings
+        of the shared adapters, each under the round's faults and sending what the last produced."""
         faults = self.faults.round(rnd)
         training = not self.cfg.sim.train_rounds or rnd <= self.cfg.sim.train_rounds
         loss = self.pop.train_round(rnd, active=~faults.down, vectorized=vectorized) if training else float("nan")
