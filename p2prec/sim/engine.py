@@ -142,9 +142,7 @@ class Simulation:
         for exchange in range(self.cfg.gossip.exchanges):
             received = self._received(own, rnd, exchange, faults)
             mixing = self.plan.round(rnd, faults, exchange)
-            new = self._mix(mixing, received, own, names)
-            for k, v in own.items():
-                v.copy_(new[k])
+            self._mix_into(mixing, received, own, names)
             messages += mixing.messages
             sent_bytes += mixing.messages * (self.later_msg_bytes if exchange else self.msg_bytes)
         if self.privacy is not None:
@@ -185,21 +183,30 @@ class Simulation:
                                   for k, v in self.feedback.residual.items()}
         return decoded
 
-    def _mix(self, mixing: RoundMixing, received: Params, own: Params, names: list[str]) -> Params:
-        """The new shared states: ``A @ received + d * own``, or the robust rule over the same receipt.
+    def _mix_into(self, mixing: RoundMixing, received: Params, own: Params, names: list[str]) -> None:
+        """Replace the nodes' shared states ``own`` by ``A @ received + d * own``, or by the robust
+        rule over the same receipt. Either way a node's own term is its true state, never the
+        copy its neighbours decoded.
 
-        Either way a node's own term is its true state, never the copy its neighbours decoded.
+        Why in place: at 754 nodes of 130k floats one stacked state is 392 MB, and mixing is
+        bound by memory traffic, so scaling ``own`` where it lies and adding the product to it
+        saves two full-size temporaries per exchange. The sums are the same IEEE additions as
+        ``A @ received + d * own``, so the results are bit for bit those of the plain form.
         """
-        if self.rule is None:
-            mixed = mix(mixing.factors, received, names)
-            d = torch.from_numpy(mixing.d).to(torch.float32)
-            if mixing.echo is not None:
-                echo = torch.from_numpy(mixing.echo).to(torch.float32)
-                mixed = {k: mixed[k] + _rows(echo, v) * received[k] for k, v in mixed.items()}
-            return {k: mixed[k] + _rows(d, own[k]) * own[k] for k in names}
-        flat = robust_mix(self.rule, mixing.a + sp.diags(mixing.d), flatten(received, names),
-                          own=flatten(own, names))
-        return unflatten(flat, own, names)
+        if self.rule is not None:
+            flat = robust_mix(self.rule, mixing.a + sp.diags(mixing.d), flatten(received, names),
+                              own=flatten(own, names))
+            for k, v in unflatten(flat, own, names).items():
+                own[k].copy_(v)
+            return
+        mixed = mix(mixing.factors, received, names)
+        if mixing.echo is not None:
+            echo = torch.from_numpy(mixing.echo).to(torch.float32)
+            for k in names:
+                mixed[k].add_(_rows(echo, received[k]) * received[k])
+        d = torch.from_numpy(mixing.d).to(torch.float32)
+        for k in names:
+            own[k].mul_(_rows(d, own[k])).add_(mixed[k])
 
     def _honest(self, params: Params) -> Params:
         """The honest nodes' rows: what metrics and the consensus distance are computed over."""
