@@ -22,6 +22,12 @@ _DRAW = 0x60551
 """Seed tag of the per-round peer draw, so it never shares a stream with batches or faults."""
 
 
+def exchange_key(exchange: int) -> tuple[int, ...]:
+    """Seed keys that set an exchange's draws apart: none for exchange 0, so a round of one
+    exchange draws exactly what it did before rounds had several (old runs reproduce)."""
+    return (exchange,) if exchange else ()
+
+
 class FlatMixing:
     """The rounds' mixing matrices on a flat topology over data nodes ``0..n-1``.
 
@@ -42,7 +48,7 @@ class FlatMixing:
         round always has; later exchanges add their index to the draw's key."""
         if self.cfg.mixing == "metropolis":
             return self.base
-        rng = seeded_rng(self.cfg.seed, rnd, _DRAW, *([exchange] if exchange else []))
+        rng = seeded_rng(self.cfg.seed, rnd, _DRAW, *exchange_key(exchange))
         if self.cfg.mixing == "matching":
             return matching_matrix(self.edges, self.n, rng)
         return uniform_peer_matrix(self.n, self.cfg.peers, rng)

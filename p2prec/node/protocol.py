@@ -4,13 +4,13 @@ A round is the local update, then ``gossip.exchanges`` exchanges of the node's r
 sending what the previous one produced (the simulator's loop in
 :meth:`p2prec.sim.engine.Simulation.step`). Per exchange:
 
-- flat: local update, send the shared adapter to this round's partners (every neighbour, or
-  the round's drawn matching), collect theirs until the deadline, mix with the round's
+- flat: send the shared adapter to this exchange's partners (every neighbour, or the
+  exchange's drawn matching), collect theirs until the deadline, mix with the exchange's
   weights renormalised over who answered;
-- client of an edge aggregator: local update, send the shared adapter up with its sample
-  count, take the aggregator's result when it comes back (keep its own if it does not);
-- aggregator (training or aggregator-only): local update if it has data, average what its
-  members sent weighted by sample count, gossip that average with neighbouring
+- client of an edge aggregator: send the shared adapter up with its sample count, take the
+  aggregator's result when it comes back (keep its own if it does not);
+- aggregator (training or aggregator-only): average what its members sent (and its own
+  state, if it has data) weighted by sample count, gossip that average with neighbouring
   aggregators, mix, send the result down to the members.
 
 The weights come from :mod:`p2prec.gossip.aggregate`, which derives each node's row with

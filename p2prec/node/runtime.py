@@ -182,8 +182,9 @@ class Node:
                     raise WireError(f"codec {msg.codec!r} is not this network's gossip.codec {self.codec.name!r}")
                 if msg.sender not in self.place.senders.get(msg.type, ()):
                     raise WireError(f"node {msg.sender} may not send {msg.type.name} to this node")
-                if exchange_of(msg) >= self.cfg.gossip.exchanges:
-                    raise WireError(f"exchange {exchange_of(msg)} is beyond this network's gossip.exchanges "
+                exchange = exchange_of(msg)
+                if exchange >= self.cfg.gossip.exchanges:
+                    raise WireError(f"exchange {exchange} is beyond this network's gossip.exchanges "
                                     f"= {self.cfg.gossip.exchanges}")
                 if self.codec.stages:  # plain float32 is mixed as received; ``combine`` copies it once
                     decoded = self.codec.decode(msg.tensors, self.shapes)

@@ -40,6 +40,7 @@ from p2prec.gossip.codecs import Codec, ErrorFeedback, codec_from_config, get_co
 from p2prec.gossip.mixing import Params, consensus_distance, flatten, mix, unflatten
 from p2prec.gossip.privacy import LocalPrivacy
 from p2prec.gossip.robust import robust_mix, rule_from_config
+from p2prec.gossip.rounds import exchange_key
 from p2prec.learn.baselines import adapter_model, federated_eval_set, selection_score
 from p2prec.learn.evaluate import evaluate
 from p2prec.learn.population import configured_population, gossip_template
@@ -70,7 +71,8 @@ def message_bytes(shared: Mapping[str, torch.Tensor], codec: Codec = PLAIN, roun
     """Bytes on the wire of one gossip message carrying ``shared`` through ``codec`` in a round's
     ``exchange``: the real codec's payload in the real encoder's frames, so headers, scales
     and indices count (and the exchange index that later exchanges name)."""
-    frames = encode(Message(MessageType.GOSSIP, 0, round_, codec.name, codec.encode(shared), exchange_meta(exchange)))
+    payload = codec.encode(shared)
+    frames = encode(Message(MessageType.GOSSIP, 0, round_, codec.name, payload, exchange_meta(exchange)))
     return sum(memoryview(f).nbytes for f in frames)
 
 
@@ -159,7 +161,7 @@ class Simulation:
         """
         sent = own
         if bool(self.byzantine.any()):
-            forgery = torch_generator(self.cfg.sim.seed, rnd, 0xA77, *([exchange] if exchange else []))
+            forgery = torch_generator(self.cfg.sim.seed, rnd, 0xA77, *exchange_key(exchange))
             sent = inject(self.cfg.sim.attack, sent, self.byzantine, self.cfg.sim.attack_scale, forgery)
         sent = self._compress(sent, ~faults.down)
         received = sent
