@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from p2prec.allocator import keep_freed_memory
 from p2prec.config import Config, ConfigError, load
 
 
@@ -46,13 +47,15 @@ def load_data(cfg: Config):  # noqa: ANN201 - returns p2prec.data.Dataset; impor
 
 
 def guarded(main: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Turn expected user errors into one line on stderr and exit status 2."""
+    """Turn expected user errors into one line on stderr and exit status 2, after the process
+    setup every command shares (torch threads, :func:`p2prec.allocator.keep_freed_memory`)."""
     def run(args: argparse.Namespace) -> int:
         from p2prec.data.movielens import DataError
         from p2prec.model.store import BackboneError
 
         if getattr(args, "threads", 0):
             torch.set_num_threads(args.threads)
+        keep_freed_memory()
         try:
             return main(args)
         except (ConfigError, DataError, BackboneError, FileNotFoundError, ValueError) as exc:

@@ -30,7 +30,7 @@ SHAPES = {
     **{f"{PREFIX}.{i}.attention.self.{p}.lora_A.shared.weight": (8, 64) for i in range(2) for p in ("query", "value")},
     **{f"{PREFIX}.{i}.attention.self.{p}.lora_B.shared.weight": (64, 8) for i in range(2) for p in ("query", "value")},
 }
-PIPELINES = ["none", "fp16", "bf16", "int8", "topk", "topk+fp16", "topk+bf16", "topk+int8"]
+PIPELINES = ["none", "fp16", "bf16", "int8", "int4", "topk", "topk+fp16", "topk+bf16", "topk+int8", "topk+int4"]
 
 
 def adapter(seed: int = 0, n: int | None = None) -> dict[str, torch.Tensor]:
@@ -52,7 +52,7 @@ def test_pipeline_names_and_order_rules() -> None:
     for bad in ("int9", "int8+topk", "fp16+int8", "topk+topk", "none+int8", ""):
         with pytest.raises(CodecError):
             parse(bad)
-    assert set(STAGES) == {"fp16", "bf16", "int8", "topk"}
+    assert set(STAGES) == {"fp16", "bf16", "int8", "int4", "topk"}
 
 
 @pytest.mark.parametrize("name", PIPELINES)
@@ -87,12 +87,13 @@ def test_fp16_saturates_instead_of_overflowing() -> None:
 
 
 @pytest.mark.parametrize("block", [0, 64, 100])
-def test_int8_error_is_at_most_half_a_scale(block: int) -> None:
-    codec = get_codec("int8", CodecOptions(int8_block=block))
+@pytest.mark.parametrize("name, levels", [("int8", 127), ("int4", 7)])
+def test_integer_codes_err_by_at_most_half_a_scale(name: str, levels: int, block: int) -> None:
+    codec = get_codec(name, CodecOptions(int8_block=block))
     x = adapter(1)
     payload = codec.encode(x)
     y = codec.decode(payload, SHAPES)
-    scales = torch.from_numpy(payload["int8.scales"])
+    scales = torch.from_numpy(payload[f"{name}.scales"])
     offset = 0
     for k in sorted(SHAPES):
         flat, err = x[k].reshape(-1), (y[k] - x[k]).reshape(-1)
@@ -101,7 +102,7 @@ def test_int8_error_is_at_most_half_a_scale(block: int) -> None:
         s = scales[offset:offset + blocks].repeat_interleave(size)[: flat.numel()]
         offset += blocks
         assert torch.allclose(s, torch.nn.functional.pad(flat, (0, blocks * size - flat.numel()))
-                              .reshape(blocks, size).abs().amax(1).repeat_interleave(size)[: flat.numel()] / 127)
+                              .reshape(blocks, size).abs().amax(1).repeat_interleave(size)[: flat.numel()] / levels)
         assert (err.abs() <= s / 2 * (1 + 1e-5)).all()
     assert offset == scales.numel()
 
@@ -113,6 +114,20 @@ def test_blockwise_int8_is_more_accurate_on_uneven_magnitudes() -> None:
         codec = get_codec("int8", CodecOptions(int8_block=block))
         err[block] = float((codec.decode(codec.encode(x), {"w": (1024,)})["w"] - x["w"])[:512].abs().max())
     assert err[128] < err[0] / 100
+
+
+def test_int4_packs_two_codes_a_byte_and_pads_an_odd_tensor_with_zero() -> None:
+    x = {"w": torch.tensor([[7.0, -7.0, 1.0], [0.0, -1.0, 3.0], [2.0, 5.0, -3.0]])}
+    codec = get_codec("int4")
+    payload = codec.encode(x)
+    assert payload["w"].dtype == np.uint8 and payload["w"].shape == (5,)
+    # The scale is 1, so codes equal values: 7 and -7 are nibbles 15 and 1 (byte 0x1F); the
+    # ninth code, -3 (nibble 5), shares the last byte with the padding nibble 8 (zero).
+    assert payload["w"][0] == 0x1F and payload["w"][-1] == 0x85
+    assert torch.equal(codec.decode(payload, {"w": (3, 3)})["w"], x["w"])
+    payload["w"][-1] = 0x95
+    with pytest.raises(CodecError, match="padding nibble"):
+        codec.decode(payload, {"w": (3, 3)})
 
 
 def test_int8_of_zeros_is_exact() -> None:
@@ -201,6 +216,9 @@ def tamper(name: str, edit: str) -> tuple[Codec, dict[str, np.ndarray]]:
     elif edit == "int8-minus-128":
         first = sorted(SHAPES)[0]
         payload[first][0, 0] = -128
+    elif edit == "int4-minus-8":
+        first = sorted(SHAPES)[0]
+        payload[first][0] &= 0xF0
     elif edit == "wrong-dtype":
         first = sorted(SHAPES)[0]
         payload[first] = payload[first].astype(np.int32)
@@ -224,6 +242,7 @@ def tamper(name: str, edit: str) -> tuple[Codec, dict[str, np.ndarray]]:
     ("int8", "nan-scale", "finite"),
     ("int8", "int8-minus-128", "-128"),
     ("int8", "wrong-dtype", "int32"),
+    ("int4", "int4-minus-8", "-8"),
     ("int8", "missing", "missing ['int8.scales']"),
     ("int8", "extra", "extra ['evil']"),
     ("fp16", "inf-fp16", "not finite"),

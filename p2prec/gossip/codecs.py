@@ -20,13 +20,15 @@ Stages, and what they put on the wire:
   element. One shared scales tensor, rather than one per tensor, keeps the header small:
   for the real adapter (ten tensors with long peft names) the header is already 1 KB of a
   19 KB int8 message, and a scales entry per tensor would double it;
+- ``int4``: the same with codes in ``[-7, 7]``, packed two to a byte as ``ceil(numel / 2)``
+  uint8 under the tensor's name, scales in ``int4.scales`` (``int8_block`` sets its blocks too);
 - ``topk``: the ``k = ceil(fraction * D)`` largest-magnitude entries of the whole adapter
   flattened in name order (``D`` elements), as ``topk.values`` (float32) and
   ``topk.indices`` (int32, strictly increasing). ``k`` depends only on ``D`` and the
   fraction, so payload shapes are fixed and the receiver checks them exactly.
 
-A pipeline is at most one ``topk`` followed by at most one quantiser (``fp16``, ``bf16``
-or ``int8``), named by joining stage names with ``+`` (``"topk+int8"``); ``"none"`` is
+A pipeline is at most one ``topk`` followed by at most one quantiser (``fp16``, ``bf16``,
+``int8`` or ``int4``), named by joining stage names with ``+`` (``"topk+int8"``); ``"none"`` is
 the empty pipeline, plain float32 under the adapter's own names. Receiver and sender must
 share ``topk_fraction`` and ``int8_block``: the name does not carry them, one config does.
 A different fraction changes ``k`` and a different block size the number of scales, so
@@ -42,7 +44,7 @@ The state is explicit so the simulator holds all senders' residuals stacked
 suits a stream whose sum matters: updates (deltas), or tracked states, whose sum is the invariant.
 
 Received bytes are hostile: :meth:`Codec.decode` checks names, dtypes and shapes against
-:meth:`Codec.payload_spec`, then each stage checks its own invariants (int8 range, scales
+:meth:`Codec.payload_spec`, then each stage checks its own invariants (code range, scales
 finite and non-negative, indices strictly increasing and in range) and the result is
 checked finite. Every failure is a one-line :class:`CodecError`.
 """
@@ -179,16 +181,19 @@ class Bf16(Cast16):
     dtype = torch.bfloat16
 
 
-class Int8(Stage):
-    """Uniform symmetric int8 quantisation, one scale per tensor or per block of elements."""
+class Uniform(Stage):
+    """Uniform symmetric quantisation to ``[-levels, levels]``, one scale per tensor or per block.
 
-    name = "int8"
+    The integer codes travel as :meth:`pack` lays them out; subclasses choose the width.
+    """
+
     kind = "quantize"
-    SCALES = "int8.scales"
+    levels: ClassVar[int]
+    SCALES: ClassVar[str]
 
     def __init__(self, block: int) -> None:
         if block < 0:
-            raise CodecError(f"int8 block size must be >= 0 (0 = one scale per tensor), got {block}")
+            raise CodecError(f"{self.name} block size must be >= 0 (0 = one scale per tensor), got {block}")
         self.block = block
 
     @classmethod
@@ -198,9 +203,21 @@ class Int8(Stage):
     def _blocks(self, numel: int) -> int:
         return -(-numel // self.block) if self.block else min(numel, 1)
 
+    @abstractmethod
+    def packed_spec(self, shape: tuple[int, ...]) -> TensorSpec:
+        """How the codes of a float32 tensor of ``shape`` travel."""
+
+    @abstractmethod
+    def pack(self, codes: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """Codes ``[B, numel]`` (int8 within the levels) as the wire tensor ``[B, *packed shape]``."""
+
+    @abstractmethod
+    def unpack(self, packed: torch.Tensor, name: str, numel: int) -> torch.Tensor:
+        """The wire tensor back to codes ``[B, numel]``; :class:`CodecError` if a code is out of range."""
+
     def out_spec(self, spec: PayloadSpec) -> PayloadSpec:
         _claim(spec, self.SCALES)
-        out = {name: TensorSpec("int8", t.shape) if t.dtype == "float32" else t for name, t in spec.items()}
+        out = {name: self.packed_spec(t.shape) if t.dtype == "float32" else t for name, t in spec.items()}
         scales = sum(self._blocks(math.prod(spec[name].shape)) for name in _floats(spec))
         return {**out, self.SCALES: TensorSpec("float32", (scales,))}
 
@@ -220,10 +237,10 @@ class Int8(Stage):
                 out[name] = v
                 continue
             blocked = self._blocked(v.reshape(v.shape[0], -1))
-            scale = blocked.abs().amax(dim=2) / 127.0
+            scale = blocked.abs().amax(dim=2) / float(self.levels)
             safe = torch.where(scale > 0, scale, 1.0).unsqueeze(2)
-            q = torch.round(blocked / safe).clamp(-127, 127).to(torch.int8)
-            out[name] = q.reshape(v.shape[0], -1)[:, : math.prod(v.shape[1:])].reshape(v.shape)
+            q = torch.round(blocked / safe).clamp(-self.levels, self.levels).to(torch.int8)
+            out[name] = self.pack(q.reshape(v.shape[0], -1)[:, : math.prod(v.shape[1:])], tuple(v.shape[1:]))
             scales.append(scale)
         out[self.SCALES] = torch.cat(scales, dim=1) if scales else torch.zeros(next(iter(x.values())).shape[0], 0)
         return out
@@ -239,15 +256,65 @@ class Int8(Stage):
             if t.dtype != "float32":
                 out[name] = v
                 continue
-            if bool((v == -128).any()):
-                raise CodecError(f"tensor {name!r}: int8 value -128 is outside the codec's range [-127, 127]")
             numel = math.prod(t.shape)
+            codes = self.unpack(v, name, numel)
             blocks = self._blocks(numel)
             scale = scales[:, offset : offset + blocks].unsqueeze(2)
             offset += blocks
-            values = self._blocked(v.reshape(v.shape[0], -1).float()) * scale
-            out[name] = values.reshape(v.shape[0], -1)[:, :numel].reshape(v.shape)
+            values = self._blocked(codes.float()) * scale
+            out[name] = values.reshape(v.shape[0], -1)[:, :numel].reshape(v.shape[0], *t.shape)
         return out
+
+
+class Int8(Uniform):
+    """int8 codes in ``[-127, 127]`` under the tensor's own name and shape."""
+
+    name = "int8"
+    levels = 127
+    SCALES = "int8.scales"
+
+    def packed_spec(self, shape: tuple[int, ...]) -> TensorSpec:
+        return TensorSpec("int8", shape)
+
+    def pack(self, codes: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        return codes.reshape(codes.shape[0], *shape)
+
+    def unpack(self, packed: torch.Tensor, name: str, numel: int) -> torch.Tensor:
+        if bool((packed == -128).any()):
+            raise CodecError(f"tensor {name!r}: int8 value -128 is outside the codec's range [-127, 127]")
+        return packed.reshape(packed.shape[0], numel)
+
+
+class Int4(Uniform):
+    """4-bit codes in ``[-7, 7]``, two per byte: ``ceil(numel / 2)`` uint8 under the tensor's name.
+
+    Why a 4-bit stage: issue 5's byte budget (159 KB sent plus received per node per round)
+    holds one rank-16 adapter with its tracker only below about 5.5 bits a value. A code ``c``
+    travels as the nibble ``c + 8`` (element ``2j`` in the low nibble of byte ``j``, ``2j + 1``
+    in the high one); nibble 0 would be -8, outside the range, and the unused high nibble of
+    an odd-sized tensor must be 8 (zero), so every message has one encoding.
+    """
+
+    name = "int4"
+    levels = 7
+    SCALES = "int4.scales"
+
+    def packed_spec(self, shape: tuple[int, ...]) -> TensorSpec:
+        return TensorSpec("uint8", (-(-math.prod(shape) // 2),))
+
+    def pack(self, codes: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        nibbles = (codes + 8).to(torch.uint8)
+        if nibbles.shape[1] % 2:
+            nibbles = torch.nn.functional.pad(nibbles, (0, 1), value=8)
+        return nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+
+    def unpack(self, packed: torch.Tensor, name: str, numel: int) -> torch.Tensor:
+        nibbles = torch.stack([packed & 0x0F, packed >> 4], dim=2).reshape(packed.shape[0], -1)
+        if bool((nibbles[:, :numel] == 0).any()):
+            raise CodecError(f"tensor {name!r}: int4 code -8 is outside the codec's range [-7, 7]")
+        if bool((nibbles[:, numel:] != 8).any()):
+            raise CodecError(f"tensor {name!r}: the padding nibble of an odd-sized tensor must encode zero")
+        return nibbles[:, :numel].to(torch.int8) - 8
 
 
 class TopK(Stage):
@@ -308,7 +375,7 @@ class TopK(Stage):
         return out
 
 
-STAGES: dict[str, type[Stage]] = {stage.name: stage for stage in (Fp16, Bf16, Int8, TopK)}
+STAGES: dict[str, type[Stage]] = {stage.name: stage for stage in (Fp16, Bf16, Int8, Int4, TopK)}
 """The registry: stage name -> class. A new codec is one :class:`Stage` and one entry here."""
 
 NONE = "none"
@@ -455,7 +522,7 @@ def parse(name: str | Sequence[str]) -> list[str]:
                          "(pipelines like topk+int8)")
     kinds = [STAGES[p].kind for p in parts]
     if kinds not in (["sparsify"], ["quantize"], ["sparsify", "quantize"]):
-        raise CodecError(f"codec pipeline {name!r} must be one topk and/or one of fp16, bf16, int8, topk first")
+        raise CodecError(f"codec pipeline {name!r} must be one topk and/or one of fp16, bf16, int8, int4, topk first")
     return parts
 
 
