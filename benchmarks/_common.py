@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from p2prec.allocator import keep_freed_memory
 from p2prec.config import Config, load
 from p2prec.data import load_dataset
 from p2prec.data.split import Dataset
@@ -29,7 +30,9 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 def setup(args: argparse.Namespace) -> tuple[Config, Dataset, SeqRecModel]:
+    """Config, data and backbone, in a process set up as the CLIs set theirs up."""
     torch.set_num_threads(args.threads)
+    keep_freed_memory()
     cfg = load(None, [f"data.dir={args.data_dir}", *args.overrides])
     data = load_dataset(cfg.data.name, cfg.data.dir, cfg.data.public_fraction, cfg.data.split_seed)
     return cfg, data, ensure_backbone(data, cfg)
