@@ -194,23 +194,24 @@ def test_the_launcher_gives_secured_nodes_their_keys(tmp_path: Path, synth_data,
     assert (tmp_path / "run" / "keys" / "node1.key_secret").read_bytes() == before
 
 
-async def test_a_node_decodes_its_codec_and_rejects_any_other(tmp_path: Path,
-                                                              caplog: pytest.LogCaptureFixture) -> None:
-    cfg, graph = load(None, ["gossip.codec=int8", "node.linger_ms=0"]), path_of_three()
+@pytest.mark.parametrize("name", ["int8", "int4"])
+async def test_a_node_decodes_its_codec_and_rejects_any_other(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                              name: str) -> None:
+    cfg, graph = load(None, [f"gossip.codec={name}", "node.linger_ms=0"]), path_of_three()
     node = Node(cfg, place(graph, 0, 3), None, TEMPLATE, tmp_path / "node-0")
-    int8 = get_codec("int8")
+    codec = get_codec(name)
     x = {"w": np.array([0.5, -1.0, 0.3, 2.0], dtype=np.float32)}
     async with receiving(node) as inbox:
         sender = as_node_one(graph)
         try:
-            for codec, payload in (("none", x), ("fp16", int8.encode(x)), ("int8", int8.encode(x))):
-                await sender.send(0, encode(Message(MessageType.GOSSIP, 1, 1, codec, payload, {})))
+            for label, payload in (("none", x), ("fp16", codec.encode(x)), (name, codec.encode(x))):
+                await sender.send(0, encode(Message(MessageType.GOSSIP, 1, 1, label, payload, {})))
             got = await inbox.collect(1, MessageType.GOSSIP, [1], asyncio.get_running_loop().time() + 5)
         finally:
             sender.close()
-    assert node.rejected == 2  # float32 fails the int8 wire spec; an int8 payload named fp16 fails the codec check
-    assert "codec 'fp16' is not this network's gossip.codec 'int8'" in caplog.text
-    expected = int8.decode(int8.encode(x), {"w": (4,)})["w"].numpy()
+    assert node.rejected == 2  # float32 fails the codec's wire spec; its payload named fp16 fails the codec check
+    assert f"codec 'fp16' is not this network's gossip.codec '{name}'" in caplog.text
+    expected = codec.decode(codec.encode(x), {"w": (4,)})["w"].numpy()
     np.testing.assert_array_equal(got[1].tensors["w"], expected)
     assert not np.array_equal(expected, x["w"])
 
