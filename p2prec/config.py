@@ -172,9 +172,9 @@ class GossipConfig:
     Epidemic Learning) or ``matching`` (a random matching over the topology's edges).
 
     ``codec`` compresses what is sent: ``none`` (float32), ``fp16``, ``bf16``, ``int8``,
-    ``int4``, ``topk`` or a pipeline such as ``topk+int8`` (see :mod:`p2prec.gossip.codecs`);
+    ``int4``, ``int2``, ``topk`` or a pipeline such as ``topk+int8`` (see :mod:`p2prec.gossip.codecs`);
     ``topk_fraction`` is the share of entries top-k keeps and ``int8_block`` the block size
-    of the integer quantisers, int8 and int4 (0: one scale per tensor).
+    of the integer quantisers, int8, int4 and int2 (0: one scale per tensor).
 
     ``tracking`` (the default) gossips, with the shared adapter, each node's tracker of the
     network's average gradient, and steps the shared adapter along it
@@ -277,13 +277,20 @@ class PrivacyConfig:
     seed: int = 0
 
 
+ROBUST_RULES = ("mean", "median", "trimmed-mean", "clipped", "clipped-adaptive")
+"""The aggregation rules :mod:`p2prec.gossip.robust` implements, by name."""
+
+
 @dataclass
 class RobustConfig:
     """The aggregation rule (see :mod:`p2prec.gossip.robust`): ``trim`` is the trimmed
     mean's fraction cut at each end, ``tau`` ClippedGossip's clipping radius (``clipped``) or
-    that radius as a multiple of each node's median neighbour distance (``clipped-adaptive``)."""
+    that radius as a multiple of each node's median neighbour distance (``clipped-adaptive``).
+    ``tracker_rule`` aggregates gradient tracking's trackers; ``same`` applies ``rule`` to them
+    too, aggregated together with the adapter as one vector."""
 
-    rule: str = _field("mean", choices=("mean", "median", "trimmed-mean", "clipped", "clipped-adaptive"))
+    rule: str = _field("mean", choices=ROBUST_RULES)
+    tracker_rule: str = _field("same", choices=("same", *ROBUST_RULES))
     trim: float = _field(0.1, lo=0.0, hi=0.49)
     tau: float = _field(1.0, lo=1e-12)
 

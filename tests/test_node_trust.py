@@ -26,9 +26,9 @@ from p2prec.cli import main as p2prec_main
 from p2prec.config import Config, ConfigError, load
 from p2prec.gossip.aggregate import heard_row, robust_combine
 from p2prec.gossip.codecs import get_codec
-from p2prec.gossip.mixing import flatten, row_normalise, silence_senders, unflatten
+from p2prec.gossip.mixing import row_normalise, silence_senders
 from p2prec.gossip.privacy import LocalPrivacy, epsilon
-from p2prec.gossip.robust import get_rule, robust_mix
+from p2prec.gossip.robust import Aggregation, get_rule, robust_mix_named
 from p2prec.node.cli import build_node
 from p2prec.node.cli import main as node_main
 from p2prec.node.inbox import Inbox
@@ -194,7 +194,7 @@ def test_the_launcher_gives_secured_nodes_their_keys(tmp_path: Path, synth_data,
     assert (tmp_path / "run" / "keys" / "node1.key_secret").read_bytes() == before
 
 
-@pytest.mark.parametrize("name", ["int8", "int4"])
+@pytest.mark.parametrize("name", ["int8", "int4", "int2"])
 async def test_a_node_decodes_its_codec_and_rejects_any_other(tmp_path: Path, caplog: pytest.LogCaptureFixture,
                                                               name: str) -> None:
     cfg, graph = load(None, [f"gossip.codec={name}", "node.linger_ms=0"]), path_of_three()
@@ -253,25 +253,28 @@ def test_a_compressing_codec_needs_flat_gossip(tmp_path: Path) -> None:
         Node(load(None, ["gossip.codec=int8"]), place(graph, 0, 6), None, TEMPLATE, tmp_path / "n")
 
 
-@pytest.mark.parametrize("rule", ["mean", "median", "trimmed-mean", "clipped", "clipped-adaptive"])
-def test_a_nodes_robust_aggregate_is_its_row_of_the_simulators(rule: str) -> None:
+@pytest.mark.parametrize(("rule", "tracker_rule"), [("mean", "same"), ("median", "same"), ("trimmed-mean", "same"),
+                                                    ("clipped", "same"), ("clipped-adaptive", "same"),
+                                                    ("median", "clipped-adaptive"), ("mean", "trimmed-mean")])
+def test_a_nodes_robust_aggregate_is_its_row_of_the_simulators(rule: str, tracker_rule: str) -> None:
     """Each node's :func:`robust_combine` over what it heard (its own true state apart) equals
-    its row of :func:`robust_mix` on the renormalised, silenced matrix the simulator uses."""
+    its row of :func:`robust_mix_named` on the renormalised, silenced matrix the simulator uses,
+    with the trackers under a rule of their own too."""
     w = metropolis_hastings(build("small-world:k=4,p=0.3", 12, seed=1))
     gen = torch.Generator().manual_seed(0)
-    sent = {"a": torch.randn(12, 3, 2, generator=gen), "b": torch.randn(12, 5, generator=gen)}
+    sent = {"a": torch.randn(12, 3, 2, generator=gen), "b": torch.randn(12, 5, generator=gen),
+            "track.a": torch.randn(12, 3, 2, generator=gen), "track.b": torch.randn(12, 5, generator=gen)}
     own = {k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in sent.items()}
-    names = list(sent)
-    apply = get_rule(rule, trim=0.2, tau=0.5)
+    aggregation = Aggregation(get_rule(rule, trim=0.2, tau=0.5),
+                              None if tracker_rule == "same" else get_rule(tracker_rule, trim=0.2, tau=0.5))
     silent = np.random.default_rng(2).random(12) < 0.3
-    whole = unflatten(robust_mix(apply, row_normalise(silence_senders(w, silent)), flatten(sent, names),
-                                 own=flatten(own, names)), own, names)
+    whole = robust_mix_named(aggregation, row_normalise(silence_senders(w, silent)), sent, own, list(sent))
     for i in range(12):
         heard = [int(j) for j in w[i].indices if j != i and not silent[j]]
-        got = robust_combine(apply, heard_row(w, i, heard), i, {k: v[i].numpy() for k, v in own.items()},
+        got = robust_combine(aggregation, heard_row(w, i, heard), i, {k: v[i].numpy() for k, v in own.items()},
                              {j: {k: v[j].numpy() for k, v in sent.items()} for j in heard})
-        for k in names:
-            assert torch.allclose(got[k], whole[k][i], atol=1e-6), (rule, i, k)
+        for k in sent:
+            assert torch.allclose(got[k], whole[k][i], atol=1e-6), (rule, tracker_rule, i, k)
 
 
 def test_a_robust_rule_needs_flat_gossip(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import scipy.sparse as sp
 import torch
 
 from p2prec.gossip.mixing import count_weighted_rows, flatten, mix, row_normalise, silence_senders, unflatten
-from p2prec.gossip.robust import Neighbourhood, Rule
+from p2prec.gossip.robust import Aggregation, Neighbourhood
 from p2prec.topology import metropolis_hastings
 
 Arrays = Mapping[str, np.ndarray]
@@ -72,22 +72,25 @@ def combine(row: sp.csr_matrix, states: Mapping[int, Arrays]) -> dict[str, torch
     return {name: value[0] for name, value in mix(weights, stacked, list(first)).items()}
 
 
-def robust_combine(rule: Rule, row: sp.csr_matrix, node: int, own: Arrays,
+def robust_combine(aggregation: Aggregation, row: sp.csr_matrix, node: int, own: Arrays,
                    received: Mapping[int, Arrays]) -> dict[str, torch.Tensor]:
-    """Node ``node``'s row of :func:`p2prec.gossip.robust.robust_mix`: ``rule`` over its own,
-    true state and the states that reached it, weighted by ``row`` (e.g. :func:`heard_row`).
+    """Node ``node``'s row of :func:`p2prec.gossip.robust.robust_mix_named`: each group's rule
+    over its own, true state and the states that reached it, weighted by ``row`` (e.g.
+    :func:`heard_row`).
 
     The received states go in ascending sender order, the order in which the simulator's
     neighbourhoods hold them, so sums run in the same order too.
     """
-    names = list(own)
-
-    def flat(state: Arrays) -> torch.Tensor:
-        return flatten({k: torch.as_tensor(np.asarray(state[k])).unsqueeze(0) for k in names}, names)[0]
-
     senders = sorted(int(j) for j in row.indices if j != node)
     weights = row.toarray()[0]
-    hood = Neighbourhood.for_node(flat(own), [flat(received[j]) for j in senders], [weights[j] for j in senders],
-                                  own_weight=float(weights[node]))
-    like = {k: torch.as_tensor(np.asarray(own[k])).unsqueeze(0) for k in names}
-    return {k: v[0] for k, v in unflatten(rule(hood), like, names).items()}
+    out: dict[str, torch.Tensor] = {}
+    for names, rule in aggregation.groups(list(own)):
+
+        def flat(state: Arrays) -> torch.Tensor:
+            return flatten({k: torch.as_tensor(np.asarray(state[k])).unsqueeze(0) for k in names}, names)[0]
+
+        hood = Neighbourhood.for_node(flat(own), [flat(received[j]) for j in senders],
+                                      [weights[j] for j in senders], own_weight=float(weights[node]))
+        like = {k: torch.as_tensor(np.asarray(own[k])).unsqueeze(0) for k in names}
+        out.update({k: v[0] for k, v in unflatten(rule(hood), like, names).items()})
+    return out

@@ -22,13 +22,14 @@ Stages, and what they put on the wire:
   19 KB int8 message, and a scales entry per tensor would double it;
 - ``int4``: the same with codes in ``[-7, 7]``, packed two to a byte as ``ceil(numel / 2)``
   uint8 under the tensor's name, scales in ``int4.scales`` (``int8_block`` sets its blocks too);
+- ``int2``: ternary codes in ``[-1, 1]``, four to a byte, scales in ``int2.scales``;
 - ``topk``: the ``k = ceil(fraction * D)`` largest-magnitude entries of the whole adapter
   flattened in name order (``D`` elements), as ``topk.values`` (float32) and
   ``topk.indices`` (int32, strictly increasing). ``k`` depends only on ``D`` and the
   fraction, so payload shapes are fixed and the receiver checks them exactly.
 
 A pipeline is at most one ``topk`` followed by at most one quantiser (``fp16``, ``bf16``,
-``int8`` or ``int4``), named by joining stage names with ``+`` (``"topk+int8"``); ``"none"`` is
+``int8``, ``int4`` or ``int2``), named by joining stage names with ``+`` (``"topk+int8"``); ``"none"`` is
 the empty pipeline, plain float32 under the adapter's own names. Receiver and sender must
 share ``topk_fraction`` and ``int8_block``: the name does not carry them, one config does.
 A different fraction changes ``k`` and a different block size the number of scales, so
@@ -285,36 +286,73 @@ class Int8(Uniform):
         return packed.reshape(packed.shape[0], numel)
 
 
-class Int4(Uniform):
-    """4-bit codes in ``[-7, 7]``, two per byte: ``ceil(numel / 2)`` uint8 under the tensor's name.
+class SubByte(Uniform):
+    """Codes in ``[-levels, levels]`` narrower than a byte, ``8 // bits`` per uint8:
+    ``ceil(numel * bits / 8)`` bytes under the tensor's name.
+
+    A code ``c`` travels as the field ``c + levels + 1``; element ``j * per + f`` of a tensor
+    sits in field ``f`` (lowest bits first) of byte ``j``. Field 0 would be ``-levels - 1``,
+    outside the range, and the unused fields of the last byte must encode zero, so every
+    message has exactly one encoding and anything else is rejected.
+    """
+
+    bits: ClassVar[int]
+
+    @property
+    def _per_byte(self) -> int:
+        return 8 // self.bits
+
+    def packed_spec(self, shape: tuple[int, ...]) -> TensorSpec:
+        return TensorSpec("uint8", (-(-math.prod(shape) // self._per_byte),))
+
+    def pack(self, codes: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        fields = (codes + self.levels + 1).to(torch.uint8)
+        pad = -fields.shape[1] % self._per_byte
+        fields = torch.nn.functional.pad(fields, (0, pad), value=self.levels + 1)
+        fields = fields.reshape(fields.shape[0], -1, self._per_byte)
+        packed = torch.zeros(fields.shape[:2], dtype=torch.uint8)
+        for f in range(self._per_byte):
+            packed |= fields[:, :, f] << (f * self.bits)
+        return packed
+
+    def unpack(self, packed: torch.Tensor, name: str, numel: int) -> torch.Tensor:
+        mask = (1 << self.bits) - 1
+        fields = torch.stack([(packed >> (f * self.bits)) & mask for f in range(self._per_byte)], dim=2)
+        fields = fields.reshape(packed.shape[0], -1)
+        if bool((fields[:, :numel] == 0).any()):
+            raise CodecError(f"tensor {name!r}: {self.name} code {-self.levels - 1} is outside the codec's "
+                             f"range [{-self.levels}, {self.levels}]")
+        if bool((fields[:, numel:] != self.levels + 1).any()):
+            raise CodecError(f"tensor {name!r}: the padding of the last {self.name} byte must encode zero")
+        return fields[:, :numel].to(torch.int8) - (self.levels + 1)
+
+
+class Int4(SubByte):
+    """4-bit codes in ``[-7, 7]``, two per byte (a code ``c`` as the nibble ``c + 8``).
 
     Why a 4-bit stage: issue 5's byte budget (159 KB sent plus received per node per round)
-    holds one rank-16 adapter with its tracker only below about 5.5 bits a value. A code ``c``
-    travels as the nibble ``c + 8`` (element ``2j`` in the low nibble of byte ``j``, ``2j + 1``
-    in the high one); nibble 0 would be -8, outside the range, and the unused high nibble of
-    an odd-sized tensor must be 8 (zero), so every message has one encoding.
+    holds one rank-16 adapter with its tracker only below about 5.5 bits a value.
     """
 
     name = "int4"
     levels = 7
+    bits = 4
     SCALES = "int4.scales"
 
-    def packed_spec(self, shape: tuple[int, ...]) -> TensorSpec:
-        return TensorSpec("uint8", (-(-math.prod(shape) // 2),))
 
-    def pack(self, codes: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        nibbles = (codes + 8).to(torch.uint8)
-        if nibbles.shape[1] % 2:
-            nibbles = torch.nn.functional.pad(nibbles, (0, 1), value=8)
-        return nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+class Int2(SubByte):
+    """Ternary codes in ``[-1, 1]``, four per byte (a code ``c`` as the 2-bit field ``c + 2``).
 
-    def unpack(self, packed: torch.Tensor, name: str, numel: int) -> torch.Tensor:
-        nibbles = torch.stack([packed & 0x0F, packed >> 4], dim=2).reshape(packed.shape[0], -1)
-        if bool((nibbles[:, :numel] == 0).any()):
-            raise CodecError(f"tensor {name!r}: int4 code -8 is outside the codec's range [-7, 7]")
-        if bool((nibbles[:, numel:] != 8).any()):
-            raise CodecError(f"tensor {name!r}: the padding nibble of an odd-sized tensor must encode zero")
-        return nibbles[:, :numel].to(torch.int8) - 8
+    Why: within the same byte budget, two exchanges a round (four messages sent plus
+    received) need about 2.3 bits a value at rank 16, and reach is what the budget must buy
+    (session 9). A value rounds to ``-1``, ``0`` or ``1`` times its block's largest magnitude,
+    so most of a block travels as zero; the sender's error feedback carries the rest forward.
+    """
+
+    name = "int2"
+    levels = 1
+    bits = 2
+    SCALES = "int2.scales"
 
 
 class TopK(Stage):
@@ -375,7 +413,7 @@ class TopK(Stage):
         return out
 
 
-STAGES: dict[str, type[Stage]] = {stage.name: stage for stage in (Fp16, Bf16, Int8, Int4, TopK)}
+STAGES: dict[str, type[Stage]] = {stage.name: stage for stage in (Fp16, Bf16, Int8, Int4, Int2, TopK)}
 """The registry: stage name -> class. A new codec is one :class:`Stage` and one entry here."""
 
 NONE = "none"
@@ -522,7 +560,7 @@ def parse(name: str | Sequence[str]) -> list[str]:
                          "(pipelines like topk+int8)")
     kinds = [STAGES[p].kind for p in parts]
     if kinds not in (["sparsify"], ["quantize"], ["sparsify", "quantize"]):
-        raise CodecError(f"codec pipeline {name!r} must be one topk and/or one of fp16, bf16, int8, int4, topk first")
+        raise CodecError(f"codec pipeline {name!r} must be one topk and/or one of fp16, bf16, int8, int4, int2, topk first")
     return parts
 
 

@@ -36,7 +36,7 @@ import numpy as np
 from p2prec.gossip.aggregate import combine, count_weighted_row, heard_row, robust_combine
 from p2prec.gossip.codecs import Codec, ErrorFeedback
 from p2prec.gossip.privacy import LocalPrivacy
-from p2prec.gossip.robust import Rule
+from p2prec.gossip.robust import Aggregation
 from p2prec.node.inbox import Inbox
 from p2prec.node.learner import Learner
 from p2prec.node.place import FLAT, Place
@@ -74,21 +74,21 @@ class Protocol:
 
     ``codec`` encodes every message; ``feedback``, the sender's error-feedback residual
     (``None`` unless the codec keeps one), carries over from one gossip message to the next.
-    ``rule`` is a flat node's robust aggregation rule, ``None`` for plain mixing;
+    ``aggregation`` is a flat node's robust aggregation rules, ``None`` for plain mixing;
     ``privacy`` the node's local DP (a stack of one), ``None`` without it. ``exchanges`` is
     ``gossip.exchanges``.
     """
 
     def __init__(self, place: Place, learner: Learner | None, inbox: Inbox, transport: Transport,
                  deadline_s: float, first_round: int, start_timeout_s: float, codec: Codec,
-                 feedback: ErrorFeedback | None = None, rule: Rule | None = None,
+                 feedback: ErrorFeedback | None = None, aggregation: Aggregation | None = None,
                  privacy: LocalPrivacy | None = None, exchanges: int = 1) -> None:
         self.place = place
         self.exchanges = exchanges
         self.privacy = privacy
         self.codec = codec
         self.feedback = feedback
-        self.rule = rule
+        self.aggregation = aggregation
         self.learner = learner
         self.inbox = inbox
         self.transport = transport
@@ -145,10 +145,10 @@ class Protocol:
         got = await self.inbox.collect(round_, MessageType.GOSSIP, partners, self._deadline(round_), exchange)
         row = heard_row(w, me, got)
         received = {j: m.tensors for j, m in got.items()}
-        if self.rule is None:
+        if self.aggregation is None:
             self.learner.set_shared(combine(row, {me: own, **received}))
         else:
-            self.learner.set_shared(robust_combine(self.rule, row, me, own, received))
+            self.learner.set_shared(robust_combine(self.aggregation, row, me, own, received))
         return Exchanged(len(got), len(partners), sent)
 
     async def _client(self, round_: int, exchange: int) -> Exchanged:

@@ -26,7 +26,7 @@ import zmq
 from p2prec.config import Config, ConfigError
 from p2prec.gossip.codecs import ErrorFeedback, codec_from_config
 from p2prec.gossip.privacy import LocalPrivacy
-from p2prec.gossip.robust import rule_from_config
+from p2prec.gossip.robust import aggregation_from_config
 from p2prec.node import checkpoint
 from p2prec.node.inbox import Abandoned, Inbox
 from p2prec.node.learner import Learner
@@ -75,8 +75,9 @@ class Node:
             raise SecurityError(f"node {place.node}: security.enabled is {cfg.security.enabled} but keys were "
                                 f"{'not ' if keys is None else ''}given")
         self.codec = codec_from_config(cfg.gossip)
-        self.rule = rule_from_config(cfg.robust)
-        flat_only = {"gossip.codec": (self.codec.name, "none"), "robust.rule": (cfg.robust.rule, "mean")}
+        self.aggregation = aggregation_from_config(cfg.robust)
+        robust = "mean" if self.aggregation is None else f"{cfg.robust.rule} (trackers: {cfg.robust.tracker_rule})"
+        flat_only = {"gossip.codec": (self.codec.name, "none"), "robust.rule": (robust, "mean")}
         for key, (value, plain) in flat_only.items():
             if place.kind != FLAT and value != plain:
                 raise ConfigError(f"{key}: real nodes of an edge hierarchy support only {plain!r} so far, "
@@ -264,7 +265,7 @@ class Node:
         receiver = loop.create_task(self.receive(transport, inbox))
         protocol = Protocol(self.place, self.learner, inbox, transport, n.deadline_s,
                             first_round=self.progress.round + 1, start_timeout_s=n.start_timeout_s,
-                            codec=self.codec, feedback=self.feedback, rule=self.rule, privacy=self.privacy,
+                            codec=self.codec, feedback=self.feedback, aggregation=self.aggregation, privacy=self.privacy,
                             exchanges=self.cfg.gossip.exchanges)
         try:
             inbox.check_open()

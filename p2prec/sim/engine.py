@@ -37,9 +37,9 @@ from p2prec.config import Config
 from p2prec.data.sampler import seeded_rng, torch_generator
 from p2prec.data.split import Dataset
 from p2prec.gossip.codecs import Codec, ErrorFeedback, codec_from_config, get_codec
-from p2prec.gossip.mixing import Params, consensus_distance, flatten, mix, unflatten
+from p2prec.gossip.mixing import Params, consensus_distance, mix
 from p2prec.gossip.privacy import LocalPrivacy
-from p2prec.gossip.robust import robust_mix, rule_from_config
+from p2prec.gossip.robust import aggregation_from_config, robust_mix_named
 from p2prec.gossip.rounds import exchange_key
 from p2prec.learn.baselines import adapter_model, federated_eval_set, selection_score
 from p2prec.learn.evaluate import evaluate
@@ -112,10 +112,11 @@ class Simulation:
         self.eval_set = federated_eval_set(data, cfg, [self.nodes[i] for i in self.honest.tolist()])
         self.plan = MixingPlan(graph, n, self.pop.counts, cfg.gossip)
         self.faults = FaultPlan(cfg.sim, n)
-        self.rule = rule_from_config(cfg.robust)
-        if self.rule is not None and self.plan.kind == "hierarchy":
-            raise ValueError(f"robust.rule = {cfg.robust.rule!r} needs flat gossip: in an edge hierarchy the "
-                             "clients take their aggregator's average; use robust.rule = 'mean'")
+        self.aggregation = aggregation_from_config(cfg.robust)
+        if self.aggregation is not None and self.plan.kind == "hierarchy":
+            raise ValueError(f"robust.rule = {cfg.robust.rule!r} (trackers: {cfg.robust.tracker_rule!r}) needs "
+                             "flat gossip: in an edge hierarchy the clients take their aggregator's average; "
+                             "use robust.rule = 'mean'")
         shared = self.pop.shared()
         self.codec = codec_from_config(cfg.gossip)
         self.feedback = ErrorFeedback({k: torch.zeros_like(v) for k, v in shared.items()}) \
@@ -195,10 +196,9 @@ class Simulation:
         saves two full-size temporaries per exchange. The sums are the same IEEE additions as
         ``A @ received + d * own``, so the results are bit for bit those of the plain form.
         """
-        if self.rule is not None:
-            flat = robust_mix(self.rule, mixing.a + sp.diags(mixing.d), flatten(received, names),
-                              own=flatten(own, names))
-            for k, v in unflatten(flat, own, names).items():
+        if self.aggregation is not None:
+            for k, v in robust_mix_named(self.aggregation, mixing.a + sp.diags(mixing.d), received, own,
+                                         names).items():
                 own[k].copy_(v)
             return
         mixed = mix(mixing.factors, received, names)
@@ -228,6 +228,7 @@ class Simulation:
             "delta": self.cfg.privacy.delta if self.privacy is not None else None,
             "noise_multiplier": self.privacy.sigma if self.privacy is not None else None,
             "robust_rule": self.cfg.robust.rule,
+            "tracker_rule": self.cfg.robust.tracker_rule,
             "attack": self.cfg.sim.attack,
             "byzantine": int(self.byzantine.sum()),
             "evaluated_nodes": len(self.honest),
