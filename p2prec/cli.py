@@ -109,6 +109,31 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_privacy(args: argparse.Namespace) -> int:
+    from p2prec.gossip.privacy import epsilon, noise_multiplier, planned_releases, snr_bound
+    from p2prec.learn.baselines import adapter_model
+    from p2prec.model.backbone import build_backbone
+    from p2prec.sim.engine import select_nodes
+
+    cfg = config_from_args(args)
+    if cfg.privacy.target_epsilon <= 0 and cfg.privacy.noise_multiplier <= 0:
+        raise ConfigError("privacy: set privacy.target_epsilon or privacy.noise_multiplier (> 0)")
+    data = load_data(cfg)
+    m = cfg.model
+    # Only the shapes matter here, so a fresh backbone stands in for the pre-trained one.
+    model = adapter_model(build_backbone(data.n_items, m.hidden, m.layers, m.heads, m.intermediate, m.max_len,
+                                         m.dropout, m.causal), cfg)
+    dim = sum(v.numel() for v in model.shared_state().values())
+    nodes, rounds = len(select_nodes(data, cfg)), planned_releases(cfg)
+    sigma = noise_multiplier(cfg.privacy, rounds)
+    bound = snr_bound(sigma, rounds, nodes, dim)
+    print(f"{nodes} nodes, {rounds} releases each, shared adapter of {dim:,} floats")
+    print(f"noise multiplier {sigma:.3f}: epsilon {epsilon(sigma, rounds, cfg.privacy.delta):.3f} "
+          f"at delta {cfg.privacy.delta:g} per node over the run")
+    print(f"best-case signal-to-noise of all releases summed: {bound:.3f} (noise {1 / bound:.1f}x the signal)")
+    return 0
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     from p2prec.node.security import generate_keys, key_name
 
@@ -155,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--communities", type=int, default=4)
     s.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=guarded(cmd_data))
+
+    p = sub.add_parser("privacy", help="the noise a privacy budget needs, and how much signal it leaves")
+    add_config_options(p)
+    p.set_defaults(func=guarded(cmd_privacy))
 
     p = sub.add_parser("keys", help="CurveZMQ keypairs for secured real nodes")
     actions = p.add_subparsers(dest="action", required=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from p2prec.cli import main
+from p2prec.gossip.privacy import noise_for_epsilon
 from p2prec.model.store import load_backbone
 from tests.conftest import TINY
 
@@ -48,6 +49,19 @@ def test_baseline_without_backbone_pretrains_and_caches(tmp_path: Path, synth_di
     assert len(cached) == 1 and (cached[0] / "model.safetensors").is_file()
     assert main(args) == 0
     assert list((cache_dir / "backbones").iterdir()) == cached
+
+
+def test_privacy_prints_the_noise_for_a_target_epsilon_and_its_snr_bound(synth_dir: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    assert main(["privacy", "--dataset", "synthetic", "--data-dir", str(synth_dir), "--set", "sim.rounds=40",
+                 "--set", "privacy.target_epsilon=4"]) == 0
+    out = capsys.readouterr().out
+    sigma = noise_for_epsilon(4.0, 40, 1e-5)
+    assert "40 releases each" in out and f"noise multiplier {sigma:.3f}: epsilon 4.000" in out
+    assert "best-case signal-to-noise" in out
+    assert main(["privacy", "--dataset", "synthetic", "--data-dir", str(synth_dir), "--set",
+                 "privacy.noise_multiplier=0"]) == 2
+    assert "set privacy.target_epsilon" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -10,7 +10,8 @@ import torch
 from dp_accounting.rdp import RdpAccountant
 
 from p2prec.config import load
-from p2prec.gossip.privacy import clip_update, epsilon, noise_for_epsilon, noise_multiplier, privatize, update_norms
+from p2prec.gossip.privacy import (clip_update, epsilon, noise_for_epsilon, noise_multiplier, privatize, snr_bound,
+                                   update_norms)
 
 
 def update(seed: int = 0, n: int | None = None, scale: float = 1.0) -> dict[str, torch.Tensor]:
@@ -100,3 +101,16 @@ def test_config_target_epsilon_sets_the_noise() -> None:
     assert noise_multiplier(cfg.privacy, 100) == 0.7
     cfg = load(None, ["privacy.enabled=true", "privacy.target_epsilon=8", "privacy.delta=1e-5"])
     assert noise_multiplier(cfg.privacy, 100) == pytest.approx(noise_for_epsilon(8.0, 100, 1e-5))
+
+
+def test_the_snr_bound_is_what_summing_identical_clipped_updates_gives() -> None:
+    """The bound's best case, built literally: every node releases the same update of norm C
+    every round; the norm of the summed signal over the norm of the summed noise matches."""
+    rounds, nodes, dim, sigma, clip = 20, 30, 500, 2.0, 0.1
+    g = torch.Generator().manual_seed(0)
+    direction = torch.randn(dim, generator=g)
+    signal = rounds * nodes * clip * direction / direction.norm()
+    noise = sigma * clip * torch.randn(rounds * nodes, dim, generator=g).sum(dim=0)
+    measured = float(signal.norm() / noise.norm())
+    assert measured == pytest.approx(snr_bound(sigma, rounds, nodes, dim), rel=0.1)
+    assert snr_bound(0.0, rounds, nodes, dim) == math.inf

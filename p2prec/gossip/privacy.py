@@ -146,6 +146,29 @@ def noise_multiplier(privacy: PrivacyConfig, rounds: int) -> float:
     return privacy.noise_multiplier
 
 
+def planned_releases(cfg: Config) -> int:
+    """The rounds in which a node releases an update: those that train (``sim.train_rounds``,
+    else all of them). The noise is calibrated over these."""
+    return min(cfg.sim.train_rounds or cfg.sim.rounds, cfg.sim.rounds)
+
+
+def snr_bound(noise_multiplier: float, rounds: int, nodes: int, dim: int) -> float:
+    """An upper bound on the signal-to-noise ratio (in L2 norm) of everything the network
+    releases over a run: ``sqrt(rounds * nodes) / (noise_multiplier * sqrt(dim))``.
+
+    Why: it says, before any run, whether local DP leaves gossip anything to learn from.
+    Each node releases ``clip(u) + noise_multiplier * C * z`` per round, ``z`` standard normal
+    in ``dim`` dimensions. Summing all ``rounds * nodes`` releases, the best any aggregation
+    can do, gives a signal of norm at most ``rounds * nodes * C`` (every clipped update equal,
+    of norm C, for the whole run) and noise of norm about
+    ``noise_multiplier * C * sqrt(rounds * nodes * dim)``. Below 1, even that best case is
+    mostly noise; real updates disagree and change, so their sum is shorter still.
+    """
+    if noise_multiplier <= 0:
+        return math.inf
+    return math.sqrt(rounds * nodes) / (noise_multiplier * math.sqrt(dim))
+
+
 def noise_generator(seed: int, round_: int, node: int) -> torch.Generator:
     """Node ``node``'s noise stream for round ``round_``, keyed by nothing else (never by data)."""
     return torch_generator(seed, round_, node, 0xD9)
@@ -177,8 +200,7 @@ class LocalPrivacy:
     @classmethod
     def for_config(cls, cfg: Config, shared: Tensors, ids: Iterable[int]) -> LocalPrivacy:
         """Noise calibrated over the rounds that train (``sim.train_rounds``, else all of them)."""
-        planned = min(cfg.sim.train_rounds or cfg.sim.rounds, cfg.sim.rounds)
-        return cls(cfg.privacy, planned, shared, ids)
+        return cls(cfg.privacy, planned_releases(cfg), shared, ids)
 
     def release(self, shared: Tensors, round_: int, active: np.ndarray) -> None:
         """Replace the ``active`` rows of ``shared`` (in place) by reference + privatised update."""
