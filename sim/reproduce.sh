@@ -5,7 +5,7 @@
 #         g gradient tracking, h what test NDCG@10 depends on (session 4), i learning rates (session 6),
 #         j weighting gradients by samples (session 7), k one exchange per round (the issue-5 byte budget),
 #         l a faster-mixing graph of the same degree (session 7), m gossip exchanges per round (session 8),
-#         n the issue-5 byte budget at the default rank with int4 (session 9).
+#         n the issue-5 byte budget at the default rank with int4 (sessions 9-10).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data="${1:-${P2PREC_DATA:-../shared/data}}"
