@@ -85,12 +85,13 @@ def robust_combine(aggregation: Aggregation, row: sp.csr_matrix, node: int, own:
     weights = row.toarray()[0]
     out: dict[str, torch.Tensor] = {}
     for names, rule in aggregation.groups(list(own)):
-
-        def flat(state: Arrays) -> torch.Tensor:
-            return flatten({k: torch.as_tensor(np.asarray(state[k])).unsqueeze(0) for k in names}, names)[0]
-
-        hood = Neighbourhood.for_node(flat(own), [flat(received[j]) for j in senders],
+        hood = Neighbourhood.for_node(_flat(own, names), [_flat(received[j], names) for j in senders],
                                       [weights[j] for j in senders], own_weight=float(weights[node]))
         like = {k: torch.as_tensor(np.asarray(own[k])).unsqueeze(0) for k in names}
         out.update({k: v[0] for k, v in unflatten(rule(hood), like, names).items()})
     return out
+
+
+def _flat(state: Arrays, names: list[str]) -> torch.Tensor:
+    """One node's tensors ``names`` as a flat vector, in the simulator's :func:`flatten` order."""
+    return flatten({k: torch.as_tensor(np.asarray(state[k])).unsqueeze(0) for k in names}, names)[0]
