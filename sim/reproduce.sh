@@ -1,20 +1,39 @@
 #!/usr/bin/env bash
-# Re-run every experiment behind the README's results section and print its tables.
-# Usage: sim/reproduce.sh [DATA_DIR] [a|b|c|d|e|f|g|h|i|j|k|l|m|n ...]   (default: $P2PREC_DATA or ../shared/data; all groups)
-# Groups: a quality per topology, b consensus speed, c faults, d codecs, e local DP, f Byzantine nodes,
-#         g gradient tracking, h what test NDCG@10 depends on (session 4), i learning rates (session 6),
-#         j weighting gradients by samples (session 7), k one exchange per round (the issue-5 byte budget),
-#         l a faster-mixing graph of the same degree (session 7), m gossip exchanges per round (session 8),
-#         n the issue-5 byte budget at the default rank with int4 (sessions 9-10).
+# Rerun the experiments behind the README and docs/experiments.md, one group (folder of sim/) at a time,
+# and print each group's comparison table (runs/report-GROUP.png holds its overlay plot).
+# Usage: sim/reproduce.sh DATA_DIR [GROUP ...]     (DATA_DIR: a folder holding ml-100k/; default $P2PREC_DATA)
+# Groups: topologies tracking spectral faults codecs privacy robust (default: all of them).
+# Every spec is parsed before anything runs: one that no longer loads stops the script with its error.
+# A figure measured at an older commit is reproduced at that commit (docs/experiments.md names it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-data="${1:-${P2PREC_DATA:-../shared/data}}"
+all="topologies tracking spectral faults codecs privacy robust"
+data="${1:-${P2PREC_DATA:-}}"
+if [ -z "$data" ]; then
+  echo "sim/reproduce.sh: give DATA_DIR or set \$P2PREC_DATA" >&2
+  exit 2
+fi
 shift || true
-groups="${*:-a b c d e f g h i j k l m n}"
+groups="${*:-$all}"
+bin=.venv/bin
 for group in $groups; do
-  for spec in sim/"$group"-*.toml; do
-    name=$(basename "$spec" .toml)
-    .venv/bin/p2prec-sim --config "$spec" --data-dir "$data" --out "runs/$name"
+  if [ ! -d "sim/$group" ]; then
+    echo "sim/reproduce.sh: no group '$group' (groups: $all)" >&2
+    exit 2
+  fi
+  for spec in sim/"$group"/*.toml; do
+    if ! "$bin/python" -c 'import sys; from p2prec.config import load; load(sys.argv[1])' "$spec"; then
+      echo "sim/reproduce.sh: $spec no longer parses; fix it before rerunning group '$group'" >&2
+      exit 1
+    fi
   done
-  .venv/bin/p2prec report runs/"$group"-* --plot "runs/report-$group.png"
+done
+for group in $groups; do
+  runs=()
+  for spec in sim/"$group"/*.toml; do
+    out="runs/$group-$(basename "$spec" .toml)"
+    "$bin/p2prec-sim" --config "$spec" --data-dir "$data" --out "$out"
+    runs+=("$out")
+  done
+  "$bin/p2prec" report "${runs[@]}" --plot "runs/report-$group.png"
 done
