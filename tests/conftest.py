@@ -1,4 +1,4 @@
-"""Shared fixtures: a small synthetic data set and a tiny model config, built once per session."""
+"""Shared fixtures: a small synthetic data set and a tiny model config, built once per test run."""
 
 from __future__ import annotations
 

@@ -30,8 +30,7 @@ SHAPES = {
     **{f"{PREFIX}.{i}.attention.self.{p}.lora_A.shared.weight": (8, 64) for i in range(2) for p in ("query", "value")},
     **{f"{PREFIX}.{i}.attention.self.{p}.lora_B.shared.weight": (64, 8) for i in range(2) for p in ("query", "value")},
 }
-PIPELINES = ["none", "fp16", "bf16", "int8", "int4", "int2", "topk", "topk+fp16", "topk+bf16", "topk+int8", "topk+int4",
-             "topk+int2"]
+PIPELINES = ["none", "fp16", "bf16", "int8", "int4", "topk", "topk+fp16", "topk+bf16", "topk+int8", "topk+int4"]
 
 
 def adapter(seed: int = 0, n: int | None = None) -> dict[str, torch.Tensor]:
@@ -53,7 +52,7 @@ def test_pipeline_names_and_order_rules() -> None:
     for bad in ("int9", "int8+topk", "fp16+int8", "topk+topk", "none+int8", ""):
         with pytest.raises(CodecError):
             parse(bad)
-    assert set(STAGES) == {"fp16", "bf16", "int8", "int4", "int2", "topk"}
+    assert set(STAGES) == {"fp16", "bf16", "int8", "int4", "topk"}
 
 
 @pytest.mark.parametrize("name", PIPELINES)
@@ -88,7 +87,7 @@ def test_fp16_saturates_instead_of_overflowing() -> None:
 
 
 @pytest.mark.parametrize("block", [0, 64, 100])
-@pytest.mark.parametrize("name, levels", [("int8", 127), ("int4", 7), ("int2", 1)])
+@pytest.mark.parametrize("name, levels", [("int8", 127), ("int4", 7)])
 def test_integer_codes_err_by_at_most_half_a_scale(name: str, levels: int, block: int) -> None:
     codec = get_codec(name, CodecOptions(int8_block=block))
     x = adapter(1)
@@ -129,23 +128,9 @@ def test_int4_packs_two_codes_a_byte_and_pads_an_odd_tensor_with_zero() -> None:
     payload["w"][-1] = 0x95
     with pytest.raises(CodecError, match="padding of the last int4 byte"):
         codec.decode(payload, {"w": (3, 3)})
-
-
-def test_int2_packs_four_codes_a_byte_and_pads_the_last_byte_with_zero() -> None:
-    x = {"w": torch.tensor([1.0, -1.0, 0.0, 1.0, -1.0])}
-    codec = get_codec("int2")
-    payload = codec.encode(x)
-    assert payload["w"].dtype == np.uint8 and payload["w"].shape == (2,)
-    # The scale is 1: codes 1, -1, 0, 1 are fields 3, 1, 2, 3, lowest bits first (0b11_10_01_11);
-    # the fifth code, -1 (field 1), shares the last byte with three padding fields 2 (zero).
-    assert payload["w"][0] == 0b11100111 and payload["w"][1] == 0b10101001
-    assert torch.equal(codec.decode(payload, {"w": (5,)})["w"], x["w"])
-    payload["w"][1] = 0b10111001
-    with pytest.raises(CodecError, match="padding of the last int2 byte"):
-        codec.decode(payload, {"w": (5,)})
-    payload["w"][1] = 0b10101000
-    with pytest.raises(CodecError, match="code -2 is outside"):
-        codec.decode(payload, {"w": (5,)})
+    payload["w"][-1] = 0x80
+    with pytest.raises(CodecError, match="code -8 is outside"):
+        codec.decode(payload, {"w": (3, 3)})
 
 
 def test_int8_of_zeros_is_exact() -> None:

@@ -194,7 +194,7 @@ def test_the_launcher_gives_secured_nodes_their_keys(tmp_path: Path, synth_data,
     assert (tmp_path / "run" / "keys" / "node1.key_secret").read_bytes() == before
 
 
-@pytest.mark.parametrize("name", ["int8", "int4", "int2"])
+@pytest.mark.parametrize("name", ["int8", "int4"])
 async def test_a_node_decodes_its_codec_and_rejects_any_other(tmp_path: Path, caplog: pytest.LogCaptureFixture,
                                                               name: str) -> None:
     cfg, graph = load(None, [f"gossip.codec={name}", "node.linger_ms=0"]), path_of_three()

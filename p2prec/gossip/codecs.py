@@ -22,14 +22,13 @@ Stages, and what they put on the wire:
   19 KB int8 message, and a scales entry per tensor would double it;
 - ``int4``: the same with codes in ``[-7, 7]``, packed two to a byte as ``ceil(numel / 2)``
   uint8 under the tensor's name, scales in ``int4.scales`` (``int8_block`` sets its blocks too);
-- ``int2``: ternary codes in ``[-1, 1]``, four to a byte, scales in ``int2.scales``;
 - ``topk``: the ``k = ceil(fraction * D)`` largest-magnitude entries of the whole adapter
   flattened in name order (``D`` elements), as ``topk.values`` (float32) and
   ``topk.indices`` (int32, strictly increasing). ``k`` depends only on ``D`` and the
   fraction, so payload shapes are fixed and the receiver checks them exactly.
 
 A pipeline is at most one ``topk`` followed by at most one quantiser (``fp16``, ``bf16``,
-``int8``, ``int4`` or ``int2``), named by joining stage names with ``+`` (``"topk+int8"``); ``"none"`` is
+``int8`` or ``int4``), named by joining stage names with ``+`` (``"topk+int8"``); ``"none"`` is
 the empty pipeline, plain float32 under the adapter's own names. Receiver and sender must
 share ``topk_fraction`` and ``int8_block``: the name does not carry them, one config does.
 A different fraction changes ``k`` and a different block size the number of scales, so
@@ -330,31 +329,18 @@ class SubByte(Uniform):
 class Int4(SubByte):
     """4-bit codes in ``[-7, 7]``, two per byte (a code ``c`` as the nibble ``c + 8``).
 
-    Why a 4-bit stage: issue 5's byte budget (159 KB sent plus received per node per round)
-    holds one rank-16 adapter with its tracker only below about 5.5 bits a value.
+    Why a 4-bit stage: a byte budget of 159 KB sent plus received per node per round (63%
+    below PFedRec's 430 KB) holds one rank-16 adapter with its tracker only below about 5.5
+    bits a value. On one random matching a round int4 costs 1.0% of test NDCG@10 against
+    fp32 at 6.7x fewer bytes (``sim/codecs/matching-int4.toml`` against
+    ``sim/codecs/matching-fp32.toml``). A ternary stage on the same packer diverged on whole
+    gossiped states (docs/experiments.md, "Codecs"), so none is kept.
     """
 
     name = "int4"
     levels = 7
     bits = 4
     SCALES = "int4.scales"
-
-
-class Int2(SubByte):
-    """Ternary codes in ``[-1, 1]``, four per byte (a code ``c`` as the 2-bit field ``c + 2``).
-
-    Why: within the same byte budget, two exchanges a round (four messages sent plus
-    received) need about 2.3 bits a value at rank 16, and reach is what the budget must buy
-    (session 9). A value rounds to ``-1``, ``0`` or ``1`` times its block's largest magnitude,
-    so most of a block travels as zero; the sender's error feedback carries the rest forward.
-    Measured in session 10 on whole gossiped states (two matchings a round, blocks of 512) it
-    diverged: each round's decoded copy of a state is too poor, whatever the sum over rounds.
-    """
-
-    name = "int2"
-    levels = 1
-    bits = 2
-    SCALES = "int2.scales"
 
 
 class TopK(Stage):
@@ -415,7 +401,7 @@ class TopK(Stage):
         return out
 
 
-STAGES: dict[str, type[Stage]] = {stage.name: stage for stage in (Fp16, Bf16, Int8, Int4, Int2, TopK)}
+STAGES: dict[str, type[Stage]] = {stage.name: stage for stage in (Fp16, Bf16, Int8, Int4, TopK)}
 """The registry: stage name -> class. A new codec is one :class:`Stage` and one entry here."""
 
 NONE = "none"
@@ -562,7 +548,7 @@ def parse(name: str | Sequence[str]) -> list[str]:
                          "(pipelines like topk+int8)")
     kinds = [STAGES[p].kind for p in parts]
     if kinds not in (["sparsify"], ["quantize"], ["sparsify", "quantize"]):
-        raise CodecError(f"codec pipeline {name!r} must be one topk and/or one of fp16, bf16, int8, int4, int2, topk first")
+        raise CodecError(f"codec pipeline {name!r} must be one topk and/or one of fp16, bf16, int8, int4, topk first")
     return parts
 
 

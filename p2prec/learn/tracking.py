@@ -3,11 +3,12 @@ network's average gradient, not along its own user's gradient.
 
 Why: with one user per node, a node's own gradient of the shared adapter points at that
 user's optimum. Decentralized SGD or Adam steps each node along it, and a sparse graph
-averages the steps too slowly to undo the drift: on ML-100K every small-world setting of
-session 2 stayed level with local-only, and even exact averaging (FedAvg) of per-node Adam
-steps fell short of the pooled adapters, because Adam normalises each user's gradient before
-the average instead of after. Gradient tracking (DIGing; Nedic, Olshevsky and Shi, 2017) in
-its adapt-then-combine form fixes both. Node i keeps a tracker ``y_i`` and its last gradient:
+averages the steps too slowly to undo the drift: on ML-100K every small-world setting
+tried without tracking stayed level with local-only (docs/experiments.md, "Gradient
+tracking"), and even exact averaging (FedAvg) of per-node Adam steps fell short of the
+pooled adapters, because Adam normalises each user's gradient before the average instead
+of after. Gradient tracking (DIGing; Nedic, Olshevsky and Shi, 2017) in its
+adapt-then-combine form fixes both. Node i keeps a tracker ``y_i`` and its last gradient:
 
     y_i <- y_i + g_i(t) - g_i(t-1)        # correct the estimate by the change of its own gradient
     x_i <- x_i - opt(y_i)                 # the shared optimizer steps along the estimate
@@ -19,16 +20,16 @@ gradient and the shared adapters move like one full-batch optimizer on all users
 
 That full-batch step has a cost on small data: centrally, the same adapters trained with
 full-batch Adam at the decentralized step size (3e-3) reach the validation score of
-mini-batch Adam but a lower test score; at 1e-3 they match it (README, "What test NDCG@10
-depends on"). ``fraction`` < 1 is the other way to give the tracked step mini-batch noise:
-each round only a seeded random share of the nodes folds a fresh gradient into its tracker,
-the others fold in zero, so the trackers follow the gradient of a random subset of users
-(scaled by the share, which Adam's normalisation ignores). Every node draws its own
+mini-batch Adam but a lower test score; at 1e-3 they match it (docs/experiments.md,
+"What the test score depends on"). ``fraction`` < 1 is the other way to give the tracked
+step mini-batch noise: each round only a seeded random share of the nodes folds a fresh
+gradient into its tracker, the others fold in zero, so the trackers follow the gradient
+of a random subset of users (scaled by the share, which Adam's normalisation ignores). Every node draws its own
 membership from the shared seed and the round, so no coordinator is needed. Measured on
 ML-100K small-world at 0.1 it did not help: the trackers then change faster than gossip
 averages them.
 
-With ``gossip.tracking_weight = "samples"`` (the default since session 7) each node's
+With ``gossip.tracking_weight = "samples"`` (the default) each node's
 ``g_i`` is its gradient times its training-interaction count (:func:`gradient_weights`), so
 the trackers follow the count-weighted average gradient, FedAvg's objective.
 

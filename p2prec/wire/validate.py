@@ -78,9 +78,9 @@ class WireError(ValueError):
 class WireSpec:
     """What a receiver accepts.
 
-    ``tensors`` maps each expected tensor name to its shape. Codecs whose payload
-    shapes vary (top-k indices, say) set ``shape_check=False``; the names are still
-    checked, and each tensor's declared byte count must match its declared shape.
+    ``tensors`` maps each expected tensor name to its shape; each tensor's declared shape
+    must equal it, and its declared byte count must match that shape. Every codec's payload
+    has fixed shapes (top-k keeps ``ceil(fraction * D)`` entries), so there is no unchecked mode.
     ``max_bytes`` caps the sum of the tensors' bytes. ``known_senders=None`` accepts
     any sender id (the transport's key allow-list is then the only gate).
     """
@@ -90,7 +90,6 @@ class WireSpec:
     allowed_dtypes: frozenset[str] = frozenset(WIRE_DTYPES)
     known_senders: frozenset[int] | None = None
     max_round: int = 2**31
-    shape_check: bool = True
 
     def __post_init__(self) -> None:
         unknown = self.allowed_dtypes - WIRE_DTYPES.keys()
@@ -358,7 +357,7 @@ def _tensor_entry(item: Any, spec: WireSpec) -> _Entry:
         bounds = f"up to {MAX_NDIM} ints in [0, {MAX_DIM}]"
         raise WireError(f"tensor {name!r}: shape must be {bounds}, got {_show(shape)}")
     dims = tuple(shape)
-    if spec.shape_check and dims != spec.tensors[name]:
+    if dims != spec.tensors[name]:
         raise WireError(f"tensor {name!r}: shape {dims} != expected {spec.tensors[name]}")
     expected_bytes = math.prod(dims) * WIRE_DTYPES[tag].itemsize
     if type(nbytes) is not int or nbytes != expected_bytes:
