@@ -113,13 +113,33 @@ async def test_inbox_drops_late_buffers_future_up_to_its_bound_and_dedupes() -> 
     assert list(got) == [1]
 
 
-async def test_inbox_stops_waiting_for_a_peer_already_heard_at_a_later_round() -> None:
-    inbox = Inbox(0, future_rounds=0)
-    inbox.offer(_msg(2, 9))
+async def test_inbox_stops_waiting_for_a_peer_already_heard_at_a_later_round_in_its_window() -> None:
+    inbox = Inbox(0, future_rounds=2)
+    assert inbox.offer(_msg(2, 3))
     loop = asyncio.get_running_loop()
     start = loop.time()
     got = await inbox.collect(1, MessageType.GOSSIP, [2], start + 30)
     assert got == {} and loop.time() - start < 1
+
+
+async def test_a_message_outside_the_window_changes_no_state() -> None:
+    """A forged far-future round must not make the node stop waiting for its claimed sender,
+    nor a past one mark an absent peer present."""
+    inbox = Inbox(0, future_rounds=1, first_round=2)
+    assert not inbox.offer(_msg(2, 9)) and inbox.refusal == "round beyond the window"
+    assert not inbox.offer(_msg(2, 1)) and inbox.refusal == "past round"
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.3, inbox.offer, _msg(2, 2))
+    got = await inbox.collect(2, MessageType.GOSSIP, [2], loop.time() + 10)
+    assert list(got) == [2]
+    inbox.advance(3)
+    assert await inbox.collect(3, MessageType.GOSSIP, [1], loop.time() + 0.05) == {}   # node 1 is now absent
+    inbox.advance(4)
+    assert not inbox.offer(_msg(1, 99)) and not inbox.offer(_msg(1, 3))
+    start = loop.time()
+    loop.call_later(0.3, inbox.offer, _msg(1, 4))
+    assert await inbox.collect(4, MessageType.GOSSIP, [1], start + 10) == {}    # still absent: not waited for
+    assert loop.time() - start < 0.25
 
 
 async def test_a_peer_that_missed_a_deadline_is_not_waited_for_until_heard_again() -> None:

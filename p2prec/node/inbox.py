@@ -2,13 +2,17 @@
 
 Why a separate inbox: messages arrive whenever peers send them, while the round protocol
 asks for "round t's messages of this type from these peers, until the deadline". The
-inbox bridges the two and enforces the issue's rules: a message for a past round is
+inbox bridges the two and enforces the protocol's rules: a message for a past round is
 dropped, one for a future round is held only up to ``future_rounds`` ahead, and at most
 one message per (round, exchange, type, sender) is held, so a peer cannot make a node hold
 more than ``future_rounds + 1`` rounds of its messages (the node has checked the exchange
 index against ``gossip.exchanges`` before offering the message).
 
-A round's wait skips two kinds of peer. One already heard at a *later* round or exchange:
+A message dropped for any of these reasons changes no state at all, not even the
+bookkeeping below: otherwise one forged far-future round would silence its claimed sender.
+
+A round's wait skips two kinds of peer. One already heard at a *later* round or exchange
+(within the window):
 each peer's messages arrive in order over one connection, so its message for this one came
 or never will; this lets a node that restarted behind its neighbours catch up without waiting out a
 deadline per round. And one that is *absent*: it missed a deadline (or the start-up wait)
@@ -48,36 +52,49 @@ class Inbox:
         self._absent: set[int] = set()
         self._changed = asyncio.Event()
         self._closed = False
+        self.refusal = ""
 
     def offer(self, msg: Message) -> bool:
         """File a validated message; return whether it is held for a round.
 
-        Any message marks its sender present; a round-bearing one also records the latest
-        (round, exchange) the sender has reached, even when the message itself is dropped.
+        A hello marks its sender present. A round-bearing message changes state only when it
+        is inside the window (``current .. current + future_rounds``) and not a duplicate: then
+        it marks its sender present and records the latest (round, exchange) the sender has
+        reached. Why nothing else: a message outside the window is one no honest peer sends
+        while both run, so one claim of a far-future round must not make the node stop waiting
+        for its claimed sender. Returns ``False`` with the reason in ``self.refusal`` otherwise.
         """
-        self._present.add(msg.sender)
-        self._absent.discard(msg.sender)
-        self._changed.set()
+        self.refusal = ""
         if msg.type in (MessageType.HELLO, MessageType.BYE):
+            self._mark_present(msg.sender)
             return False
         exchange = exchange_of(msg)
-        self._latest[msg.sender] = max(self._latest.get(msg.sender, (0, 0)), (msg.round, exchange))
         name = msg.type.name
         if msg.round < self.current:
-            log.info("node %d: dropped late %s from node %d for round %d (now at round %d)",
-                     self.node, name, msg.sender, msg.round, self.current)
+            self.refusal = "past round"
+            log.debug("node %d: dropped late %s from node %d for round %d (now at round %d)",
+                      self.node, name, msg.sender, msg.round, self.current)
             return False
         if msg.round > self.current + self.future_rounds:
-            log.info("node %d: dropped %s from node %d for round %d, beyond the buffer of %d rounds "
-                        "after round %d", self.node, name, msg.sender, msg.round, self.future_rounds, self.current)
+            self.refusal = "round beyond the window"
+            log.debug("node %d: dropped %s from node %d for round %d, beyond the buffer of %d rounds "
+                      "after round %d", self.node, name, msg.sender, msg.round, self.future_rounds, self.current)
             return False
         slot = self._held.setdefault((msg.round, exchange, msg.type), {})
         if msg.sender in slot:
-            log.warning("node %d: dropped duplicate %s from node %d for round %d, exchange %d", self.node, name,
-                        msg.sender, msg.round, exchange)
+            self.refusal = "duplicate"
+            log.debug("node %d: dropped duplicate %s from node %d for round %d, exchange %d", self.node, name,
+                      msg.sender, msg.round, exchange)
             return False
         slot[msg.sender] = msg
+        self._latest[msg.sender] = max(self._latest.get(msg.sender, (0, 0)), (msg.round, exchange))
+        self._mark_present(msg.sender)
         return True
+
+    def _mark_present(self, sender: int) -> None:
+        self._present.add(sender)
+        self._absent.discard(sender)
+        self._changed.set()
 
     def advance(self, round_: int) -> None:
         """Start round ``round_``: forget everything held for earlier rounds."""
