@@ -3,8 +3,9 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# Where MovieLens lives: $P2PREC_DATA, else ../shared/data if present, else the user cache.
-DATA ?= $(or $(P2PREC_DATA),$(if $(wildcard ../shared/data/ml-100k/u.data),../shared/data,$(HOME)/.cache/p2prec/data))
+# Where MovieLens lives: DATA=DIR on the command line, else $P2PREC_DATA, else the user cache
+# (`make demo` downloads ML-100K there, checksum verified, when it is missing).
+DATA ?= $(or $(P2PREC_DATA),$(HOME)/.cache/p2prec/data)
 
 .PHONY: demo test bench clean
 
