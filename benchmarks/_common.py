@@ -21,8 +21,8 @@ from p2prec.model.pretrain import ensure_backbone
 
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
-    default = os.environ.get("P2PREC_DATA") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
-    p.add_argument("--data-dir", default=default)
+    p.add_argument("--data-dir", default=os.environ.get("P2PREC_DATA", ""),
+                   help="folder holding ml-100k/ (default: $P2PREC_DATA, then the cache)")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps shared machines quiet)")
     p.add_argument("--repeats", type=int, default=7)
