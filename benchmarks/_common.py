@@ -6,7 +6,6 @@ import argparse
 import os
 import statistics
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
