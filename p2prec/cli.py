@@ -21,7 +21,7 @@ from p2prec.config import Config, ConfigError, load
 
 def add_config_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that reads data or trains."""
-    parser.add_argument("--config", help="TOML config file (DESIGN section 8)")
+    parser.add_argument("--config", help="TOML config file (docs/design.md, section 8)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value; repeatable")
     parser.add_argument("--data-dir", help="folder with the data set (default: $P2PREC_DATA, then the cache)")

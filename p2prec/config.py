@@ -151,7 +151,7 @@ class CentralConfig:
 
 @dataclass
 class EvalConfig:
-    """The evaluation protocols of DESIGN section 4; ``select`` picks the best-validation round."""
+    """The evaluation protocols of docs/design.md, section 4; ``select`` picks the best-validation round."""
 
     protocols: list = _field(["sampled", "full"])
     k: int = _field(10, lo=1)

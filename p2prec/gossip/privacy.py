@@ -175,7 +175,7 @@ def noise_generator(seed: int, round_: int, node: int) -> torch.Generator:
 
 
 class LocalPrivacy:
-    """Each node's shared update clipped and noised before it leaves the node (DESIGN section 2).
+    """Each node's shared update clipped and noised before it leaves the node (docs/design.md, section 2).
 
     Holds the stacked ``[N, ...]`` shared states of the nodes ``ids`` (the simulator's
     population, or a real node's stack of one). The update is measured from a reference

@@ -1,4 +1,4 @@
-"""Evaluation under both protocols of DESIGN section 4, for one model or many nodes at once.
+"""Evaluation under both protocols of docs/design.md section 4, for one model or many nodes at once.
 
 - ``sampled``: the held-out item against 99 negatives the user never interacted with, drawn
   once per user with a fixed seed (198 items: the first 99 for validation, the last 99 for

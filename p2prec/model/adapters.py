@@ -1,6 +1,6 @@
 """Two peft LoRA adapters on one frozen backbone, ``personal`` and ``shared``, mixed by a gate.
 
-Why this shape (DESIGN section 3, after FedPA): the personal adapter fits the user and never
+Why this shape (docs/design.md, section 3, after FedPA): the personal adapter fits the user and never
 leaves the device; the shared adapter is the only thing gossiped; a learned per-layer gate
 decides how much each contributes. Both adapters are active in one forward pass
 (``base_model.set_adapter([...])``); trainability is set explicitly afterwards because

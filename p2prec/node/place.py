@@ -1,8 +1,8 @@
 """Where a node stands in the topology: its role, its peers and their addresses, its mixing weights.
 
 Why derived from the topology file alone: every node reads the same file, so they agree on
-who talks to whom and with which weights without a coordinator. The roles follow DESIGN
-section 2: on a flat topology every node gossips with its neighbours; in an edge hierarchy
+who talks to whom and with which weights without a coordinator. The roles follow
+docs/design.md, section 2: on a flat topology every node gossips with its neighbours; in an edge hierarchy
 a client talks only to its aggregator, and an aggregator (training or aggregator-only)
 talks to its member clients and to its neighbouring aggregators.
 """

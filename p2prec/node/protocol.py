@@ -1,4 +1,4 @@
-"""One synchronous round of DESIGN section 2, for each role, over real sockets.
+"""One synchronous round of docs/design.md section 2, for each role, over real sockets.
 
 A round is the local update, then ``gossip.exchanges`` exchanges of the node's role, each
 sending what the previous one produced (the simulator's loop in

@@ -1,6 +1,6 @@
 """A node's sockets: one ROUTER bound for everything it receives, one DEALER per peer it sends to.
 
-Why this shape (DESIGN section 6): a DEALER queues messages for a peer that is not up yet
+Why this shape (docs/design.md, section 6): a DEALER queues messages for a peer that is not up yet
 (up to its high-water mark) and reconnects by itself after that peer restarts, so start-up
 order and crashes need no code here. The ROUTER reports the connection each message came
 on (the sender's routing id), which the node checks against the header's sender id.

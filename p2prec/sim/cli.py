@@ -2,7 +2,7 @@
 
 With no flag but ``--data-dir`` it runs every federated user as a node on a small-world
 topology, with a backbone pre-trained on the public users and cached, and writes the
-results folder of DESIGN section 7.
+results folder of docs/design.md, section 7.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """The vectorized simulator: N nodes' local updates, then one sparse mixing product per exchange.
 
-Why this shape (DESIGN section 7): one frozen backbone in memory, every node's adapters and
+Why this shape (docs/design.md, section 7): one frozen backbone in memory, every node's adapters and
 Adam state stacked ``[N, ...]`` (:class:`p2prec.learn.population.Population`), the local
 update run for chunks of nodes at once by a hand-batched forward, and gossip as
 ``A @ X_sent + d * X`` on the stacked shared adapters. The node runtime calls the same local-step and mixing functions.
 
-A round follows DESIGN section 2 for all nodes at once: local training; with privacy on,
+A round follows docs/design.md, section 2, for all nodes at once: local training; with privacy on,
 each node's shared update is clipped and noised and the node continues from what it
 released; then, once per gossip exchange (``gossip.exchanges``), what every node's neighbours
 receive is built row by sender (a Byzantine node's forgery instead of its state, the codec's

@@ -1,7 +1,7 @@
 """``p2prec-sim --processes N``: the same experiment as real ``p2prec-node`` processes on 127.0.0.1.
 
-Why: a study must switch between simulated and real networking with one flag (DESIGN
-section 7). The launcher writes the run folder's ``config.toml`` and a ``topology.json``
+Why: a study must switch between simulated and real networking with one flag
+(docs/design.md, section 7). The launcher writes the run folder's ``config.toml`` and a ``topology.json``
 whose nodes carry 127.0.0.1 addresses, starts one node process per topology node (the N
 data nodes plus any aggregator-only nodes), waits for them, and merges their metrics into
 the simulator's output contract (:mod:`p2prec.sim.results`). With ``security.enabled`` it

@@ -1,4 +1,4 @@
-"""The output-directory contract of DESIGN section 7, written atomically.
+"""The output-directory contract of docs/design.md section 7, written atomically.
 
 ``DIR/config.toml`` (resolved config), ``DIR/metrics.jsonl`` (one object per evaluated
 round), ``DIR/summary.json`` and ``DIR/convergence.png``. Scripts rely on these names
