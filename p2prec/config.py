@@ -172,9 +172,9 @@ class GossipConfig:
     Epidemic Learning) or ``matching`` (a random matching over the topology's edges).
 
     ``codec`` compresses what is sent: ``none`` (float32), ``fp16``, ``bf16``, ``int8``,
-    ``int4``, ``int2``, ``topk`` or a pipeline such as ``topk+int8`` (see :mod:`p2prec.gossip.codecs`);
+    ``int4``, ``topk`` or a pipeline such as ``topk+int8`` (see :mod:`p2prec.gossip.codecs`);
     ``topk_fraction`` is the share of entries top-k keeps and ``int8_block`` the block size
-    of the integer quantisers, int8, int4 and int2 (0: one scale per tensor).
+    of the integer quantisers, int8 and int4 (0: one scale per tensor).
 
     ``tracking`` (the default) gossips, with the shared adapter, each node's tracker of the
     network's average gradient, and steps the shared adapter along it
