@@ -15,7 +15,7 @@ from p2prec.config import Config, load
 from p2prec.data import load_dataset
 from p2prec.data.split import Dataset
 from p2prec.model.backbone import SeqRecModel
-from p2prec.model.pretrain import ensure_backbone
+from p2prec.learn.pretrain import ensure_backbone
 
 
 def parser(description: str) -> argparse.ArgumentParser:

@@ -43,7 +43,7 @@ def load_data(cfg: Config):  # noqa: ANN201 - returns p2prec.data.Dataset; impor
     from p2prec.data import load_dataset
 
     return load_dataset(cfg.data.name, cfg.data.dir or None, cfg.data.public_fraction, cfg.data.split_seed,
-                        cfg.data.min_interactions)
+                        cfg.data.min_interactions, cfg.data.cold_items)
 
 
 def guarded(main: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -68,15 +68,19 @@ def guarded(main: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Nam
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from p2prec.model.pretrain import pretrain
-    from p2prec.model.store import save_backbone
+    """``--dataset`` names the corpus to pre-train on (every user of it); without it, the
+    configured ``pretrain.corpus``, or the public users of ``data.name`` when that is empty."""
+    from p2prec.learn.pretrain import pretraining_data, save_pretrained
 
+    if args.dataset:
+        args.overrides = [*args.overrides, f"pretrain.corpus={args.dataset}"]
+        args.dataset = None
     cfg = config_from_args(args)
-    data = load_data(cfg)
-    model, info = pretrain(data, cfg)
-    out = save_backbone(model, args.out, data.item_ids, info)
-    print(f"backbone saved to {out} (best epoch {info['best_epoch']}, "
-          f"public-user validation NDCG@10 {info['public_val_ndcg@10']:.4f})")
+    corpus, users, label = pretraining_data(load_data(cfg) if not cfg.pretrain.corpus else None, cfg)
+    out, info = save_pretrained(corpus, users, cfg, args.out)
+    print(f"backbone saved to {out}: {len(users)} {label} users of {info['corpus']}, {corpus.n_items} items, "
+          f"text encoder {cfg.model.text_encoder}; best epoch {info['best_epoch']}, "
+          f"validation NDCG@10 {info['val_ndcg@10']:.4f}")
     return 0
 
 
@@ -112,17 +116,15 @@ def cmd_data(args: argparse.Namespace) -> int:
 def cmd_privacy(args: argparse.Namespace) -> int:
     from p2prec.gossip.privacy import epsilon, noise_multiplier, planned_releases, snr_bound
     from p2prec.learn.baselines import adapter_model
-    from p2prec.model.backbone import build_backbone
+    from p2prec.learn.pretrain import fresh_backbone
     from p2prec.sim.engine import select_nodes
 
     cfg = config_from_args(args)
     if cfg.privacy.target_epsilon <= 0 and cfg.privacy.noise_multiplier <= 0:
         raise ConfigError("privacy: set privacy.target_epsilon or privacy.noise_multiplier (> 0)")
     data = load_data(cfg)
-    m = cfg.model
     # Only the shapes matter here, so a fresh backbone stands in for the pre-trained one.
-    model = adapter_model(build_backbone(data.n_items, m.hidden, m.layers, m.heads, m.intermediate, m.max_len,
-                                         m.dropout, m.causal), cfg)
+    model = adapter_model(fresh_backbone(data, cfg), cfg)
     dim = sum(v.numel() for v in model.shared_state().values())
     nodes, rounds = len(select_nodes(data, cfg)), planned_releases(cfg)
     sigma = noise_multiplier(cfg.privacy, rounds)
@@ -155,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="p2prec", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("pretrain", help="pre-train a backbone on the public users")
+    p = sub.add_parser("pretrain", help="pre-train a backbone on a public corpus (--dataset) or the public users")
     add_config_options(p)
     p.add_argument("--out", required=True, help="folder to write the backbone to")
     p.set_defaults(func=guarded(cmd_pretrain))

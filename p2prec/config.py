@@ -40,7 +40,12 @@ def _field(default: Any, **check: Any) -> Any:
 
 @dataclass
 class DataConfig:
-    """Which data set, where it is, and how users become public or federated nodes."""
+    """Which data set, where it is, and how users become public or federated nodes.
+
+    ``cold_items`` holds a seeded fraction of the items out of all training, pre-training
+    included: they stand for new items, known only by their text, and evaluation reports the
+    test users whose held-out item is one of them (``test_at_best.cold``).
+    """
 
     name: str = _field("ml-100k", choices=("ml-100k", "ml-1m", "ml-latest", "synthetic"))
     dir: str = ""
@@ -48,11 +53,17 @@ class DataConfig:
     users_per_node: int = _field(1, lo=1)
     split_seed: int = 0
     min_interactions: int = _field(3, lo=3)
+    cold_items: float = _field(0.0, lo=0.0, hi=0.9)
 
 
 @dataclass
 class ModelConfig:
-    """Shape of the frozen backbone: item embeddings feeding a small BERT encoder."""
+    """Shape of the frozen backbone: item vectors feeding a small BERT encoder.
+
+    ``text_encoder`` grounds items in text (:mod:`p2prec.model.text`): ``wordllama``, a
+    local Hugging Face encoder folder, or ``none`` for an id-only backbone.
+    ``id_embedding`` adds a learned id vector to the projected text (always on without text).
+    """
 
     hidden: int = _field(64, lo=8)
     layers: int = _field(2, lo=1, hi=24)
@@ -61,11 +72,18 @@ class ModelConfig:
     max_len: int = _field(50, lo=2, hi=4096)
     dropout: float = _field(0.35, lo=0.0, hi=0.9)
     causal: bool = True
+    text_encoder: str = "wordllama"
+    id_embedding: bool = True
 
 
 @dataclass
 class PretrainConfig:
-    """Central pre-training of the backbone on the public users only."""
+    """Central pre-training of the backbone on public data (see :mod:`p2prec.learn.pretrain`).
+
+    ``corpus`` empty: the federated data set's own public users (``data.public_fraction``).
+    A data set name (``ml-latest``): every user of that corpus, read from ``corpus_dir``
+    (default: ``data.dir``).
+    """
 
     epochs: int = _field(200, lo=1)
     lr: float = _field(1e-3, lo=0.0)
@@ -74,6 +92,8 @@ class PretrainConfig:
     loss: str = _field("bce", choices=("bce", "bpr", "ce"))
     weight_decay: float = _field(0.0, lo=0.0)
     seed: int = 0
+    corpus: str = _field("", choices=("", "ml-100k", "ml-1m", "ml-latest", "synthetic"))
+    corpus_dir: str = ""
 
 
 @dataclass
@@ -94,7 +114,7 @@ class AdapterConfig:
     alpha_personal: float = _field(8.0, lo=0.0)
     alpha_shared: float = _field(16.0, lo=0.0)
     targets_personal: list = _field(["query", "value"])
-    targets_shared: list = _field(["query", "key", "value", "dense", "item_emb"])
+    targets_shared: list = _field(["query", "key", "value", "dense", "item_emb", "item_proj"])
     dropout: float = _field(0.0, lo=0.0, hi=0.9)
     seed: int = 0
 
@@ -220,6 +240,11 @@ class SimConfig:
     Stragglers' updates arrive one round late (``straggler_mode = "late"``) or never (``"lost"``).
     ``byzantine`` nodes (a count if >= 1, else a fraction of the nodes) send ``attack``
     instead of their state, with ``attack_scale`` as its size (see :mod:`p2prec.sim.attacks`).
+    ``join`` lists late joiners as ``"ROUND:COUNT"`` or ``"ROUND:PERCENT%"`` (``"100:5%"``):
+    those nodes are absent until that round, then start from one present neighbour's shared
+    adapter (``join_mode = "neighbour"``) or from a fresh one (``"zero"``, for comparison);
+    they are evaluated every round for ``join_window`` rounds after joining (``join.jsonl``,
+    see :mod:`p2prec.sim.plan`).
     """
 
     rounds: int = _field(250, lo=1)
@@ -236,6 +261,9 @@ class SimConfig:
     byzantine: float = _field(0.0, lo=0.0)
     attack: str = _field("none", choices=("none", "sign-flip", "noise", "constant"))
     attack_scale: float = 1.0
+    join: list = _field([])
+    join_mode: str = _field("neighbour", choices=("neighbour", "zero"))
+    join_window: int = _field(20, lo=0)
 
 
 @dataclass

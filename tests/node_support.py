@@ -61,7 +61,7 @@ def node_config(tmp: Path, synth_dir: Path, graph: nx.Graph, extra: list[str]) -
 def simulate(config: Path, data: Dataset, backbone: Path, extra: list[str] = ()) -> Simulation:
     """The simulator on the same config and topology file, run for all its rounds."""
     cfg = load(config, list(extra))
-    sim = Simulation(cfg, data, load_backbone(backbone, data.item_ids), load_topology(cfg.gossip.topology))
+    sim = Simulation(cfg, data, load_backbone(backbone, data), load_topology(cfg.gossip.topology))
     for rnd in range(1, cfg.sim.rounds + 1):
         sim.step(rnd)
     return sim

@@ -18,8 +18,13 @@ from torch.func import functional_call
 ATTENTION = ("query", "value")
 
 
-def _model(data, personal: tuple[str, ...], shared: tuple[str, ...]) -> DualAdapterModel:  # noqa: ANN001
-    backbone = build_backbone(data.n_items, hidden=16, layers=2, heads=2, intermediate=32, max_len=10, seed=4)
+def _model(data, personal: tuple[str, ...], shared: tuple[str, ...], text: bool = False) -> DualAdapterModel:  # noqa: ANN001
+    """A small backbone; with ``text``, a text path over random 24-d item texts (and no id path
+    when no adapter targets ``item_emb``)."""
+    texts = torch.randn(data.n_items + 1, 24, generator=torch.Generator().manual_seed(9)) if text else None
+    ids = not text or "item_emb" in personal + shared
+    backbone = build_backbone(data.n_items, hidden=16, layers=2, heads=2, intermediate=32, max_len=10, seed=4,
+                              text=texts, id_embedding=ids)
     backbone.requires_grad_(False)
     return DualAdapterModel(backbone, rank_personal=3, rank_shared=4, alpha_personal=6.0, alpha_shared=8.0,
                             targets_personal=personal, targets_shared=shared).eval()
@@ -38,14 +43,16 @@ def _batches(data, n: int, negatives: int = 3):  # noqa: ANN001, ANN202
     return tuple(torch.stack([getattr(b, f) for b in parts]) for f in ("inputs", "targets", "negatives"))
 
 
-@pytest.mark.parametrize(("personal", "shared"), [
-    (ATTENTION + ("item_emb",), ATTENTION + ("item_emb",)),
-    (ATTENTION, ATTENTION + ("item_emb",)),
-    (("key", "dense"), ("query", "item_emb")),
+@pytest.mark.parametrize(("personal", "shared", "text"), [
+    (ATTENTION + ("item_emb",), ATTENTION + ("item_emb",), False),
+    (ATTENTION, ATTENTION + ("item_emb",), False),
+    (("key", "dense"), ("query", "item_emb"), False),
+    (ATTENTION + ("item_proj",), ATTENTION + ("item_emb", "item_proj"), True),
+    (ATTENTION, ("query", "dense", "item_proj"), True),
 ])
 @pytest.mark.parametrize("kind", ["bce", "ce"])
-def test_scores_and_gradients_equal_per_node_functional_call(synth_data, personal, shared, kind) -> None:  # noqa: ANN001
-    model = _model(synth_data, personal, shared)
+def test_scores_and_gradients_equal_per_node_functional_call(synth_data, personal, shared, text, kind) -> None:  # noqa: ANN001
+    model = _model(synth_data, personal, shared, text)
     n = 4
     params = _random_params(model, n)
     inputs, targets, negatives = _batches(synth_data, n)

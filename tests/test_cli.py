@@ -19,7 +19,8 @@ SETS = [a for o in TINY for a in ("--set", o)]
 def test_pretrain_baselines_and_report(tmp_path: Path, synth_dir: Path, synth_data, cache_dir: Path,  # noqa: ANN001
                                        capsys: pytest.CaptureFixture) -> None:
     data = ["--dataset", "synthetic", "--data-dir", str(synth_dir)]
-    assert main(["pretrain", *data, "--out", str(tmp_path / "bb"), *SETS]) == 0
+    # Without --dataset, pretrain uses the public users of data.name, disjoint from the nodes.
+    assert main(["pretrain", "--data-dir", str(synth_dir), "--out", str(tmp_path / "bb"), *SETS]) == 0
     assert load_backbone(tmp_path / "bb") is not None
     runs = []
     for kind in ("backbone-only", "centralized", "local-only"):

@@ -71,7 +71,8 @@ def test_ml100k_loads_and_splits_by_timestamp() -> None:
     folder = ml100k_dir()
     r = read_ratings("ml-100k", folder)
     assert len(r.users) == 100_000 and r.checksum == "6e47046882bad158b0efbb84cd5cb987"
-    assert r.titles[1] == "Toy Story (1995)"
+    assert r.meta[1].title == "Toy Story (1995)"
+    assert r.meta[1].text == "Toy Story (1995). Animation, Children's, Comedy."
     d = build_dataset(r, public_fraction=0.2, seed=0)
     assert d.n_users == 943 and d.n_items == 1682 and len(d.federated_users) == 754
     last = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -120,7 +121,7 @@ def _bare(cfg, data):  # noqa: ANN001, ANN202
 def test_backbone_save_load_is_bit_exact(tmp_path: Path, tiny_cfg, synth_data) -> None:  # noqa: ANN001
     backbone = _bare(tiny_cfg, synth_data)
     save_backbone(backbone, tmp_path / "bb", synth_data.item_ids, {"note": "test"})
-    loaded = load_backbone(tmp_path / "bb", synth_data.item_ids)
+    loaded = load_backbone(tmp_path / "bb", synth_data)
     a, b = backbone.state_dict(), loaded.state_dict()
     assert a.keys() == b.keys()
     assert all(a[k].numpy().tobytes() == b[k].numpy().tobytes() for k in a)
@@ -136,8 +137,10 @@ def test_bad_backbone_directories(tmp_path: Path, tiny_cfg, synth_data) -> None:
         save_backbone(wrapped.backbone, tmp_path / "wrapped", synth_data.item_ids)
     backbone = _bare(tiny_cfg, synth_data)
     save_backbone(backbone, tmp_path / "bb", synth_data.item_ids)
-    with pytest.raises(BackboneError, match="does not match"):
-        load_backbone(tmp_path / "bb", np.arange(5))
+    other = replace(synth_data, item_ids=synth_data.item_ids + 10_000,
+                    titles=[f"Another film {i}" for i in range(len(synth_data.titles))])
+    with pytest.raises(BackboneError, match="shares no title"):
+        load_backbone(tmp_path / "bb", other)
     (tmp_path / "bb" / "items.json").write_text("{not json")
-    with pytest.raises(BackboneError, match="unreadable vocabulary"):
+    with pytest.raises(BackboneError, match="unreadable catalogue"):
         load_backbone(tmp_path / "bb")

@@ -1,4 +1,4 @@
-"""Download MovieLens-100K from GroupLens on a machine with internet, verifying its checksum.
+"""Download MovieLens data sets from GroupLens on a machine with internet, verifying checksums.
 
 Never called by tests or at run time: the loaders only read local files. The archive is
 fetched to a temporary file, ``u.data`` is checked against its published MD5, and only
@@ -19,6 +19,9 @@ from p2prec.data.movielens import DataError, file_checksum
 SOURCES = {
     "ml-100k": ("https://files.grouplens.org/datasets/movielens/ml-100k.zip",
                 "u.data", "6e47046882bad158b0efbb84cd5cb987"),
+    # The 2018 snapshot of the small "latest" set: the public corpus that backbones pre-train on.
+    "ml-latest-small": ("https://files.grouplens.org/datasets/movielens/ml-latest-small.zip",
+                        "ratings.csv", "3368dd46cc2af83119cef132d9c7b54a"),
 }
 
 

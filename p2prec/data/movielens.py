@@ -14,6 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from p2prec.data.errors import DataError
+from p2prec.data.items import ItemMeta, read_items
+
 #: The ratings file that identifies each on-disk format. ``synthetic`` uses the ml-100k format.
 RATINGS_FILE: dict[str, str] = {
     "ml-100k": "u.data",
@@ -22,21 +25,20 @@ RATINGS_FILE: dict[str, str] = {
     "ml-latest": "ratings.csv",
 }
 
-
-class DataError(ValueError):
-    """A data problem; the message names the file (and line, where there is one)."""
+#: Folder names a data set is found under, beside its own name (GroupLens's archive names).
+ALIASES: dict[str, tuple[str, ...]] = {"ml-latest": ("ml-latest-small",)}
 
 
 @dataclass
 class Ratings:
-    """Raw interactions as parallel arrays, in file order, plus optional item titles."""
+    """Raw interactions as parallel arrays, in file order, plus the item metadata found beside them."""
 
     users: np.ndarray
     items: np.ndarray
     timestamps: np.ndarray
     source: Path
     checksum: str
-    titles: dict[int, str] = field(default_factory=dict)
+    meta: dict[int, ItemMeta] = field(default_factory=dict)
 
 
 def default_cache_dir() -> Path:
@@ -63,7 +65,7 @@ def locate(name: str, data_dir: str | Path | None = None) -> Path:
     else:
         candidates.append(default_cache_dir() / "data")
     for base in candidates:
-        for folder in (base, base / name):
+        for folder in (base, base / name, *(base / alias for alias in ALIASES.get(name, ()))):
             if (folder / wanted).is_file():
                 return folder
     tried = ", ".join(str(c) for c in candidates)
@@ -112,32 +114,14 @@ def _parse_rows(path: Path, sep: str, skip_header: bool, encoding: str) -> np.nd
     return np.asarray(rows, dtype=np.int64)
 
 
-def _read_titles_100k(path: Path) -> dict[int, str]:
-    titles: dict[int, str] = {}
-    if not path.is_file():
-        return titles
-    with path.open("r", encoding="latin-1") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            parts = line.rstrip("\n").split("|")
-            if len(parts) < 2 or not parts[0].isdigit():
-                raise DataError(f"{path}:{lineno}: expected 'item id|title|...'")
-            titles[int(parts[0])] = parts[1]
-    return titles
-
-
 def read_ratings(name: str, data_dir: str | Path | None = None) -> Ratings:
     """Load one MovieLens-format data set; ratings are kept only as implicit feedback."""
     folder = locate(name, data_dir)
     path = folder / RATINGS_FILE[name]
     if name in ("ml-100k", "synthetic"):
         rows = _parse_rows(path, "\t", skip_header=False, encoding="latin-1")
-        titles = _read_titles_100k(folder / "u.item")
     elif name == "ml-1m":
         rows = _parse_rows(path, "::", skip_header=False, encoding="latin-1")
-        titles = {}
     else:
         rows = _parse_rows(path, ",", skip_header=True, encoding="utf-8")
-        titles = {}
-    return Ratings(rows[:, 0], rows[:, 1], rows[:, 2], path, file_checksum(path), titles)
+    return Ratings(rows[:, 0], rows[:, 1], rows[:, 2], path, file_checksum(path), read_items(name, folder))

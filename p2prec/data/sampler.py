@@ -32,14 +32,16 @@ def torch_generator(*keys: int) -> torch.Generator:
 class NegativeSampler:
     """Uniform negatives over ``1..n_items``, rejecting the user's known items.
 
-    ``held_out=False`` (training): known items are the training split. ``held_out=True``
-    (evaluation): known items are every split, validation and test included.
+    ``held_out=False`` (training): known items are the training split, plus the cold items,
+    which no training step may touch. ``held_out=True`` (evaluation): known items are every
+    split, validation and test included.
     """
 
     def __init__(self, data: Dataset, held_out: bool = False) -> None:
         self.n_items = data.n_items
         stride = data.n_items + 1
-        known = [data.interacted(u) if held_out else np.unique(data.train[u]) for u in range(data.n_users)]
+        known = [data.interacted(u) if held_out else np.union1d(data.train[u], data.cold_items)
+                 for u in range(data.n_users)]
         self._keys = np.sort(np.concatenate([u * stride + k for u, k in enumerate(known)]))
         self._count = np.asarray([len(k) for k in known])
         if np.any(self._count >= data.n_items):

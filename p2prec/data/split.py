@@ -19,7 +19,10 @@ class Dataset:
 
     Items are re-indexed ``1..n_items``; index 0 is padding. For user ``u``:
     ``train[u]`` is the time-ordered training sequence, ``val_item[u]`` the second-last
-    and ``test_item[u]`` the last interaction by timestamp.
+    and ``test_item[u]`` the last interaction by timestamp. ``titles[i]`` and ``texts[i]``
+    describe item index ``i`` (``texts`` is empty when the data set ships no metadata).
+    ``cold_items`` (item indices) appear in no training sequence and are never a training
+    negative: they stand for new items, known only by their text.
     """
 
     n_items: int
@@ -32,6 +35,8 @@ class Dataset:
     federated_users: np.ndarray
     checksum: str
     titles: list[str] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    cold_items: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @property
     def n_users(self) -> int:
@@ -48,12 +53,14 @@ class Dataset:
 
 
 def build_dataset(ratings: Ratings, public_fraction: float = 0.2, seed: int = 0,
-                  min_interactions: int = 3) -> Dataset:
+                  min_interactions: int = 3, cold_items: float = 0.0) -> Dataset:
     """Sort each user's interactions by time, hold out the last two, split users.
 
     Ties in timestamp keep file order (a stable sort), so the split is deterministic.
     Users with fewer than ``min_interactions`` cannot give train, validation and test
     items and are dropped; repeated (user, item) pairs keep their first occurrence.
+    A seeded fraction ``cold_items`` of the items is then removed from every training
+    sequence (after the split, so validation and test items are unchanged).
     """
     if min_interactions < 3:
         raise DataError("min_interactions must be at least 3 (train, validation and test)")
@@ -86,7 +93,12 @@ def build_dataset(ratings: Ratings, public_fraction: float = 0.2, seed: int = 0,
     rng = np.random.default_rng(seed)
     perm = rng.permutation(len(train))
     n_public = int(round(public_fraction * len(train)))
-    titles = ["<pad>"] + [ratings.titles.get(int(i), str(int(i))) for i in item_ids]
+    cold = _cold_items(len(item_ids), cold_items, seed)
+    if len(cold):
+        train = [seq[~np.isin(seq, cold)] for seq in train]
+    meta = [ratings.meta.get(int(i)) for i in item_ids]
+    titles = ["<pad>"] + [m.title if m else str(int(i)) for m, i in zip(meta, item_ids)]
+    texts = ["<pad>"] + [m.text if m else "" for m in meta] if ratings.meta else []
     return Dataset(
         n_items=len(item_ids),
         item_ids=item_ids,
@@ -98,4 +110,15 @@ def build_dataset(ratings: Ratings, public_fraction: float = 0.2, seed: int = 0,
         federated_users=np.sort(perm[n_public:]),
         checksum=ratings.checksum,
         titles=titles,
+        texts=texts,
+        cold_items=cold,
     )
+
+
+def _cold_items(n_items: int, fraction: float, seed: int) -> np.ndarray:
+    """A seeded, sorted fraction of the item indices ``1..n_items``, drawn apart from the user split."""
+    if not 0.0 <= fraction < 1.0:
+        raise DataError(f"cold item fraction must be in [0, 1), got {fraction}")
+    count = int(round(fraction * n_items))
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), 0xC01D])))
+    return np.sort(rng.choice(np.arange(1, n_items + 1), size=count, replace=False)).astype(np.int64)

@@ -8,16 +8,17 @@ shared pattern, but each user's history is too short to learn it alone.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from p2prec.atomic import write_text_atomic
+from p2prec.data.items import GENRES_100K
+
 
 def generate(out: str | Path, users: int = 200, items: int = 500, communities: int = 4,
              min_len: int = 8, max_len: int = 24, noise: float = 0.1, seed: int = 0) -> Path:
-    """Write ``u.data`` and ``u.item`` to ``out`` and return the folder.
+    """Write ``u.data`` and ``u.item`` (titles and one genre per community) to ``out``; return the folder.
 
     ``noise`` is the probability that a step jumps to a uniformly random item.
     """
@@ -50,20 +51,17 @@ def generate(out: str | Path, users: int = 200, items: int = 500, communities: i
             lines.append(f"{user}\t{item}\t{int(rng.integers(1, 6))}\t{stamp}")
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    titles = "".join(f"{i}|Synthetic item {i} (community {_community(i, groups)})|01-Jan-2000||\n"
-                     for i in range(1, items + 1))
-    _write_atomic(folder / "u.data", "\n".join(lines) + "\n")
-    _write_atomic(folder / "u.item", titles)
+    community = {int(i): c for c, g in enumerate(groups) for i in g}
+    titles = "".join(f"{i}|Synthetic item {i} (2000)|01-Jan-2000||http://example.invalid/{i}|"
+                     f"{_flags(community[i])}\n" for i in range(1, items + 1))
+    write_text_atomic(folder / "u.data", "\n".join(lines) + "\n")
+    write_text_atomic(folder / "u.item", titles)
     return folder
 
 
-def _community(item: int, groups: list[np.ndarray]) -> int:
-    return next(c for c, g in enumerate(groups) if item in g)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="latin-1") as fh:
-        fh.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+def _flags(community: int) -> str:
+    """ML-100K's 19 genre flags with one genre per community (cycling past the 18 real ones), so
+    an item's text says which community it belongs to, as a genre says what a film is."""
+    flags = ["0"] * len(GENRES_100K)
+    flags[1 + community % (len(GENRES_100K) - 1)] = "1"
+    return "|".join(flags)

@@ -62,7 +62,7 @@ class BatchedAdapterModel:
         self._terms = _lora_terms(model)
         self._padding = {t.a: module.get_base_layer().padding_idx for module, ts in self._terms.items()
                          if isinstance(module, LoraEmbedding) for t in ts}
-        routed = {self.backbone.item_emb}
+        routed = {self.backbone.item_emb, self.backbone.item_proj}
         for layer in self.backbone.encoder.encoder.layer:
             att = layer.attention.self
             routed |= {att.query, att.key, att.value, layer.attention.output.dense, layer.intermediate.dense,
@@ -107,7 +107,16 @@ class BatchedAdapterModel:
         return out, losses.detach()
 
     def _embed(self, params: Params, ids: torch.Tensor) -> torch.Tensor:
-        """Item embeddings ``[N, T, d]`` of ``ids`` ``[N, T]``, each node with its embedding LoRA.
+        """Item vectors ``[N, T, d]`` of ``ids`` ``[N, T]``: the id path and the text path, each
+        node with its own LoRA on either, as :meth:`SeqRecModel.item_vectors` computes them."""
+        out = self._id_path(params, ids) if self.backbone.item_emb is not None else None
+        if self.backbone.item_proj is not None:
+            text = self._text_path(params, ids)
+            out = text if out is None else out + text
+        return out
+
+    def _id_path(self, params: Params, ids: torch.Tensor) -> torch.Tensor:
+        """The id embedding of ``ids`` ``[N, T]`` with each node's embedding LoRA.
 
         peft embeds through ``A``'s transposed table with the base layer's ``padding_idx``,
         which leaves the padding row's forward value but gives it no gradient;
@@ -123,6 +132,20 @@ class BatchedAdapterModel:
             out = torch.baddbmm(out, rows.mT, params[t.b].mT, alpha=t.scaling)
         return out
 
+    def _text_path(self, params: Params, ids: torch.Tensor) -> torch.Tensor:
+        """The projected text of ``ids`` ``[N, T]`` with each node's LoRA on the projection.
+
+        The frozen projection is applied once to the whole catalogue and its rows gathered,
+        which is cheaper than projecting every token's text; only the LoRA term is per node.
+        """
+        module = self.backbone.item_proj
+        terms = self._terms.get(module, ())
+        base = (module.get_base_layer() if terms else module)(self.backbone.item_text)
+        out = base[ids]
+        if terms:
+            out = out + self._linear(params, module, self.backbone.item_text[ids], ids.shape[0], base_out=False)
+        return out
+
     def _positions(self, embeds: torch.Tensor) -> torch.Tensor:
         """BERT's embedding layer on ``inputs_embeds`` ``[M, L, d]``: token-type and position
         embeddings from its own buffers, its LayerNorm, then dropout."""
@@ -132,10 +155,15 @@ class BatchedAdapterModel:
         summed = summed + e.position_embeddings(e.position_ids[:, :length])
         return dropout(e.dropout, e.LayerNorm(summed))
 
-    def _linear(self, params: Params, module: nn.Module, x: torch.Tensor, n: int) -> torch.Tensor:
-        """``module(x)`` for ``x`` ``[N*B, L, d_in]``: the base layer on all tokens, then each node's LoRA."""
+    def _linear(self, params: Params, module: nn.Module, x: torch.Tensor, n: int,
+                base_out: bool = True) -> torch.Tensor:
+        """``module(x)`` for ``x`` ``[N*B, L, d_in]``: the base layer on all tokens, then each node's
+        LoRA; with ``base_out`` false, the LoRA terms alone."""
         terms = self._terms.get(module, ())
-        out = (module.get_base_layer() if terms else module)(x)
+        if base_out:
+            out = (module.get_base_layer() if terms else module)(x)
+        else:
+            out = x.new_zeros(*x.shape[:-1], module.get_base_layer().out_features)
         if not terms:
             return out
         per_node = out.view(n, -1, out.shape[-1])

@@ -36,7 +36,7 @@ def build_node(cfg: Config, node_id: int, backbone_dir: str | None):  # noqa: AN
     """
     from p2prec.learn.baselines import adapter_model
     from p2prec.learn.population import gossip_template
-    from p2prec.model.pretrain import ensure_backbone
+    from p2prec.learn.pretrain import ensure_backbone
     from p2prec.node.learner import Learner
     from p2prec.node.place import FLAT, place
     from p2prec.node.runtime import Node

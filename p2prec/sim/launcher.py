@@ -45,7 +45,7 @@ from p2prec.data.split import Dataset
 from p2prec.gossip.mixing import consensus_distance
 from p2prec.learn.baselines import adapter_model
 from p2prec.learn.metrics import summarize
-from p2prec.model.pretrain import ensure_backbone
+from p2prec.learn.pretrain import ensure_backbone
 from p2prec.node import checkpoint
 from p2prec.node.cli import check_config as check_node_config
 from p2prec.node.learner import PARAM

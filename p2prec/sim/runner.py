@@ -12,7 +12,7 @@ from pathlib import Path
 from p2prec.config import Config
 from p2prec.data.split import Dataset
 from p2prec.learn.baselines import adapter_model, run_backbone_only, run_centralized
-from p2prec.model.pretrain import ensure_backbone
+from p2prec.learn.pretrain import ensure_backbone
 from p2prec.sim.engine import Simulation, select_nodes
 from p2prec.sim.results import make_record, summarize_run, write_run
 from p2prec.topology import load, metropolis_hastings, predicted_rate, spectral_gap, validate
