@@ -43,6 +43,13 @@ def test_every_spec_opens_with_what_it_shows(spec: Path) -> None:
     assert re.match(r"# \S", first), f"{spec}: the first line is a comment saying what the spec shows"
 
 
+def test_every_spec_is_cited() -> None:
+    pages = "".join(p.read_text(encoding="utf-8") for p in (ROOT / "README.md", ROOT / "docs" / "experiments.md")
+                    if p.is_file())
+    missing = [name for name in _ids(SPECS) if name not in pages]
+    assert not missing, f"specs named in neither README.md nor docs/experiments.md: {missing}"
+
+
 def test_reproduce_script_knows_every_group() -> None:
     script = (ROOT / "sim" / "reproduce.sh").read_text(encoding="utf-8")
     groups = re.search(r'^all="([^"]*)"', script, re.M)
