@@ -106,7 +106,7 @@ class AdapterConfig:
     The shared adapter is wide (rank 16 on every projection and the item embedding): with
     gradient tracking and the training defaults of :class:`TrainConfig`, ML-100K small-world
     test NDCG@10 rose from 0.409 (rank 8 on query/value/item_emb, BCE, Adam 3e-3) to 0.434
-    (README, group h), at 3.6x the bytes per round.
+    (docs/experiments.md, "What the test score depends on"), at 3.6x the bytes per round.
     """
 
     rank_personal: int = _field(8, lo=1)
@@ -124,18 +124,18 @@ class TrainConfig:
     """One node's local update: E steps on a sampled-softmax (or BCE, or BPR) loss.
 
     The defaults (softmax over the positive and 32 sampled negatives, Adam) beat BCE over 4
-    negatives at 3e-3 on validation and test NDCG@10 (README, group h): the larger step made
+    negatives at 3e-3 on validation and test NDCG@10 (docs/experiments.md, "What the test score depends on"): the larger step made
     nodes overfit their own users between gossip rounds.
 
     Personal adapter and gate take Adam at ``lr``; the shared adapter takes its own
     optimizer (Adam, or SGD with ``momentum``) at ``shared_lr``, because averaging across
     nodes cancels its gradient noise (see :class:`p2prec.learn.local.StepSettings`). The
     personal rate is the smaller (3e-4 against 1e-3): it sees one user's history, which it
-    memorises at 1e-3 while the shared adapter still improves (README, group i).
+    memorises at 1e-3 while the shared adapter still improves (docs/experiments.md, "Learning rates").
 
     ``lr_schedule`` scales both learning rates by round over ``sim.rounds``: ``constant``
     or ``cosine`` decay (see :mod:`p2prec.learn.schedule`). Cosine is not the default:
-    it smoothed validation but lowered test NDCG@10 on ML-100K (README, group i).
+    it smoothed validation but lowered test NDCG@10 on ML-100K (docs/experiments.md, "Learning rates").
 
     ``backbone_dropout`` keeps the frozen backbone's dropout active during local steps: it
     regularises the adapters. Set it false for bit-for-bit comparisons between code paths.
@@ -199,7 +199,7 @@ class GossipConfig:
     ``tracking`` (the default) gossips, with the shared adapter, each node's tracker of the
     network's average gradient, and steps the shared adapter along it
     (:mod:`p2prec.learn.tracking`); messages are twice as large. Measured on ML-100K
-    small-world: validation NDCG@10 0.446 with it, 0.430 without (README, "Gradient tracking").
+    small-world: validation NDCG@10 0.446 with it, 0.430 without (docs/experiments.md, "Gradient tracking").
     ``tracking_fraction`` < 1 lets only that seeded share of the nodes fold a fresh gradient
     into its tracker each round: partial participation, which gives the shared step
     mini-batch noise (:func:`p2prec.learn.tracking.participation`; at 0.1 it lowered

@@ -4,7 +4,7 @@ Why decay at all: in decentralized SGD the nodes' disagreement (the consensus di
 grows with the step size, and with one user's sequence per step each node's gradient is
 noisy; a constant step leaves both at a floor, so validation plateaus and wobbles. A
 cosine decay towards the last round shrinks both. Measured on ML-100K it did smooth
-validation, but it lowered test NDCG@10 (README, group i), so ``constant`` is the default.
+validation, but it lowered test NDCG@10 (docs/experiments.md, "Learning rates"), so ``constant`` is the default.
 The factor depends on the round number alone, so every node, simulated or real, computes
 the same one without hearing from anyone.
 """
