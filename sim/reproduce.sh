@@ -22,7 +22,13 @@ for group in $groups; do
     exit 2
   fi
   for spec in sim/"$group"/*.toml; do
-    if ! "$bin/python" -c 'import sys; from p2prec.config import load; load(sys.argv[1])' "$spec"; then
+    if ! "$bin/python" -c '
+import sys
+from p2prec.config import ConfigError, load
+try:
+    load(sys.argv[1])
+except ConfigError as exc:
+    sys.exit(f"{exc}")' "$spec"; then
       echo "sim/reproduce.sh: $spec no longer parses; fix it before rerunning group '$group'" >&2
       exit 1
     fi
