@@ -1,4 +1,4 @@
-"""The ``p2prec`` command: pretrain, baseline, data, keys, topology and report.
+"""The ``p2prec`` command: pretrain, baseline, data, keys, topology, report and recommend.
 
 Every sub-command shares the config options (``--config``, ``--set``, ``--data-dir``), and
 every user-facing failure is one line on stderr with exit status 2, never a stack trace.
@@ -91,7 +91,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     summary = run_baseline(args.kind, cfg, load_data(cfg), args.out, args.backbone, args.epochs)
     test = summary["test_at_best"]
     rows = [f"{p}: HR@10 {test[p]['hr@10']:.4f}  NDCG@10 {test[p]['ndcg@10']:.4f}  MRR {test[p]['mrr']:.4f}"
-            for p in test]
+            for p in test if p != "cold"]
     print(f"{args.kind}: test at best-validation round {summary['best_round']}\n  " + "\n  ".join(rows))
     print(f"results in {args.out}")
     return 0
@@ -149,6 +149,22 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recommend(args: argparse.Namespace) -> int:
+    """Why the model is imported here only: ``p2prec`` must start fast for every other command too."""
+    import json
+
+    from p2prec.serve.recommend import recommend
+
+    found = recommend(args.state, args.user, args.k, args.data_dir, args.backbone)
+    if args.json:
+        print(json.dumps({"user": args.user, "items": [vars(r) for r in found]}))
+    else:
+        width = max(len(str(r.item)) for r in found) if found else 1
+        for rank, r in enumerate(found, start=1):
+            print(f"{rank:>3}. {r.item:>{width}}  {r.score:8.4f}  {r.title}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from p2prec.learn.baselines import KINDS
     from p2prec.sim.report import add_parser as add_report
@@ -195,6 +211,16 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--names", help="comma-separated key names")
     who.add_argument("--count", type=int, help="N keys named node0 .. node<N-1>, after the topology's node ids")
     p.set_defaults(func=guarded(cmd_keys))
+
+    p = sub.add_parser("recommend", help="a user's top-k unseen items from a node's or a simulation's state")
+    p.add_argument("--state", required=True,
+                   help="a node's state folder, or the --out folder of 'p2prec-sim --save-states'")
+    p.add_argument("--user", type=int, required=True, help="the data set's own user id (as in u.data)")
+    p.add_argument("--k", type=int, default=10, help="how many items (default 10)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--data-dir", help="folder with the data set (default: where the state's config says)")
+    p.add_argument("--backbone", help="backbone folder (default: the one the state names)")
+    p.set_defaults(func=guarded(cmd_recommend))
 
     add_topology(sub)
     add_report(sub)

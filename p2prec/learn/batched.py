@@ -135,15 +135,24 @@ class BatchedAdapterModel:
     def _text_path(self, params: Params, ids: torch.Tensor) -> torch.Tensor:
         """The projected text of ``ids`` ``[N, T]`` with each node's LoRA on the projection.
 
-        The frozen projection is applied once to the whole catalogue and its rows gathered,
-        which is cheaper than projecting every token's text; only the LoRA term is per node.
+        Why by catalogue rather than by token: a node's tokens and candidates name about as
+        many items as the catalogue holds, each with a 256-d text. So the frozen projection is
+        applied once to the whole catalogue, and each node's ``A`` once to the catalogue's
+        texts (``[N, V, r]``), and rows are gathered from those. This is the same sum as
+        peft's ``B(A(text))`` per token, without a ``[N, T, 256]`` copy of the texts; only
+        LoRA dropout, which draws a mask per token, needs the per-token form.
         """
         module = self.backbone.item_proj
         terms = self._terms.get(module, ())
-        base = (module.get_base_layer() if terms else module)(self.backbone.item_text)
-        out = base[ids]
-        if terms:
-            out = out + self._linear(params, module, self.backbone.item_text[ids], ids.shape[0], base_out=False)
+        text = self.backbone.item_text
+        out = (module.get_base_layer() if terms else module)(text)[ids]
+        for t in terms:
+            if t.dropout.training and getattr(t.dropout, "p", 0.0) > 0.0:
+                low = torch.bmm(dropout(t.dropout, text[ids]), params[t.a].mT)
+            else:
+                low = torch.gather(torch.matmul(text, params[t.a].mT), 1,
+                                   ids.unsqueeze(-1).expand(-1, -1, params[t.a].shape[1]))
+            out = torch.baddbmm(out, low, params[t.b].mT, alpha=t.scaling)
         return out
 
     def _positions(self, embeds: torch.Tensor) -> torch.Tensor:
@@ -155,15 +164,10 @@ class BatchedAdapterModel:
         summed = summed + e.position_embeddings(e.position_ids[:, :length])
         return dropout(e.dropout, e.LayerNorm(summed))
 
-    def _linear(self, params: Params, module: nn.Module, x: torch.Tensor, n: int,
-                base_out: bool = True) -> torch.Tensor:
-        """``module(x)`` for ``x`` ``[N*B, L, d_in]``: the base layer on all tokens, then each node's
-        LoRA; with ``base_out`` false, the LoRA terms alone."""
+    def _linear(self, params: Params, module: nn.Module, x: torch.Tensor, n: int) -> torch.Tensor:
+        """``module(x)`` for ``x`` ``[N*B, L, d_in]``: the base layer on all tokens, then each node's LoRA."""
         terms = self._terms.get(module, ())
-        if base_out:
-            out = (module.get_base_layer() if terms else module)(x)
-        else:
-            out = x.new_zeros(*x.shape[:-1], module.get_base_layer().out_features)
+        out = (module.get_base_layer() if terms else module)(x)
         if not terms:
             return out
         per_node = out.view(n, -1, out.shape[-1])

@@ -27,6 +27,8 @@ from p2prec.learn.local import Params
 from p2prec.model.backbone import SeqRecModel
 
 SPLITS = ("val", "test")
+#: Key of the test rows restricted to users whose held-out item is cold: ``test[COLD][protocol]``.
+COLD = "cold"
 #: Upper bound on candidate-embedding floats materialised per scoring call (memory guard).
 _FLOAT_BUDGET = 24_000_000
 
@@ -36,7 +38,8 @@ class EvalSet:
     """Everything needed to evaluate a fixed set of users grouped into nodes.
 
     ``users[i, j]`` is the j-th user of node i (padded by repeating a node's first user;
-    ``real[i, j]`` marks genuine entries).
+    ``real[i, j]`` marks genuine entries). ``cold`` flags, per flattened user, a test item
+    that is a cold item (held out of all training).
     """
 
     users: np.ndarray
@@ -46,6 +49,7 @@ class EvalSet:
     negatives: dict[str, torch.Tensor]
     interacted: list[np.ndarray]
     n_items: int
+    cold: np.ndarray
 
 
 def build_eval_set(data: Dataset, nodes: list[np.ndarray], max_len: int, n_negatives: int = 99,
@@ -72,7 +76,8 @@ def build_eval_set(data: Dataset, nodes: list[np.ndarray], max_len: int, n_negat
         "test": torch.from_numpy(drawn[:, n_negatives:]).reshape(*shape, n_negatives),
     }
     interacted = [data.interacted(int(u)) for u in flat]
-    return EvalSet(users, real, inputs, targets, negatives, interacted, data.n_items)
+    cold = np.isin(data.test_item[flat], data.cold_items)
+    return EvalSet(users, real, inputs, targets, negatives, interacted, data.n_items, cold)
 
 
 def _scores(model: nn.Module, params: Params, inputs: torch.Tensor, candidates: torch.Tensor,
@@ -130,6 +135,11 @@ def evaluate(model: nn.Module, params: Params, es: EvalSet, protocols: tuple[str
         result[split][protocol] = summarize(metrics_from_ranks(r[real], k), node_of_user)
     if tops:
         result["test"]["full"][f"coverage@{k}"] = item_coverage(np.concatenate(tops)[real], es.n_items)
+    cold = real & es.cold
+    if cold.any():
+        result["test"][COLD] = {protocol: {name: float(v.mean()) for name, v in
+                                           metrics_from_ranks(ranks[("test", protocol)][cold], k).items()}
+                                | {"users": int(cold.sum())} for protocol in protocols}
     return result
 
 
