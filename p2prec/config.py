@@ -277,6 +277,10 @@ class NodeConfig:
     bounds the wait for neighbours that are still starting. Messages for up to
     ``future_rounds`` rounds ahead are buffered; later ones are dropped. ``bind`` overrides
     the endpoint the node binds (default: its topology ``address``), e.g. ``tcp://*:5555``.
+    Refused messages and handshakes are logged once per peer and reason, then summarised
+    every ``summary_s`` seconds (:mod:`p2prec.node.rejections`). Relative paths in a node's
+    config file (``dir``, ``gossip.topology``, ``data.dir``, the security keys) are read
+    from the config file's folder.
     """
 
     dir: str = "node-state"
@@ -286,6 +290,7 @@ class NodeConfig:
     future_rounds: int = _field(2, lo=0, hi=64)
     hwm: int = _field(64, lo=1)
     linger_ms: int = _field(1000, lo=0)
+    summary_s: float = _field(30.0, lo=0.01)
 
 
 @dataclass
@@ -295,6 +300,12 @@ class PrivacyConfig:
     Each round's update is clipped to L2 norm ``clip`` and gets Gaussian noise of std
     ``noise_multiplier * clip``. ``target_epsilon`` > 0 replaces ``noise_multiplier`` by
     the noise that reaches that epsilon at ``delta`` after all rounds.
+
+    Where the noise comes from: a real node draws it from the operating system's randomness,
+    which no one else can regenerate. ``seed`` keys the simulator's noise, which is seeded so
+    that a simulated study reproduces; a real node uses it only with ``seeded_noise = true``,
+    a reproducibility switch for comparing real nodes with the simulator. Seeded noise gives
+    no privacy: anyone holding this shared config regenerates it and subtracts it.
     """
 
     enabled: bool = False
@@ -303,6 +314,7 @@ class PrivacyConfig:
     target_epsilon: float = _field(0.0, lo=0.0)
     delta: float = _field(1e-5, lo=1e-300, hi=0.5)
     seed: int = 0
+    seeded_noise: bool = False
 
 
 ROBUST_RULES = ("mean", "median", "trimmed-mean", "clipped", "clipped-adaptive")
@@ -315,12 +327,20 @@ class RobustConfig:
     mean's fraction cut at each end, ``tau`` ClippedGossip's clipping radius (``clipped``) or
     that radius as a multiple of each node's median neighbour distance (``clipped-adaptive``).
     ``tracker_rule`` aggregates gradient tracking's trackers; ``same`` applies ``rule`` to them
-    too, aggregated together with the adapter as one vector."""
+    too, aggregated together with the adapter as one vector.
+
+    ``norm_bound`` applies before any rule, in the simulator and in real nodes alike: a
+    received state whose L2 norm exceeds ``norm_bound`` times the median norm of the node's
+    own and received states is dropped, as if it had not arrived
+    (:func:`p2prec.gossip.robust.within_norm_bound`); 0 turns the check off. Honest states
+    of one network share a scale, so the default never drops one in a clean run, while an
+    outrageous one (an adapter filled with 50.0) cannot move a node at all."""
 
     rule: str = _field("mean", choices=ROBUST_RULES)
     tracker_rule: str = _field("same", choices=("same", *ROBUST_RULES))
     trim: float = _field(0.1, lo=0.0, hi=0.49)
     tau: float = _field(1.0, lo=1e-12)
+    norm_bound: float = _field(3.0, lo=0.0)
 
 
 @dataclass

@@ -122,10 +122,12 @@ def test_processes_with_a_robust_rule_match_the_simulator(tmp_path: Path, synth_
 
 def test_private_processes_release_what_the_simulator_does(tmp_path: Path, synth_dir: Path, synth_data,  # noqa: ANN001
                                                            tiny_cfg) -> None:
-    """Each node clips and noises its update with its own (seed, round, node) noise, as the
-    simulator does for that node, and reports its epsilon."""
+    """With seeded noise (a reproducibility switch, never a real node's default) each node
+    clips and noises its update with its own (seed, round, node) noise, as the simulator does
+    for that node, and reports its epsilon."""
     backbone = make_backbone(synth_data, tiny_cfg, tmp_path / "bb")
     out = _launch(tmp_path, synth_dir, backbone, 4, ["gossip.topology=ring", "privacy.enabled=true",
+                                                     "privacy.seeded_noise=true",
                                                      "privacy.clip=0.05", "privacy.noise_multiplier=0.5"])
     sim = simulate(out / "config.toml", synth_data, backbone)
     assert max_diff(sim, out / "nodes", list(range(4)), list(sim.pop.params)) < 1e-5

@@ -27,7 +27,7 @@ from p2prec.config import Config, ConfigError, load
 from p2prec.gossip.aggregate import heard_row, robust_combine
 from p2prec.gossip.codecs import get_codec
 from p2prec.gossip.mixing import row_normalise, silence_senders
-from p2prec.gossip.privacy import LocalPrivacy, epsilon
+from p2prec.gossip.privacy import LocalPrivacy, epsilon, noise_generator, privatize
 from p2prec.gossip.robust import Aggregation, get_rule, robust_mix_named
 from p2prec.node.cli import build_node
 from p2prec.node.cli import main as node_main
@@ -81,12 +81,14 @@ async def receiving(node: Node) -> AsyncIterator[Inbox]:
     """``node``'s transport and receive loop, filing into an inbox until the block ends."""
     inbox = Inbox(node.place.node, future_rounds=2)
     transport = node.open_transport()
-    receiver = asyncio.get_running_loop().create_task(node.receive(transport, inbox))
+    loop = asyncio.get_running_loop()
+    tasks = [loop.create_task(node.receive(transport, inbox)), loop.create_task(transport.watch())]
     try:
         yield inbox
     finally:
-        receiver.cancel()
-        await asyncio.gather(receiver, return_exceptions=True)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         transport.close()
 
 
@@ -127,31 +129,50 @@ async def test_a_node_with_an_unknown_key_cannot_deliver(secured: tuple[Config, 
     async with node_zero(cfg, graph, tmp_path) as (node, inbox):
         server_key = node.keys.keypair.public
         assert not await hello_arrives(graph, inbox, stranger, server_key)
-        assert node.rejected == 0  # refused in the handshake: nothing reached the validator
+        # Refused in the handshake, and logged as such: nothing reached the validator.
+        assert set(node.rejections.total) == {("an unknown connection", "a handshake with a key not on the allow-list")}
         assert await hello_arrives(graph, inbox, _keypair(cfg, 1), server_key)
     assert threading.active_count() == threads
 
 
-async def test_a_plaintext_peer_is_refused_by_a_secured_node(secured: tuple[Config, nx.Graph],
-                                                             tmp_path: Path) -> None:
+async def test_a_listed_key_that_is_not_a_neighbour_is_refused(secured: tuple[Config, nx.Graph],
+                                                               tmp_path: Path) -> None:
+    """On the path 0 - 1 - 2, node 2's key is in the topology but node 2 is not node 0's
+    neighbour: only neighbours are on a node's allow-list."""
+    cfg, graph = secured
+    async with node_zero(cfg, graph, tmp_path) as (node, inbox):
+        assert not await hello_arrives(graph, inbox, _keypair(cfg, 2), node.keys.keypair.public)
+        assert set(node.rejections.total) == {("node 2", "a handshake from a listed node that is not a neighbour")}
+
+
+async def test_a_plaintext_peer_is_refused_by_a_secured_node(secured: tuple[Config, nx.Graph], tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
     cfg, graph = secured
     threads = threading.active_count()
     async with node_zero(cfg, graph, tmp_path) as (node, inbox):
         assert not await hello_arrives(graph, inbox, None, node.keys.keypair.public)
-        assert node.rejected == 0
+        await asyncio.sleep(0.2)
+        # Logged as the mismatch it is (whichever side notices the other's mechanism first).
+        assert {reason for _, reason in node.rejections.total} <= {"a plaintext handshake", "a broken-off handshake"}
+        assert len(node.rejections) >= 1 and "security.enabled differs" in caplog.text
         assert await hello_arrives(graph, inbox, _keypair(cfg, 1), node.keys.keypair.public)
     assert threading.active_count() == threads
 
 
-async def test_a_listed_key_cannot_claim_another_nodes_identity(secured: tuple[Config, nx.Graph], tmp_path: Path,
-                                                                caplog: pytest.LogCaptureFixture) -> None:
-    """Node 2's key is on the allow-list, so its connection is admitted; but it claims to be
-    node 1 (routing id and header), which only the authenticated key can expose."""
-    cfg, graph = secured
+async def test_a_neighbours_key_cannot_claim_another_nodes_identity(tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """On the triangle 0 - 1 - 2, node 2's key is on node 0's allow-list, so its connection is
+    admitted; but it claims to be node 1 (header), which only the authenticated key exposes."""
+    assert p2prec_main(["keys", "generate", "--out", str(tmp_path / "keys"), "--count", "3"]) == 0
+    graph = with_addresses(nx.complete_graph(3))
+    nx.set_node_attributes(graph, CLIENT, "role")
+    for n in graph.nodes:
+        graph.nodes[n]["key"] = load_keypair(tmp_path / "keys" / f"node{n}.key_secret").public.decode()
+    cfg = load(None, ["security.enabled=true", f"security.key_dir={tmp_path / 'keys'}", "node.linger_ms=0"])
     async with node_zero(cfg, graph, tmp_path) as (node, inbox):
         assert not await hello_arrives(graph, inbox, _keypair(cfg, 2), node.keys.keypair.public)
-        assert node.rejected == 1
-    assert "header says sender 1 but the connection's key is node 2's" in caplog.text
+        assert set(node.rejections.total) == {("node 2", "a sender id that is not its key's")}
+    assert "header says node 1, the key is node 2's" in caplog.text
 
 
 def test_keys_and_security_go_together(secured: tuple[Config, nx.Graph], tmp_path: Path) -> None:
@@ -209,8 +230,8 @@ async def test_a_node_decodes_its_codec_and_rejects_any_other(tmp_path: Path, ca
             got = await inbox.collect(1, MessageType.GOSSIP, [1], asyncio.get_running_loop().time() + 5)
         finally:
             sender.close()
-    assert node.rejected == 2  # float32 fails the codec's wire spec; its payload named fp16 fails the codec check
-    assert f"codec 'fp16' is not this network's gossip.codec '{name}'" in caplog.text
+    assert len(node.rejections) == 2  # float32 fails the codec's wire spec; its payload named fp16 fails the codec check
+    assert f"refused another codec from node 1 (codec 'fp16', this network's gossip.codec is '{name}')" in caplog.text
     expected = codec.decode(codec.encode(x), {"w": (4,)})["w"].numpy()
     np.testing.assert_array_equal(got[1].tensors["w"], expected)
     assert not np.array_equal(expected, x["w"])
@@ -233,7 +254,7 @@ async def test_a_node_files_each_exchange_apart_and_rejects_one_beyond_its_confi
         finally:
             sender.close()
     assert [float(g[1].tensors["w"][0]) for g in got] == [1.0, 2.0]
-    assert node.rejected == 1 and "exchange 2 is beyond this network's gossip.exchanges = 2" in caplog.text
+    assert len(node.rejections) == 1 and "refused an exchange beyond gossip.exchanges from node 1 (exchange 2, gossip.exchanges = 2)" in caplog.text
 
 
 def test_the_error_feedback_residual_survives_a_restart(tmp_path: Path) -> None:
@@ -283,6 +304,13 @@ def test_a_robust_rule_needs_flat_gossip(tmp_path: Path) -> None:
         Node(load(None, ["robust.rule=median"]), place(graph, 0, 6), None, TEMPLATE, tmp_path / "n")
 
 
+def test_privacy_needs_flat_gossip(tmp_path: Path) -> None:
+    """A client's sample count would go out in the clear, outside the accountant: refused."""
+    graph = with_addresses(build("edge-hierarchy:m=2", 6, seed=0))
+    with pytest.raises(ConfigError, match="privacy.enabled: real nodes of an edge hierarchy"):
+        Node(load(None, ["privacy.enabled=true"]), place(graph, 0, 6), None, TEMPLATE, tmp_path / "n")
+
+
 def test_a_private_node_resumes_its_release_count(tmp_path: Path, synth_dir: Path, synth_data,  # noqa: ANN001
                                                   tiny_cfg) -> None:
     """Epsilon after a restart counts the rounds before it: every round that trained released."""
@@ -316,3 +344,47 @@ def test_a_nodes_release_is_its_row_of_the_simulators() -> None:
         alone.release(mine, 3, np.ones(1, dtype=bool))
         for k in mine:
             assert torch.allclose(mine[k][0], stacked[k][i], atol=1e-6), (i, k)
+
+
+@pytest.mark.parametrize("seeded", [False, True])
+def test_a_neighbour_cannot_subtract_a_real_nodes_noise(tmp_path: Path, synth_dir: Path, synth_data,  # noqa: ANN001
+                                                        tiny_cfg, seeded: bool) -> None:
+    """The attack on local DP: a neighbour holds the shared config (seeds included), the
+    seeded initial state (round 1's reference, which it builds itself) and the node's message.
+    It regenerates the noise stream the config names and subtracts it. Against a real node's
+    default (noise from the operating system) what it recovers is off by the noise itself,
+    about ``sigma * C * sqrt(dim)``; only with ``privacy.seeded_noise`` does it read the
+    clipped update exactly, which is why that is never a real node's default."""
+    backbone = make_backbone(synth_data, tiny_cfg, tmp_path / "bb")
+    sigma, clip = 0.5, 0.05
+    config = node_config(tmp_path, synth_dir, build("ring", 3), [
+        "sim.nodes=3", "sim.rounds=2", "privacy.enabled=true", f"privacy.clip={clip}",
+        f"privacy.noise_multiplier={sigma}", f"privacy.seeded_noise={str(seeded).lower()}"])
+    cfg = load(config)
+    victim = build_node(cfg, 1, str(backbone))
+    victim.resume(fresh=True)
+    assert victim.privacy.secret is not seeded
+    learner = victim.learner
+    victim.privacy.rebase(learner.pop.shared())
+    learner.train(1)
+    trained = {k: v.clone() for k, v in learner.pop.shared().items()}
+    victim.privacy.release(learner.pop.shared(), 1, np.ones(1, dtype=bool))
+    message = {k: v.clone() for k, v in learner.pop.shared().items()}   # what goes on the wire
+
+    # The neighbour: the same config, the seeded initial state (built, not read from the
+    # victim), and the noise stream the config names for (privacy.seed, round 1, node 1).
+    reference = build_node(cfg, 1, str(backbone)).learner.pop.shared()
+    noised_update = {k: message[k] - reference[k] for k in message}
+    regenerated = privatize({k: torch.zeros_like(v) for k, v in noised_update.items()}, clip, sigma,
+                            [noise_generator(cfg.privacy.seed, 1, 1)], stacked=True)
+    guess = {k: noised_update[k] - regenerated[k] for k in noised_update}
+    truth = {k: trained[k] - reference[k] for k in trained}
+    norm = float(sum((v.pow(2).sum() for v in truth.values())).sqrt())
+    true_clipped = {k: v * min(1.0, clip / norm) for k, v in truth.items()}
+    error = float(sum(((guess[k] - true_clipped[k]).pow(2).sum() for k in guess)).sqrt())
+    dim = sum(v.numel() for v in truth.values())
+    noise = sigma * clip * dim ** 0.5
+    if seeded:
+        assert error < 1e-4 * noise
+    else:
+        assert 0.5 * noise < error < 2.0 * noise, (error, noise)

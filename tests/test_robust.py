@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import networkx as nx
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -12,13 +13,16 @@ from p2prec.gossip.mixing import drop_messages, mix, row_normalise
 from p2prec.gossip.robust import (
     RULES,
     Neighbourhood,
+    bound_mixing,
     clipped_gossip,
     coordinate_median,
     sort_few,
     get_rule,
     robust_mix,
+    state_norms,
     trimmed_mean,
     weighted_mean,
+    within_norm_bound,
 )
 from p2prec.topology import build, metropolis_hastings
 
@@ -139,3 +143,40 @@ def test_config_rule_names_match_the_registry() -> None:
     assert field.metadata["choices"] == RULES
     with pytest.raises(ValueError, match="unknown robust rule"):
         get_rule("krum")
+
+
+def test_the_norm_bound_drops_outrageous_states_and_leaves_a_clean_round_alone() -> None:
+    """A state 50 times the neighbourhood's scale is dropped at every receiver, whose row is
+    renormalised over the rest; a clean round returns ``None`` (the matrix stands bit for bit);
+    the vectorised form agrees with :func:`within_norm_bound` row by row."""
+    gen = torch.Generator().manual_seed(3)
+    w = sp.csr_matrix(metropolis_hastings(nx.cycle_graph(6)))
+    states = {"a": torch.randn(6, 5, generator=gen), "b": torch.randn(6, 3, 2, generator=gen)}
+    norms = state_norms(states)
+    assert bound_mixing(w, norms, norms, 3.0) is None
+    forged = {k: v.clone() for k, v in states.items()}
+    for v in forged.values():
+        v[2] = 50.0
+    sent = state_norms(forged)
+    bounded = bound_mixing(w, sent, norms, 3.0)
+    assert bounded is not None
+    dense, before = bounded.toarray(), w.toarray()
+    assert np.allclose(dense.sum(axis=1), 1.0)
+    for i in range(6):
+        cols = [j for j in range(6) if before[i, j] and j != i]
+        keep = within_norm_bound(float(norms[i]), [float(sent[j]) for j in cols], 3.0)
+        assert [j for j, k in zip(cols, keep) if k] == [j for j in cols if dense[i, j]], i
+    assert dense[1, 2] == 0 and dense[3, 2] == 0 and dense[2, 2] == pytest.approx(before[2, 2] / before[2, [1, 2, 3]].sum())
+    assert np.allclose(dense[1], np.where(np.arange(6) == 2, 0, before[1]) / (1 - before[1, 2]))
+    assert bound_mixing(w, sent, norms, 0.0) is None   # 0 turns the check off
+    sent[4] = float("nan")
+    assert bound_mixing(w, sent, norms, 0.0)[3, 4] == 0   # never a non-finite state
+
+
+def test_the_norm_bound_is_measured_against_the_lower_median() -> None:
+    """One neighbour and the own state: the lower of the two is the scale, so a forger cannot
+    inflate it; with an honest majority the median is honest."""
+    assert list(within_norm_bound(1.0, [2.9], 3.0)) == [True]
+    assert list(within_norm_bound(1.0, [3.1], 3.0)) == [False]
+    assert list(within_norm_bound(1.0, [1.1, 100.0, 0.9], 3.0)) == [True, False, True]
+    assert list(within_norm_bound(1.0, [], 3.0)) == []

@@ -204,7 +204,7 @@ def test_a_target_epsilon_sets_the_noise_for_the_planned_rounds(synth_dir, synth
 def test_sign_flip_attackers_wreck_the_mean_and_not_the_median(synth_dir, synth_data) -> None:  # noqa: ANN001
     """Two of ten nodes on a complete graph send -10x their state. Sign flips alternate the
     honest states' sign from round to round, so the test compares the largest gap over rounds."""
-    base = ["sim.nodes=10", "gossip.topology=complete"]
+    base = ["sim.nodes=10", "gossip.topology=complete", "robust.norm_bound=0"]  # the rules alone, unbounded
     attack = ["sim.byzantine=2", "sim.attack=sign-flip", "sim.attack_scale=10"]
     clean = _sim(synth_dir, synth_data, base)
     mean = _sim(synth_dir, synth_data, base + attack)
@@ -227,3 +227,21 @@ def test_sign_flip_attackers_wreck_the_mean_and_not_the_median(synth_dir, synth_
 def test_a_robust_rule_is_refused_in_an_edge_hierarchy(synth_dir, synth_data) -> None:  # noqa: ANN001
     with pytest.raises(ValueError, match="robust.rule"):
         _sim(synth_dir, synth_data, ["sim.nodes=12", "gossip.topology=edge-hierarchy:m=3", "robust.rule=median"])
+
+
+def test_the_default_norm_bound_stops_an_outrageous_constant_in_the_simulator(synth_dir, synth_data) -> None:  # noqa: ANN001
+    """One of six nodes on a ring sends states filled with 50.0: with the default norm bound
+    every honest node drops it (each receiver renormalises over the rest) and stays near the
+    clean run; with the bound off it wrecks its neighbours."""
+    base = ["sim.nodes=6", "gossip.topology=ring"]
+    attack = ["sim.byzantine=1", "sim.attack=constant", "sim.attack_scale=50"]
+    clean = _sim(synth_dir, synth_data, base)
+    bounded = _sim(synth_dir, synth_data, base + attack)
+    unbounded = _sim(synth_dir, synth_data, base + attack + ["robust.norm_bound=0"])
+    honest = bounded.honest
+    for r in (1, 2):
+        for sim in (clean, bounded, unbounded):
+            sim.step(r)
+    size = float(flatten(clean.pop.shared(), clean.pop.shared_names)[honest].norm())
+    assert _shared_distance(unbounded, clean, honest) > size
+    assert _shared_distance(bounded, clean, honest) < 0.2 * size

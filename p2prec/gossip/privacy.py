@@ -20,18 +20,33 @@ What the caller must keep true, or the accounting does not hold:
 - the node continues from what it released: its shared adapter becomes
   ``reference + privatize(update)`` before mixing, so that everything later (mixing,
   compression, the next round) is post-processing of released values;
-- each node draws noise from its own generator, seeded independently of its data.
+- each node draws noise from its own generator, seeded independently of its data, and
+  secret: a neighbour that can regenerate the noise subtracts it and reads the clipped
+  update exactly, so the epsilon would mean nothing.
+
+Where the noise comes from: a real node seeds each round's generator from the operating
+system (``os.urandom``), so no one else can regenerate it (``secret=True``). The simulator
+keys every node's noise by (``privacy.seed``, round, node id), because a simulated study must
+reproduce and all its nodes run in one process where no neighbour is listening; that is
+not privacy against anyone holding the config, and a real node uses it only when
+``privacy.seeded_noise`` asks for it, to compare with the simulator.
+
+What is released besides the update: nothing else data-dependent on flat gossip. In an
+edge hierarchy a client's message carries its sample count in the clear, and the aggregator
+weights by it; the accountant does not cover that, so real nodes refuse privacy in an edge
+hierarchy rather than release it unaccounted (:class:`p2prec.node.runtime.Node`).
 
 The functions take one node's tensors, or ``stacked=True`` tensors ``[N, ...]`` with one
 row per node, where clipping is per row. :class:`LocalPrivacy` keeps those rules for the
 simulator (all nodes stacked) and for a real node (a stack of one) alike: each node's
-noise comes from its own generator, keyed by (seed, round, node id) only, so a real node
-and the simulator release exactly the same values.
+noise comes from its own generator, keyed by (seed, round, node id) only when seeded, so a
+real node with seeded noise and the simulator release exactly the same values.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -174,6 +189,12 @@ def noise_generator(seed: int, round_: int, node: int) -> torch.Generator:
     return torch_generator(seed, round_, node, 0xD9)
 
 
+def secret_generator() -> torch.Generator:
+    """A noise stream seeded from the operating system's randomness: no config, seed or
+    message lets anyone else regenerate it."""
+    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+
+
 class LocalPrivacy:
     """Each node's shared update clipped and noised before it leaves the node (docs/design.md, section 2).
 
@@ -188,24 +209,30 @@ class LocalPrivacy:
     ``releases`` counts the rounds in which nodes released an update; a round without
     training releases nothing data-dependent and is not counted. Each node's epsilon is at
     most :meth:`epsilon`: a node that was down released less.
+
+    ``secret`` draws the noise from the operating system (a real node's default) instead of
+    the seeded streams of :func:`noise_generator` (the simulator's, for reproducibility).
     """
 
-    def __init__(self, cfg: PrivacyConfig, planned_releases: int, shared: Tensors, ids: Iterable[int]) -> None:
+    def __init__(self, cfg: PrivacyConfig, planned_releases: int, shared: Tensors, ids: Iterable[int],
+                 *, secret: bool = False) -> None:
         self.cfg = cfg
         self.sigma = noise_multiplier(cfg, planned_releases)
         self.ids = [int(i) for i in ids]
         self.reference = {k: v.clone() for k, v in shared.items()}
         self.releases = 0
+        self.secret = secret
 
     @classmethod
-    def for_config(cls, cfg: Config, shared: Tensors, ids: Iterable[int]) -> LocalPrivacy:
+    def for_config(cls, cfg: Config, shared: Tensors, ids: Iterable[int], *, secret: bool = False) -> LocalPrivacy:
         """Noise calibrated over the rounds that train (``sim.train_rounds``, else all of them)."""
-        return cls(cfg.privacy, planned_releases(cfg), shared, ids)
+        return cls(cfg.privacy, planned_releases(cfg), shared, ids, secret=secret)
 
     def release(self, shared: Tensors, round_: int, active: np.ndarray) -> None:
         """Replace the ``active`` rows of ``shared`` (in place) by reference + privatised update."""
         rows = np.flatnonzero(active)
-        generators = [noise_generator(self.cfg.seed, round_, self.ids[r]) for r in rows]
+        generators = [secret_generator() if self.secret else noise_generator(self.cfg.seed, round_, self.ids[r])
+                      for r in rows]
         index = slice(None) if len(rows) == len(active) else torch.from_numpy(rows)  # a slice copies nothing
         update = {k: v[index] - self.reference[k][index] for k, v in shared.items()}
         noised = privatize(update, self.cfg.clip, self.sigma, generators, stacked=True)

@@ -309,3 +309,79 @@ def _chunk(w: sp.csr_matrix, flat: torch.Tensor, own: torch.Tensor, start: int, 
     weights[at] = torch.from_numpy(weight).to(flat.dtype)
     return Neighbourhood(own[start:stop], flat[index], mask, weights,
                          torch.from_numpy(own_weight[start:stop]).to(flat.dtype))
+
+
+def state_norms(states: Mapping[str, torch.Tensor], names: Sequence[str] | None = None) -> torch.Tensor:
+    """L2 norm of each stacked state ``[N, ...]`` over all its tensors together, ``[N]`` (float64)."""
+    names = list(states) if names is None else list(names)
+    squares = sum(torch.linalg.vector_norm(states[k].reshape(states[k].shape[0], -1), dim=1, dtype=torch.float64)
+                  .pow(2) for k in names)
+    return torch.as_tensor(squares).sqrt()
+
+
+def within_norm_bound(own: float, received: Sequence[float], bound: float) -> np.ndarray:
+    """Which received states a node accepts: those whose L2 norm is at most ``bound`` times the
+    lower median of the norms of its own state and every received one (non-finite never).
+
+    Why relative to the neighbourhood's median: honest states of one network have norms of
+    one scale (they start from one seeded state and are averaged every round), and the
+    median is that scale as long as honest states are at least half of the node's own and
+    received ones, whatever the attacker sends; the own state counts, so a node with one
+    neighbour measures it against itself. An accepted state is then at most ``bound`` times
+    that scale, so its pull on the node is bounded by its mixing weight times
+    ``(bound + 1)`` times it. ``bound <= 0`` turns the check off (everything finite passes).
+
+    One implementation for both worlds: a real node calls it with its own row
+    (:meth:`p2prec.node.protocol.Protocol`), the simulator through :func:`bound_mixing`.
+    """
+    norms = np.asarray(received, dtype=np.float64)
+    finite = np.isfinite(norms)
+    if bound <= 0 or not len(norms):
+        return finite
+    pool = np.sort(np.concatenate([[own], norms[finite]]))
+    scale = pool[(len(pool) - 1) // 2]
+    return finite & (norms <= bound * scale)
+
+
+def bound_mixing(w: sp.csr_matrix, sent: torch.Tensor | np.ndarray, own: torch.Tensor | np.ndarray, bound: float,
+                 row_nodes: Sequence[int] | None = None) -> sp.csr_matrix | None:
+    """The mixing matrix ``w`` with every message that fails :func:`within_norm_bound` at its
+    receiver dropped and each such row renormalised over what was kept, as a real node
+    renormalises over who answered; ``None`` when every message passes (then ``w`` stands,
+    bit for bit).
+
+    Row ``r`` of ``w`` is node ``row_nodes[r]``'s receipt (default: row ``r`` is node ``r``, a
+    square matrix); its entry in its own column is its own weight. ``sent`` ``[N]`` holds the
+    norm of what each node sent, ``own`` the norm of each row's own true state
+    (:func:`state_norms`). The simulator passes its whole round; a real node its one row,
+    so both drop exactly the same messages.
+    """
+    w = sp.csr_matrix(w)
+    nodes = np.arange(w.shape[0]) if row_nodes is None else np.asarray(row_nodes, dtype=np.int64)
+    rows = np.repeat(np.arange(w.shape[0]), np.diff(w.indptr))
+    off = w.indices != nodes[rows]
+    sent_np = np.asarray(sent.double().numpy() if isinstance(sent, torch.Tensor) else sent, dtype=np.float64)
+    own_np = np.asarray(own.double().numpy() if isinstance(own, torch.Tensor) else own, dtype=np.float64)
+    # Each row's own norm and received norms, padded with +inf, sorted: the vectorised form of
+    # within_norm_bound over every row at once (tests check the two agree).
+    r, c = rows[off], w.indices[off]
+    norms = sent_np[c]
+    finite = np.isfinite(norms)
+    degree = np.bincount(r[finite], minlength=w.shape[0])
+    order = np.lexsort((c, r))
+    fr = r[order][finite[order]]
+    slot_f = np.arange(len(fr)) - np.searchsorted(fr, fr)
+    table = np.full((w.shape[0], int(degree.max(initial=0)) + 1), np.inf)
+    table[:, 0] = own_np
+    table[fr, slot_f + 1] = norms[order][finite[order]]
+    table.sort(axis=1)
+    scale = table[np.arange(w.shape[0]), degree // 2]   # lower median of degree + 1 values
+    keep = np.ones(len(w.data), dtype=bool)
+    keep[off] = finite & ((bound <= 0) | (norms <= bound * scale[r]))
+    if keep.all():
+        return None
+    out = sp.csr_matrix(w, copy=True)
+    out.data = np.where(keep, out.data, 0.0)
+    out.eliminate_zeros()
+    sums = np.asarray(out.sum(axis=1)).ravel()
+    return sp.csr_matrix(sp.diags(1.0 / sums) @ out)

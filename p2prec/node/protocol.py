@@ -28,15 +28,17 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse as sp
+import torch
 
 from p2prec.gossip.aggregate import combine, count_weighted_row, heard_row, robust_combine
 from p2prec.gossip.codecs import Codec, ErrorFeedback
 from p2prec.gossip.privacy import LocalPrivacy
-from p2prec.gossip.robust import Aggregation
+from p2prec.gossip.robust import Aggregation, bound_mixing, state_norms
 from p2prec.node.inbox import Inbox
 from p2prec.node.learner import Learner
 from p2prec.node.place import FLAT, Place
@@ -82,8 +84,11 @@ class Protocol:
     def __init__(self, place: Place, learner: Learner | None, inbox: Inbox, transport: Transport,
                  deadline_s: float, first_round: int, start_timeout_s: float, codec: Codec,
                  feedback: ErrorFeedback | None = None, aggregation: Aggregation | None = None,
-                 privacy: LocalPrivacy | None = None, exchanges: int = 1) -> None:
+                 privacy: LocalPrivacy | None = None, exchanges: int = 1, norm_bound: float = 0.0,
+                 on_reject: Callable[[int, str, str], None] | None = None) -> None:
         self.place = place
+        self.norm_bound = norm_bound
+        self.on_reject = on_reject or (lambda peer, reason, detail: None)
         self.exchanges = exchanges
         self.privacy = privacy
         self.codec = codec
@@ -144,12 +149,34 @@ class Protocol:
         sent = await self._send(partners, MessageType.GOSSIP, round_, exchange, own, self.feedback)
         got = await self.inbox.collect(round_, MessageType.GOSSIP, partners, self._deadline(round_), exchange)
         row = heard_row(w, me, got)
+        if got:
+            row, got = self._bounded(row, own, got, round_, exchange)
         received = {j: m.tensors for j, m in got.items()}
         if self.aggregation is None:
             self.learner.set_shared(combine(row, {me: own, **received}))
         else:
             self.learner.set_shared(robust_combine(self.aggregation, row, me, own, received))
         return Exchanged(len(got), len(partners), sent)
+
+    def _bounded(self, row: sp.csr_matrix, own: Mapping[str, np.ndarray], got: dict[int, Message], round_: int,
+                 exchange: int) -> tuple[sp.csr_matrix, dict[int, Message]]:
+        """Drop the received states beyond ``robust.norm_bound`` (the simulator's own
+        :func:`p2prec.gossip.robust.bound_mixing`, on this node's row); report each to
+        ``on_reject``."""
+        me = self.place.node
+        sent = np.zeros(self.place.n_nodes)
+        for j, m in got.items():
+            sent[j] = float(state_norms({k: torch.as_tensor(np.asarray(v))[None] for k, v in m.tensors.items()}))
+        mine = float(state_norms({k: torch.as_tensor(np.asarray(v))[None] for k, v in own.items()}))
+        bounded = bound_mixing(row, sent, np.array([mine]), self.norm_bound, row_nodes=[me])
+        if bounded is None:
+            return row, got
+        kept = {int(j) for j in bounded.indices}
+        for j in sorted(set(got) - kept):
+            self.on_reject(j, "state beyond the norm bound",
+                           f"round {round_}, exchange {exchange}: norm {sent[j]:.4g} against own {mine:.4g}, "
+                           f"bound {self.norm_bound:g} x the neighbourhood's median")
+        return bounded, {j: m for j, m in got.items() if j in kept}
 
     async def _client(self, round_: int, exchange: int) -> Exchanged:
         hub = self.place.aggregator

@@ -32,6 +32,7 @@ from p2prec.node.inbox import Abandoned, Inbox
 from p2prec.node.learner import Learner
 from p2prec.node.place import FLAT, Place
 from p2prec.node.protocol import Protocol, RoundResult
+from p2prec.node.rejections import UNKNOWN, Rejections
 from p2prec.node.security import NodeKeys, SecurityError
 from p2prec.node.transport import Transport, routing_id
 from p2prec.sim.results import make_record, write_atomic
@@ -53,6 +54,14 @@ class Progress:
     round: int = 0
     bytes_sent_total: int = 0
     wall_s: float = 0.0
+
+
+class _Refused(Exception):
+    """A message broke one of the node's own rules: ``reason`` (a fixed phrase) and its detail."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(reason)
+        self.reason, self.detail = reason, detail
 
 
 class Node:
@@ -77,7 +86,10 @@ class Node:
         self.codec = codec_from_config(cfg.gossip)
         self.aggregation = aggregation_from_config(cfg.robust)
         robust = "mean" if self.aggregation is None else f"{cfg.robust.rule} (trackers: {cfg.robust.tracker_rule})"
-        flat_only = {"gossip.codec": (self.codec.name, "none"), "robust.rule": (robust, "mean")}
+        # Privacy: a client's message carries its sample count in the clear, which the
+        # accountant does not cover (p2prec.gossip.privacy), so it is not released at all.
+        flat_only = {"gossip.codec": (self.codec.name, "none"), "robust.rule": (robust, "mean"),
+                     "privacy.enabled": (cfg.privacy.enabled, False)}
         for key, (value, plain) in flat_only.items():
             if place.kind != FLAT and value != plain:
                 raise ConfigError(f"{key}: real nodes of an edge hierarchy support only {plain!r} so far, "
@@ -89,13 +101,18 @@ class Node:
         self.shapes = {k: v.shape for k, v in template.items()}
         self.spec = self.codec.wire_spec(self.shapes, known_senders=frozenset(place.peers))
         self.feedback = ErrorFeedback() if self.codec.keeps_residual(cfg.gossip.tracking) else None
-        self.privacy = LocalPrivacy.for_config(cfg, learner.pop.shared(), [place.node]) \
+        self.privacy = LocalPrivacy.for_config(cfg, learner.pop.shared(), [place.node],
+                                               secret=not cfg.privacy.seeded_noise) \
             if cfg.privacy.enabled and learner is not None else None
+        if self.privacy is not None and cfg.privacy.seeded_noise:
+            log.warning("%s: privacy.seeded_noise is on: anyone holding this config regenerates the noise, so "
+                        "the reported epsilon protects nothing; use it only to compare with the simulator",
+                        f"node {place.node}")
         self.state_dir = state_dir
         self.ckpt_path = state_dir / checkpoint.FILE_NAME
         self.progress = Progress()
-        self.rejected = 0
         self.name = f"node {place.node}"
+        self.rejections = Rejections(self.name, cfg.node.summary_s)
         self._wall_base, self._wall_start = 0.0, time.perf_counter()
 
     # --- persistence -------------------------------------------------------------------
@@ -167,35 +184,63 @@ class Node:
         """This node's sockets, bound and connected (secured when the node has keys)."""
         n = self.cfg.node
         return Transport(self.place.node, n.bind or self.place.address, self.place.peers, hwm=n.hwm,
-                         linger_ms=n.linger_ms, max_frame_bytes=4 * (self.spec.max_bytes + 65536), keys=self.keys)
+                         linger_ms=n.linger_ms, max_frame_bytes=4 * (self.spec.max_bytes + 65536), keys=self.keys,
+                         report=self.rejections.count)
+
+    def _peer_of(self, routing: bytes, frames: list[zmq.Frame], transport: Transport) -> int | str:
+        """Who a connection is, for counting what it sends: the neighbour its key (with security)
+        or its routing id (without) names, else ``an unknown connection``."""
+        try:
+            owner = transport.key_owner(frames)
+        except SecurityError:
+            return UNKNOWN
+        if owner is not None:
+            return owner
+        for peer in self.place.peers:
+            if routing == routing_id(peer):
+                return peer
+        return UNKNOWN
 
     def _accept(self, routing: bytes, frames: list[zmq.Frame], inbox: Inbox, transport: Transport) -> None:
-        """Validate one received message and file it; log and count every rejection."""
+        """Validate one received message and file it; count every refusal (:mod:`p2prec.node.rejections`).
+
+        Identity: with security, the key that authenticated the connection names the sender
+        and the routing id is ignored (it is random, see :mod:`p2prec.node.transport`);
+        without, the routing id ``n<id>`` is the identity the header must repeat.
+        """
+        peer = self._peer_of(routing, frames, transport)
         try:
             msg = validate_and_decode(frames, self.spec)
-            if routing != routing_id(msg.sender):
-                raise WireError(f"header says sender {msg.sender} but the connection is {routing!r}")
             owner = transport.key_owner(frames)
+            if owner is None and routing != routing_id(msg.sender):
+                raise _Refused("a sender id that is not its connection's",
+                               f"header says node {msg.sender}, the connection is {routing[:16]!r}")
             if owner is not None and owner != msg.sender:
-                raise WireError(f"header says sender {msg.sender} but the connection's key is node {owner}'s")
+                raise _Refused("a sender id that is not its key's",
+                               f"header says node {msg.sender}, the key is node {owner}'s")
             if msg.type not in (MessageType.HELLO, MessageType.BYE):
                 if msg.codec != self.codec.name:
-                    raise WireError(f"codec {msg.codec!r} is not this network's gossip.codec {self.codec.name!r}")
+                    raise _Refused("another codec", f"codec {msg.codec!r}, this network's gossip.codec is "
+                                                    f"{self.codec.name!r}")
                 if msg.sender not in self.place.senders.get(msg.type, ()):
-                    raise WireError(f"node {msg.sender} may not send {msg.type.name} to this node")
+                    raise _Refused("a message type this peer may not send",
+                                   f"node {msg.sender} may not send {msg.type.name} to this node")
                 exchange = exchange_of(msg)
                 if exchange >= self.cfg.gossip.exchanges:
-                    raise WireError(f"exchange {exchange} is beyond this network's gossip.exchanges "
-                                    f"= {self.cfg.gossip.exchanges}")
+                    raise _Refused("an exchange beyond gossip.exchanges",
+                                   f"exchange {exchange}, gossip.exchanges = {self.cfg.gossip.exchanges}")
                 if self.codec.stages:  # plain float32 is mixed as received; ``combine`` copies it once
                     decoded = self.codec.decode(msg.tensors, self.shapes)
                     msg = replace(msg, tensors={k: v.numpy() for k, v in decoded.items()})
-        except (WireError, SecurityError) as exc:
-            self.rejected += 1
-            log.warning("%s: rejected message #%d from connection %r: %s", self.name, self.rejected,
-                        routing[:16], exc)
+        except _Refused as exc:
+            self.rejections.count(peer, exc.reason, exc.detail)
             return
-        inbox.offer(msg)
+        except (WireError, SecurityError) as exc:
+            self.rejections.count(peer, "an invalid message", str(exc))
+            return
+        if not inbox.offer(msg) and inbox.refusal not in ("", "past round"):  # late is normal, not hostile
+            self.rejections.count(msg.sender, f"a message for a {inbox.refusal}" if "round" in inbox.refusal
+                                  else f"a {inbox.refusal} message", f"{msg.type.name} for round {msg.round}")
 
     async def receive(self, transport: Transport, inbox: Inbox) -> None:
         """File every message ``transport`` receives into ``inbox``, until cancelled."""
@@ -263,10 +308,13 @@ class Node:
         log.info("%s (%s) listening on %s%s, peers %s", self.name, self.place.kind, transport.endpoint,
                  " (CurveZMQ)" if self.keys is not None else "", sorted(self.place.peers))
         receiver = loop.create_task(self.receive(transport, inbox))
+        watcher = loop.create_task(transport.watch())
+        summaries = loop.create_task(self.rejections.summarise_every())
         protocol = Protocol(self.place, self.learner, inbox, transport, n.deadline_s,
                             first_round=self.progress.round + 1, start_timeout_s=n.start_timeout_s,
                             codec=self.codec, feedback=self.feedback, aggregation=self.aggregation, privacy=self.privacy,
-                            exchanges=self.cfg.gossip.exchanges)
+                            exchanges=self.cfg.gossip.exchanges, norm_bound=self.cfg.robust.norm_bound,
+                            on_reject=self.rejections.count)
         try:
             inbox.check_open()
             await self._greet(transport, inbox)
@@ -279,12 +327,15 @@ class Node:
             log.info("%s: stopping; round %d abandoned, the checkpoint of round %d stands", self.name,
                      self.progress.round + 1, self.progress.round)
         finally:
-            receiver.cancel()
-            await asyncio.gather(receiver, return_exceptions=True)
+            for task in (receiver, watcher, summaries):
+                task.cancel()
+            await asyncio.gather(receiver, watcher, summaries, return_exceptions=True)
             transport.close()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
-        log.info("%s: done after round %d; %d messages rejected", self.name, self.progress.round, self.rejected)
+        self.rejections.summarise(force=True)
+        log.info("%s: done after round %d; %d messages or handshakes refused", self.name, self.progress.round,
+                 len(self.rejections))
         return self.progress.round
 
     def _on_signal(self, sig: signal.Signals, inbox: Inbox) -> None:

@@ -2,9 +2,11 @@
 
 Why CurveZMQ with a ZAP allow-list: Curve encrypts and authenticates every connection
 with the peers' long-term keys, and ZAP lets the node decide, per connecting key, whether
-to talk at all. The allow-list is the public keys the topology file lists (node attribute
-``key``), so a stranger's connection is refused during the handshake, before a single
-message reaches the node, and a plaintext peer cannot even complete the handshake.
+to talk at all. The topology file lists every node's public key (node attribute ``key``);
+a node's allow-list is its neighbours' keys among them, so a stranger's connection, or a
+listed node's that is not a neighbour, is refused during the handshake, before a single
+message reaches the node, and a plaintext peer cannot even complete the handshake. Each
+refusal is reported with its reason (``report``), for the node to count and log.
 
 Keys on disk use ZeroMQ's certificate format (what ``zmq.auth.create_certificates``
 writes, so other ZeroMQ tools read them): ``NAME.key`` holds the public key and
@@ -32,7 +34,7 @@ import os
 import re
 import secrets
 import stat
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -69,8 +71,9 @@ class Keypair:
 class NodeKeys:
     """What a secured node needs: its own keypair and every other topology node's public key.
 
-    ``peers`` is both the allow-list of the node's server socket and the server key of each
-    neighbour it dials.
+    The node's transport takes its neighbours' among ``peers`` as the allow-list of its
+    server socket and as the server key of each neighbour it dials; the rest only name
+    refused keys in the log.
     """
 
     keypair: Keypair
@@ -209,13 +212,27 @@ def node_keys(security: SecurityConfig, node: int, graph: nx.Graph) -> NodeKeys:
 
 
 class _AllowList:
-    """The ZAP credentials callback: admits exactly the Z85 client keys given."""
+    """The ZAP credentials callback: admits exactly the Z85 client keys given, and reports
+    every key it refuses, naming its node when ``others`` (e.g. the whole topology) lists it."""
 
-    def __init__(self, keys: Iterable[bytes]) -> None:
+    def __init__(self, keys: Iterable[bytes], others: Mapping[int, bytes] | None = None,
+                 report: Callable[[int | str, str, str], None] | None = None) -> None:
         self.keys = frozenset(check_key(key, "allow-list key") for key in keys)
+        self.owners = {key: node for node, key in (others or {}).items()}
+        self.report = report
 
     def callback(self, domain: str, key: bytes) -> bool:
-        return key in self.keys
+        if key in self.keys:
+            return True
+        if self.report is not None:
+            node = self.owners.get(key)
+            if node is None:
+                self.report("an unknown connection", "a handshake with a key not on the allow-list",
+                            f"key {key.decode('ascii', 'replace')[:8]}... is not a neighbour's")
+            else:
+                self.report(node, "a handshake from a listed node that is not a neighbour",
+                            "only a node's neighbours may connect to it")
+        return False
 
 
 class CurveSecurity:
@@ -227,10 +244,12 @@ class CurveSecurity:
     ``ThreadAuthenticator``), so it serves plain and asyncio contexts alike. One per context.
     """
 
-    def __init__(self, context: zmq.Context, keypair: Keypair, allowed: Iterable[bytes]) -> None:
+    def __init__(self, context: zmq.Context, keypair: Keypair, allowed: Iterable[bytes], *,
+                 others: Mapping[int, bytes] | None = None,
+                 report: Callable[[int | str, str, str], None] | None = None) -> None:
         self.keypair = keypair
         self._auth = ThreadAuthenticator(context)
-        self._auth.configure_curve_callback("*", _AllowList(allowed))
+        self._auth.configure_curve_callback("*", _AllowList(allowed, others, report))
 
     def start(self) -> None:
         self._auth.start()
