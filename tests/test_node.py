@@ -244,3 +244,40 @@ def test_node_cli_bad_input_is_one_line_and_status_2(node_files: tuple[Path, Pat
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and "\n" not in err and "Traceback" not in err
+
+
+async def test_a_peer_resuming_behind_or_finished_is_not_waited_for() -> None:
+    """A hello naming a round behind this node's (a neighbour restarted from an older
+    checkpoint) and a bye (a neighbour finished the run) each cost no deadline; the
+    restarted one is waited for again once it catches up into the window."""
+    inbox = Inbox(0, future_rounds=1, first_round=5)
+    loop = asyncio.get_running_loop()
+    inbox.offer(_msg(1, 3, MessageType.HELLO))
+    inbox.offer(_msg(2, 4, MessageType.BYE))
+    assert inbox.finished == {2: 4}
+    start = loop.time()
+    assert await inbox.collect(5, MessageType.GOSSIP, [1, 2], start + 30) == {}
+    assert loop.time() - start < 1
+    inbox.advance(6)
+    assert inbox.offer(_msg(1, 6))
+    assert list(await inbox.collect(6, MessageType.GOSSIP, [1, 2], loop.time() + 30)) == [1]
+
+
+def test_relative_paths_in_a_node_config_are_read_from_its_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from p2prec.config import load
+    from p2prec.node.cli import resolve_paths
+
+    folder = tmp_path / "device"
+    folder.mkdir()
+    (folder / "topology.json").write_text("{}")
+    (folder / "config.toml").write_text('[gossip]\ntopology = "topology.json"\n[node]\ndir = "state"\n'
+                                        '[data]\ndir = "../data"\n[security]\nkey_dir = "keys"\n')
+    monkeypatch.chdir(tmp_path)
+    cfg = resolve_paths(load(folder / "config.toml", ["security.secret_key=mine.key_secret"]),
+                        "device/config.toml")
+    assert cfg.gossip.topology == str(folder / "topology.json")
+    assert cfg.node.dir == str(folder / "state") and cfg.security.key_dir == str(folder / "keys")
+    assert cfg.data.dir == str(folder / "../data")
+    assert cfg.security.secret_key == "mine.key_secret"   # given with --set: the shell's folder
+    named = resolve_paths(load(None, ["gossip.topology=ring"]), None)
+    assert named.gossip.topology == "ring"

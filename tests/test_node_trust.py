@@ -215,6 +215,16 @@ def test_the_launcher_gives_secured_nodes_their_keys(tmp_path: Path, synth_data,
     assert (tmp_path / "run" / "keys" / "node1.key_secret").read_bytes() == before
 
 
+def test_the_launcher_needs_no_more_than_security_enabled(tmp_path: Path, synth_data, tiny_cfg) -> None:  # noqa: ANN001
+    """``p2prec-sim --processes N --set security.enabled=true``: the launcher makes the keys."""
+    cfg = load(None, [f"data.dir={tiny_cfg.data.dir}", "data.name=synthetic", "security.enabled=true",
+                      "gossip.topology=ring"])
+    ids = prepare(cfg, synth_data, tmp_path / "run", 3)
+    run = load(tmp_path / "run" / "config.toml")
+    graph = load_topology(run.gossip.topology)
+    assert all(node_keys(run.security, i, graph).keypair == _keypair(run, i) for i in ids)
+
+
 @pytest.mark.parametrize("name", ["int8", "int4"])
 async def test_a_node_decodes_its_codec_and_rejects_any_other(tmp_path: Path, caplog: pytest.LogCaptureFixture,
                                                               name: str) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from types import FrameType
 
 from p2prec.cli import add_config_options, config_from_args, guarded, load_data, run_cli
-from p2prec.config import Config, ConfigError
+from p2prec.config import Config, ConfigError, load
 
 log = logging.getLogger("p2prec.node")
 
@@ -57,12 +57,36 @@ def build_node(cfg: Config, node_id: int, backbone_dir: str | None):  # noqa: AN
     return Node(cfg, where, learner, template, Path(cfg.node.dir) / f"node-{node_id}", keys)
 
 
+PATH_KEYS = (("data", "dir"), ("gossip", "topology"), ("node", "dir"), ("security", "key_dir"),
+             ("security", "secret_key"))
+"""The config keys that name files or folders a node reads or writes."""
+
+
+def resolve_paths(cfg: Config, config_file: str | Path | None) -> Config:
+    """Read the relative paths the config *file* gives against the file's folder, not the
+    working directory: an operator copies a node's folder (config, topology, keys) to a
+    device and starts it from anywhere. Values given with ``--set`` or flags stay relative
+    to the working directory, as a shell user expects; so does a named topology (``ring``)."""
+    if not config_file:
+        return cfg
+    folder = Path(config_file).resolve().parent
+    from_file = load(config_file)
+    for section, key in PATH_KEYS:
+        value = getattr(getattr(cfg, section), key)
+        if not value or value != getattr(getattr(from_file, section), key) or Path(value).is_absolute():
+            continue
+        if (section, key) == ("gossip", "topology") and not (folder / value).exists():
+            continue  # a topology spec such as "small-world", not a file
+        setattr(getattr(cfg, section), key, str(folder / value))
+    return cfg
+
+
 def _interrupt(_sig: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
 def cmd_node(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
+    cfg = resolve_paths(config_from_args(args), args.config)
     try:
         node = build_node(cfg, args.id, args.backbone)
         node.resume(fresh=args.fresh)

@@ -20,7 +20,10 @@ and nothing from it has arrived since. Why: with synchronous rounds, a node that
 a full deadline every round for a dead neighbour delays its own messages by that much, so
 its other neighbours miss their deadlines too, and the stall spreads. A dead neighbour
 therefore costs one deadline, and a peer is waited for again as soon as anything from it
-arrives (a restarted node says hello first).
+arrives in the window. A restarted node says hello first, naming the round it resumes at:
+if that is behind this node's round it is not waited for until it catches up (its
+messages meanwhile are for past rounds), so its restart costs no second deadline. A node
+that finishes the run says bye, and is not waited for again.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class Inbox:
         self._changed = asyncio.Event()
         self._closed = False
         self.refusal = ""
+        self.finished: dict[int, int] = {}
 
     def offer(self, msg: Message) -> bool:
         """File a validated message; return whether it is held for a round.
@@ -65,8 +69,23 @@ class Inbox:
         for its claimed sender. Returns ``False`` with the reason in ``self.refusal`` otherwise.
         """
         self.refusal = ""
-        if msg.type in (MessageType.HELLO, MessageType.BYE):
+        if msg.type is MessageType.BYE:
+            self._present.add(msg.sender)
+            self._absent.add(msg.sender)
+            self.finished[msg.sender] = msg.round
+            self._changed.set()
+            log.info("node %d: node %d has finished the run (after round %d); not waiting for it",
+                     self.node, msg.sender, msg.round)
+            return False
+        if msg.type is MessageType.HELLO:
             self._mark_present(msg.sender)
+            self.finished.pop(msg.sender, None)
+            if 0 < msg.round < self.current:
+                # It resumes behind: its messages for this node's rounds are past, so waiting for
+                # it would cost a deadline; it is waited for again once it catches up.
+                self._absent.add(msg.sender)
+                log.info("node %d: node %d resumes at round %d, behind this node's round %d; not waiting for it "
+                         "until it catches up", self.node, msg.sender, msg.round, self.current)
             return False
         exchange = exchange_of(msg)
         name = msg.type.name
@@ -150,10 +169,11 @@ class Inbox:
         got = self._held.get((*at, kind), {})
         return {j: got[j] for j in senders if j in got}
 
-    async def wait_present(self, peers: Collection[int], deadline: float) -> set[int]:
+    async def wait_present(self, peers: Collection[int], deadline: float, give_up: bool = True) -> set[int]:
         """Wait until every peer has sent anything (or ``deadline``); return those still missing,
-        which are marked absent."""
+        which are marked absent (unless not ``give_up``)."""
         await self._wait(deadline, lambda: self._present.issuperset(peers))
         missing = set(peers) - self._present
-        self._give_up(missing, "no word at start-up")
+        if give_up:
+            self._give_up(missing, "no word at start-up")
         return missing

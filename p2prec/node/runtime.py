@@ -45,6 +45,8 @@ RNG = "rng/torch"
 FEEDBACK = "feedback/"
 METRICS = "metrics.jsonl"
 ROUNDS = "rounds.jsonl"
+GREET_NOTE_S = 10.0
+"""While waiting for neighbours at start-up, a log line every this many seconds."""
 
 
 @dataclass
@@ -255,10 +257,31 @@ class Node:
         round's deadline on neighbours that are still loading. Peers never heard from are
         marked absent, so the rounds do not wait for them until they show up.
         """
-        hello = encode(Message(MessageType.HELLO, self.place.node, 0, "none", {}, {}))
+        hello = encode(Message(MessageType.HELLO, self.place.node, self.progress.round + 1, "none", {}, {}))
         for peer in self.place.peers:
             await transport.send(peer, hello)
-        await inbox.wait_present(self.place.peers, asyncio.get_running_loop().time() + self.cfg.node.start_timeout_s)
+        loop, timeout = asyncio.get_running_loop(), self.cfg.node.start_timeout_s
+        deadline = loop.time() + timeout
+        missing = set(self.place.peers)
+        while True:  # a person watching the log sees what the node waits for, not silence
+            missing = await inbox.wait_present(self.place.peers, min(deadline, loop.time() + GREET_NOTE_S),
+                                               give_up=False)
+            if not missing or loop.time() >= deadline:
+                break
+            log.info("%s: waiting for nodes %s to say hello (%.0f s of node.start_timeout_s = %.0f s); if they "
+                     "have already finished the run, none will", self.name, sorted(missing),
+                     timeout - (deadline - loop.time()), timeout)
+        if missing and missing == set(self.place.peers) and self.progress.round > 0:
+            log.warning("%s: no neighbour answered in %.0f s. This node resumes after round %d: if its neighbours "
+                        "have finished the run meanwhile, they are gone, and it runs rounds %d-%d alone",
+                        self.name, timeout, self.progress.round, self.progress.round + 1, self.cfg.sim.rounds)
+        await inbox.wait_present(self.place.peers, loop.time())
+
+    async def _farewell(self, transport: Transport) -> None:
+        """Tell every peer this node has finished the run, so none waits for it again."""
+        bye = encode(Message(MessageType.BYE, self.place.node, self.progress.round, "none", {}, {}))
+        for peer in self.place.peers:
+            await transport.send(peer, bye)
 
     # --- rounds --------------------------------------------------------------------------
 
@@ -323,6 +346,7 @@ class Node:
                 started = time.perf_counter()
                 result = await protocol.run(round_)
                 self._finish_round(round_, result, started)
+            await self._farewell(transport)
         except Abandoned:
             log.info("%s: stopping; round %d abandoned, the checkpoint of round %d stands", self.name,
                      self.progress.round + 1, self.progress.round)
