@@ -32,15 +32,18 @@ def build_node(cfg: Config, node_id: int, backbone_dir: str | None):  # noqa: AN
     """Everything node ``node_id`` needs: its keys, its data, its place in the topology, its model and state.
 
     The keys are read before the backbone is loaded (or pre-trained, which takes a minute),
-    so a secured node without them stops at once.
+    so a secured node without them stops at once. The node's state folder gets the serving
+    manifest (:mod:`p2prec.serve.state`), so ``p2prec recommend --state`` can serve its users.
     """
     from p2prec.learn.baselines import adapter_model
     from p2prec.learn.population import gossip_template
     from p2prec.learn.pretrain import ensure_backbone
+    from p2prec.node import checkpoint
     from p2prec.node.learner import Learner
     from p2prec.node.place import FLAT, place
     from p2prec.node.runtime import Node
     from p2prec.node.security import node_keys
+    from p2prec.serve.state import fingerprint, write_manifest
     from p2prec.sim.engine import select_nodes
     from p2prec.topology import load
 
@@ -50,11 +53,17 @@ def build_node(cfg: Config, node_id: int, backbone_dir: str | None):  # noqa: AN
     graph = load(cfg.gossip.topology, len(nodes), cfg.gossip.seed)
     where = place(graph, node_id, len(nodes), cfg.gossip)
     keys = node_keys(cfg.security, node_id, graph) if cfg.security.enabled else None
-    model = adapter_model(ensure_backbone(data, cfg, backbone_dir), cfg)
+    backbone = ensure_backbone(data, cfg, backbone_dir)
+    print_ = fingerprint(backbone)  # before the adapters wrap it
+    model = adapter_model(backbone, cfg)
     learner = Learner(cfg, data, model, nodes[node_id], node_id, gossiped=where.kind == FLAT) if where.has_data \
         else None
     template = {k: v.numpy() for k, v in gossip_template(model, cfg.gossip.tracking).items()}
-    return Node(cfg, where, learner, template, Path(cfg.node.dir) / f"node-{node_id}", keys)
+    state_dir = Path(cfg.node.dir) / f"node-{node_id}"
+    served = nodes[node_id] if where.has_data else []
+    users = {int(data.user_ids[u]): (node_id, checkpoint.FILE_NAME) for u in served}
+    write_manifest(state_dir, cfg, data, backbone_dir, print_, users, None)
+    return Node(cfg, where, learner, template, state_dir, keys)
 
 
 PATH_KEYS = (("data", "dir"), ("gossip", "topology"), ("node", "dir"), ("security", "key_dir"),
@@ -93,7 +102,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         log.info("node %d: stopped before its first round", args.id)
         return 0
-    asyncio.run(node.run())
+    asyncio.run(node.run(join=args.join))
     return 0
 
 
@@ -104,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backbone", help="backbone folder (default: pre-train on public users, cached)")
     parser.add_argument("--fresh", action="store_true",
                         help="discard this node's checkpoint and metrics and start from round 0")
+    parser.add_argument("--join", action="store_true",
+                        help="joining a running network: first take the most advanced neighbour's shared state")
     parser.set_defaults(func=guarded(cmd_node), threads=1)
     return parser
 

@@ -58,7 +58,8 @@ class Place:
     def senders(self) -> dict[MessageType, frozenset[int]]:
         """Which peers may send which message type to this node; anything else is rejected."""
         if self.kind == FLAT:
-            return {MessageType.GOSSIP: frozenset(self.peers)}
+            peers = frozenset(self.peers)
+            return {MessageType.GOSSIP: peers, MessageType.JOIN_REQUEST: peers, MessageType.JOIN_STATE: peers}
         if self.kind == CLIENT:
             return {MessageType.AGGREGATE_DOWN: frozenset({self.aggregator})}
         return {MessageType.AGGREGATE_UP: frozenset(self.members), MessageType.GOSSIP: frozenset(self.agg_peers)}

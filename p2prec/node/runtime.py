@@ -29,6 +29,7 @@ from p2prec.gossip.privacy import LocalPrivacy
 from p2prec.gossip.robust import aggregation_from_config
 from p2prec.node import checkpoint
 from p2prec.node.inbox import Abandoned, Inbox
+from p2prec.node.join import JOIN_TYPES, JoinDesk, adopt
 from p2prec.node.learner import Learner
 from p2prec.node.place import FLAT, Place
 from p2prec.node.protocol import Protocol, RoundResult
@@ -113,6 +114,7 @@ class Node:
         self.state_dir = state_dir
         self.ckpt_path = state_dir / checkpoint.FILE_NAME
         self.progress = Progress()
+        self.joins = JoinDesk(place.node, cfg.sim.rounds)
         self.name = f"node {place.node}"
         self.rejections = Rejections(self.name, cfg.node.summary_s)
         self._wall_base, self._wall_start = 0.0, time.perf_counter()
@@ -231,9 +233,13 @@ class Node:
                 if exchange >= self.cfg.gossip.exchanges:
                     raise _Refused("an exchange beyond gossip.exchanges",
                                    f"exchange {exchange}, gossip.exchanges = {self.cfg.gossip.exchanges}")
-                if self.codec.stages:  # plain float32 is mixed as received; ``combine`` copies it once
+                if self.codec.stages and msg.type is not MessageType.JOIN_REQUEST:
+                    # plain float32 is mixed as received; ``combine`` copies it once
                     decoded = self.codec.decode(msg.tensors, self.shapes)
                     msg = replace(msg, tensors={k: v.numpy() for k, v in decoded.items()})
+            if msg.type in JOIN_TYPES:
+                self.joins.take(msg, inbox)
+                return
         except _Refused as exc:
             self.rejections.count(peer, exc.reason, exc.detail)
             return
@@ -319,8 +325,25 @@ class Node:
         log.info("%s round %d/%d: loss %.4f, heard %d/%d, %.2f s (local %.2f s)%s", self.name, round_, rounds,
                  result.loss, result.heard, result.expected, round_s, result.local_s, note)
 
-    async def run(self) -> int:
-        """Run the remaining rounds; return the last complete round. Never raises on SIGINT/SIGTERM."""
+    async def _join(self, transport: Transport, inbox: Inbox, protocol: Protocol) -> None:
+        """Start from the most advanced neighbour's shared state, if one is ahead (:mod:`p2prec.node.join`)."""
+        n = self.cfg.node
+        answer = await self.joins.ask(transport, inbox, sorted(self.place.peers), self.codec, self.progress.round,
+                                      n.start_timeout_s, n.deadline_s)
+        if answer is None:
+            log.info("%s: no neighbour is ahead of round %d; starting from its own state", self.name,
+                     self.progress.round)
+            return
+        adopt(self.learner, answer)
+        self.progress.round = answer.round
+        protocol.first_round = answer.round + 1
+        self._save()
+        log.info("%s: joined from node %d's shared state after round %d", self.name, answer.sender, answer.round)
+
+    async def run(self, join: bool = False) -> int:
+        """Run the remaining rounds; return the last complete round. Never raises on SIGINT/SIGTERM.
+
+        ``join``: first ask the neighbours for their shared state (flat topologies only)."""
         loop = asyncio.get_running_loop()
         self._wall_base, self._wall_start = self.progress.wall_s, time.perf_counter()
         inbox = Inbox(self.place.node, self.cfg.node.future_rounds, self.progress.round + 1)
@@ -340,12 +363,16 @@ class Node:
                             on_reject=self.rejections.count)
         try:
             inbox.check_open()
+            if join and self.learner is not None and self.place.kind == FLAT:
+                await self._join(transport, inbox, protocol)
             await self._greet(transport, inbox)
             for round_ in range(self.progress.round + 1, self.cfg.sim.rounds + 1):
                 inbox.advance(round_)
                 started = time.perf_counter()
                 result = await protocol.run(round_)
                 self._finish_round(round_, result, started)
+                if self.learner is not None:
+                    await self.joins.answer(transport, self.learner, self.codec, round_)
             await self._farewell(transport)
         except Abandoned:
             log.info("%s: stopping; round %d abandoned, the checkpoint of round %d stands", self.name,

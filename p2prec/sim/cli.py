@@ -24,6 +24,16 @@ def print_summary(summary: dict, out: Path) -> None:
         print(f"| {protocol} | {m['hr@10']:.4f} | {m['ndcg@10']:.4f} | {m['mrr']:.4f} |")
     print(f"bytes sent per node per round: {summary['bytes_per_node_per_round']:.0f}")
     print(f"results: {out}/ (config.toml, metrics.jsonl, summary.json, convergence.png)")
+    join = summary.get("join") or {}
+    for c in join.get("cohorts", []):
+        if c["joiners_test_ndcg@10_first_10"] is None:
+            continue
+        caught = c["rounds_to_founders_mean"]
+        print(f"joined at round {c['round']}: {c['nodes']} nodes ({join['mode']}, {c['from_neighbour']} from a "
+              f"neighbour); test NDCG@10 over their first 10 rounds {c['joiners_test_ndcg@10_first_10']:.4f}, "
+              f"founders {c['founders_test_ndcg@10_first_10']:.4f}; "
+              + (f"reached the founders' after {caught} rounds" if caught else
+                 f"below the founders' for all {join['window']} rounds measured"))
     if summary.get("diverged_at_round"):
         cure = "a robust.rule against the Byzantine nodes" if summary.get("byzantine") else \
             "a lower train.lr or train.shared_lr"
@@ -46,9 +56,13 @@ def cmd_sim(args: argparse.Namespace) -> int:
         if args.processes:
             from p2prec.sim.launcher import run_processes
 
+            if args.save_states:
+                raise ValueError("--save-states is for simulated runs: real nodes keep their state folders in "
+                                 "node.dir/node-<id>/, which 'p2prec recommend --state' reads")
+
             summary = run_processes(cfg, load_data(cfg), out, args.processes, args.backbone)
         else:
-            summary = run_simulation(cfg, load_data(cfg), out, args.backbone)
+            summary = run_simulation(cfg, load_data(cfg), out, args.backbone, save_states=args.save_states)
     except TopologyError as exc:
         raise ValueError(str(exc)) from None
     print_summary(summary, out)
@@ -68,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--processes", type=int, metavar="N",
                         help="run N data nodes as real p2prec-node processes on 127.0.0.1 instead of simulating")
     parser.add_argument("--out", help="results folder (default: runs/<topology or baseline>)")
+    parser.add_argument("--save-states", action="store_true",
+                        help="also save every node's adapters in OUT/state, for 'p2prec recommend --state OUT'")
     parser.set_defaults(func=guarded(cmd_sim))
     return parser
 

@@ -18,6 +18,16 @@ In an edge hierarchy the codec and the attacks act on what clients send up; the
 aggregators' own messages (across and down) are counted at the codec's size but are
 modelled as exact, and a robust rule is refused, since clients there take their
 aggregator's average instead of mixing neighbours.
+
+Late joiners (``sim.join``, :class:`p2prec.sim.plan.JoinPlan`) are down until their round;
+then each copies one present neighbour's shared adapter, as a real node's join request
+gets it. Its gradient tracker stays zero, with a zero last gradient, like any node that has
+never trained: the trackers' sum must stay the sum of the nodes' latest gradients, and a
+copied tracker would add a gradient no node holds, a bias that mixing never removes. For
+``sim.join_window`` rounds after joining, the joiners and the founders (the nodes present
+from round 1) are evaluated every round under ``eval.select_protocol``
+(:attr:`Simulation.join_log`, :meth:`Simulation.join_summary`); the consensus distance
+covers present nodes only.
 """
 
 from __future__ import annotations
@@ -47,7 +57,7 @@ from p2prec.learn.population import configured_population, gossip_template
 from p2prec.model.backbone import SeqRecModel
 from p2prec.sim.attacks import byzantine_count, choose_byzantine, inject
 from p2prec.sim.faults import FaultPlan, RoundFaults
-from p2prec.sim.plan import MixingPlan, RoundMixing, split_diagonal
+from p2prec.sim.plan import JoinPlan, MixingPlan, RoundMixing, split_diagonal
 from p2prec.sim.results import make_record
 from p2prec.topology import aggregators
 from p2prec.wire import Message, MessageType, encode
@@ -112,6 +122,13 @@ class Simulation:
         self.eval_set = federated_eval_set(data, cfg, [self.nodes[i] for i in self.honest.tolist()])
         self.plan = MixingPlan(graph, n, self.pop.counts, cfg.gossip)
         self.faults = FaultPlan(cfg.sim, n)
+        self.graph = graph
+        self.joins = JoinPlan(cfg.sim, n)
+        self.join_log: list[dict[str, Any]] = []
+        self.join_sources: dict[int, dict[int, int]] = {}
+        self._join_sets = {name: self._cohort(mask) for name, mask in
+                           (("joiners", ~self.joins.founders()), ("founders", self.joins.founders()))} \
+            if self.joins.cohorts else {}
         self.aggregation = aggregation_from_config(cfg.robust)
         if self.aggregation is not None and self.plan.kind == "hierarchy":
             raise ValueError(f"robust.rule = {cfg.robust.rule!r} (trackers: {cfg.robust.tracker_rule!r}) needs "
@@ -135,6 +152,10 @@ class Simulation:
         """One round: local updates on the nodes that are up, then ``gossip.exchanges`` mixings
         of the shared adapters, each under the round's faults and sending what the last produced."""
         faults = self.faults.round(rnd)
+        absent = self.joins.absent(rnd)
+        if absent.any():
+            faults = replace(faults, down=faults.down | absent, late=faults.late & ~absent, lost=faults.lost & ~absent)
+        self._join(rnd, faults.down)
         training = not self.cfg.sim.train_rounds or rnd <= self.cfg.sim.train_rounds
         loss = self.pop.train_round(rnd, active=~faults.down, vectorized=vectorized) if training else float("nan")
         own = self.pop.shared()
@@ -151,8 +172,63 @@ class Simulation:
         if self.privacy is not None:
             self.privacy.rebase(own)
         self.bytes_sent_total += sent_bytes
-        self.consensus.append(consensus_distance(self._honest(self.pop.shared()), self.pop.shared_names))
+        self.consensus.append(consensus_distance(self._honest(self.pop.shared(), ~absent), self.pop.shared_names))
         return RoundStats(loss, self.consensus[-1], messages, sent_bytes)
+
+    def _join(self, rnd: int, down: np.ndarray) -> None:
+        """Start round ``rnd``'s joiners from a present neighbour's shared adapter (see the module
+        docstring); a joiner whose neighbours are all down or joining too starts fresh."""
+        joining = self.joins.joining(rnd)
+        if not len(joining):
+            return
+        present = ~down
+        present[joining] = False
+        self.join_sources[rnd] = self.joins.sources(rnd, self.graph, present)
+        for node, source in self.join_sources[rnd].items():
+            for k in self.pop.shared_names:
+                self.pop.params[k][node] = self.pop.params[k][source]
+
+    def _cohort(self, mask: np.ndarray) -> tuple[torch.Tensor, Any]:
+        """The honest nodes of ``mask`` and their evaluation set, for the join measurements."""
+        rows = torch.from_numpy(np.flatnonzero(mask & ~self.byzantine.numpy()))
+        return rows, federated_eval_set(self.data, self.cfg, [self.nodes[i] for i in rows.tolist()])
+
+    def _measure_joiners(self, rnd: int) -> None:
+        """Evaluate joiners and founders at ``rnd`` if a cohort joined within ``sim.join_window`` rounds."""
+        cohort = next((c for c in self.joins.cohorts if c.round <= rnd < c.round + self.joins.window), None)
+        if cohort is None:
+            return
+        protocol = self.cfg.eval.select_protocol
+        record: dict[str, Any] = {"round": rnd, "join_round": cohort.round, "rounds_joined": rnd - cohort.round + 1,
+                                  "mode": self.joins.mode, "protocol": protocol}
+        for name, (rows, eval_set) in self._join_sets.items():
+            params = {k: v[rows] for k, v in self.pop.params.items()}
+            result = evaluate(self.model, params, eval_set, (protocol,), stacked=True, k=self.cfg.eval.k)
+            record[name] = {split: result[split][protocol] for split in ("val", "test")}
+        self.join_log.append(record)
+
+    def join_summary(self) -> dict[str, Any] | None:
+        """The joiners against the founders, per cohort: mean test NDCG@10 of the joiners over their
+        first 10 rounds (and the founders' over the same rounds), and the first round after joining
+        at which the joiners' test NDCG@10 reached the founders' (None if not within the window)."""
+        if not self.joins.cohorts:
+            return None
+        cohorts = []
+        for cohort in self.joins.cohorts:
+            log = [r for r in self.join_log if r["join_round"] == cohort.round]
+            first = log[:10]
+            caught = [r["rounds_joined"] for r in log
+                      if r["joiners"]["test"]["ndcg@10"] >= r["founders"]["test"]["ndcg@10"]]
+            cohorts.append({
+                "round": cohort.round,
+                "nodes": len(cohort.nodes),
+                "from_neighbour": len(self.join_sources.get(cohort.round, {})),
+                **{f"{name}_test_ndcg@10_first_10": float(np.mean([r[name]["test"]["ndcg@10"] for r in first]))
+                   if first else None for name in ("joiners", "founders")},
+                "rounds_to_founders_mean": caught[0] if caught else None,
+            })
+        return {"mode": self.joins.mode, "protocol": self.cfg.eval.select_protocol, "window": self.joins.window,
+                "cohorts": cohorts}
 
     def _received(self, own: Params, rnd: int, exchange: int, faults: RoundFaults) -> Params:
         """What neighbours receive from each node in this exchange, one row per sender.
@@ -217,8 +293,12 @@ class Simulation:
         for k in names:
             own[k].mul_(_rows(d, own[k])).add_(mixed[k])
 
-    def _honest(self, params: Params) -> Params:
-        """The honest nodes' rows: what metrics and the consensus distance are computed over."""
+    def _honest(self, params: Params, present: np.ndarray | None = None) -> Params:
+        """The honest nodes' rows (of those ``present``): what metrics and the consensus distance are
+        computed over."""
+        if present is not None and not present.all():
+            rows = torch.from_numpy(np.flatnonzero(present & ~self.byzantine.numpy()))
+            return {k: v[rows] for k, v in params.items()}
         if len(self.honest) == len(self.nodes):
             return params
         return {k: v[self.honest] for k, v in params.items()}
@@ -264,6 +344,7 @@ class Simulation:
         bar = tqdm(range(1, rounds + 1), desc=label, unit="round", disable=not progress, dynamic_ncols=True)
         for rnd in bar:
             stats = self.step(rnd)
+            self._measure_joiners(rnd)
             # A diverged run is a result (an attack that wins, a step size too large): keep its
             # history, record the collapse (NaN scores rank last) and stop, rather than lose it.
             diverged = not np.isfinite(stats.consensus)

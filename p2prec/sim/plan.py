@@ -6,6 +6,12 @@ arrived, renormalised over the senders that were heard, and ``d`` is each node's
 its own current state. Flat topologies use Metropolis-Hastings (or sampled peers); an edge
 hierarchy composes up (sample-count-weighted average at each aggregator), across (gossip
 between aggregators) and down (each client takes its aggregator's result).
+
+Late joiners (``sim.join``, :class:`JoinPlan`) are absent until their round: they neither
+train nor send nor receive, exactly like a node that is down. At its round a joiner asks
+one present neighbour for its shared adapter and starts from it (``sim.join_mode =
+"neighbour"``), or starts from a fresh one (``"zero"``), which is what a node without the
+join request would do.
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ import networkx as nx
 import numpy as np
 import scipy.sparse as sp
 
-from p2prec.config import GossipConfig
+from p2prec.config import ConfigError, GossipConfig, SimConfig
+from p2prec.data.sampler import seeded_rng
 from p2prec.gossip.aggregate import aggregator_mixing
 from p2prec.gossip.rounds import FlatMixing
 from p2prec.gossip.mixing import (
@@ -157,3 +164,84 @@ class MixingPlan:
 def _count_sent(w: sp.csr_matrix, sending: np.ndarray) -> int:
     rows = np.repeat(np.arange(w.shape[0]), np.diff(w.indptr))
     return int(((rows != w.indices) & sending[w.indices]).sum())
+
+
+_JOIN = 0x70111
+"""Seed tag of the joiners' draw and their choice of neighbour."""
+
+
+@dataclass(frozen=True)
+class JoinCohort:
+    """The nodes ``nodes`` that join at round ``round``; absent before it."""
+
+    round: int
+    nodes: np.ndarray
+
+
+def parse_join(text: str, n: int) -> tuple[int, int]:
+    """``ROUND:COUNT`` or ``ROUND:PERCENT%`` as (round, how many of the ``n`` nodes join then)."""
+    try:
+        round_text, size_text = text.split(":")
+        round_ = int(round_text)
+        count = round(n * float(size_text[:-1]) / 100) if size_text.endswith("%") else int(size_text)
+    except ValueError:
+        raise ConfigError(f"sim.join: {text!r} is not ROUND:COUNT or ROUND:PERCENT% (e.g. 100:5%)") from None
+    if round_ < 2 or not 1 <= count < n:
+        raise ConfigError(f"sim.join: {text!r} must name a round >= 2 and between 1 and {n - 1} of the {n} nodes")
+    return round_, count
+
+
+class JoinPlan:
+    """Which nodes join late, and when; drawn once from ``sim.seed``, no node in two cohorts.
+
+    Why from round 2: a node that joins at round 1 is simply a node of the network.
+    """
+
+    def __init__(self, cfg: SimConfig, n: int) -> None:
+        self.mode = cfg.join_mode
+        self.window = cfg.join_window
+        parsed = [parse_join(text, n) for text in cfg.join]
+        total = sum(count for _, count in parsed)
+        if total >= n:
+            raise ConfigError(f"sim.join: {total} joiners leave no node to start the network ({n} nodes)")
+        order = seeded_rng(cfg.seed, _JOIN).permutation(n)
+        self.cohorts: list[JoinCohort] = []
+        start = 0
+        for round_, count in parsed:
+            self.cohorts.append(JoinCohort(round_, np.sort(order[start:start + count])))
+            start += count
+        self.seed = cfg.seed
+        self.n = n
+
+    def absent(self, rnd: int) -> np.ndarray:
+        """Nodes that have not joined yet in round ``rnd``."""
+        out = np.zeros(self.n, dtype=bool)
+        for cohort in self.cohorts:
+            if rnd < cohort.round:
+                out[cohort.nodes] = True
+        return out
+
+    def joining(self, rnd: int) -> np.ndarray:
+        """Nodes that join at the start of round ``rnd`` (sorted ids; empty for most rounds)."""
+        found = [c.nodes for c in self.cohorts if c.round == rnd]
+        return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+
+    def founders(self) -> np.ndarray:
+        """Nodes present from round 1: the network the joiners are compared with."""
+        out = np.ones(self.n, dtype=bool)
+        for cohort in self.cohorts:
+            out[cohort.nodes] = False
+        return out
+
+    def sources(self, rnd: int, graph: nx.Graph | None, present: np.ndarray) -> dict[int, int]:
+        """For each node joining in ``rnd``, the present neighbour it takes its shared adapter
+        from (a seeded choice); a joiner with no present neighbour is left out and starts fresh."""
+        if self.mode == "zero" or graph is None:
+            return {}
+        rng = seeded_rng(self.seed, rnd, _JOIN)
+        chosen: dict[int, int] = {}
+        for node in self.joining(rnd).tolist():
+            options = sorted(j for j in graph.neighbors(node) if j < self.n and present[j])
+            if options:
+                chosen[node] = options[int(rng.integers(len(options)))]
+        return chosen

@@ -6,14 +6,18 @@ same code, data and protocol, so both call :func:`run_simulation`.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
+from p2prec.atomic import write_text_atomic
 from p2prec.config import Config
 from p2prec.data.split import Dataset
 from p2prec.learn.baselines import adapter_model, run_backbone_only, run_centralized
 from p2prec.learn.pretrain import ensure_backbone
 from p2prec.sim.engine import Simulation, select_nodes
+from p2prec.serve.state import SIM_FOLDER, fingerprint
+from p2prec.serve.state import save_states as save_states_to
 from p2prec.sim.results import make_record, summarize_run, write_run
 from p2prec.topology import load, metropolis_hastings, predicted_rate, spectral_gap, validate
 
@@ -37,9 +41,17 @@ def fix_baseline(cfg: Config) -> None:
 
 
 def run_simulation(cfg: Config, data: Dataset, out: Path, backbone_dir: str | None = None,
-                   progress: bool = True) -> dict:
-    """Run the configured simulation or baseline, write ``out`` and return the summary."""
+                   progress: bool = True, save_states: bool = False) -> dict:
+    """Run the configured simulation or baseline, write ``out`` and return the summary.
+
+    ``save_states`` also writes every node's final adapters as a state folder that
+    ``p2prec recommend`` serves (``out/state``, see :mod:`p2prec.serve.state`). With late
+    joiners (``sim.join``), ``out/join.jsonl`` holds their per-round measurements and the
+    summary's ``join`` key compares them with the founders.
+    """
     fix_baseline(cfg)
+    if save_states and cfg.sim.baseline in ("centralized", "backbone-only"):
+        raise ValueError(f"--save-states: the {cfg.sim.baseline} baseline has no nodes to save")
     n = len(select_nodes(data, cfg))
     graph = build_topology(cfg, n) if cfg.sim.baseline not in ("centralized", "backbone-only") else None
     backbone = ensure_backbone(data, cfg, backbone_dir)
@@ -57,6 +69,7 @@ def run_simulation(cfg: Config, data: Dataset, out: Path, backbone_dir: str | No
             w = metropolis_hastings(graph)
             extra["spectral_gap"] = spectral_gap(w)
             extra["consensus_rate_predicted"] = predicted_rate(w) ** cfg.gossip.exchanges
+        print_ = fingerprint(backbone) if save_states else ""  # before the adapters wrap it
         sim = Simulation(cfg, data, backbone, graph)
         extra["message_bytes"] = sim.msg_bytes
         records = sim.run(progress=progress, label=label)
@@ -64,6 +77,12 @@ def run_simulation(cfg: Config, data: Dataset, out: Path, backbone_dir: str | No
         extra["consensus_by_round"] = sim.consensus
         extra["consensus_rate_measured"] = sim.measured_rate()
         extra["diverged_at_round"] = sim.diverged_at
+        extra["join"] = sim.join_summary()
+        if sim.join_log:
+            write_text_atomic(out / "join.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in sim.join_log))
+        if save_states:
+            save_states_to(out / SIM_FOLDER, cfg, data, sim.pop.params, sim.nodes, max(r["round"] for r in records),
+                           backbone_dir, print_)
         bytes_per_node_round = sim.bytes_sent_total / (n * (sim.diverged_at or cfg.sim.rounds))
     summary = summarize_run(records, cfg, nodes=n, rounds=max(r["round"] for r in records),
                             bytes_per_node_per_round=bytes_per_node_round,

@@ -68,9 +68,13 @@ class MessageType(enum.IntEnum):
     """A node announcing itself; carries no tensors."""
     BYE = 5
     """A node leaving cleanly; carries no tensors."""
+    JOIN_REQUEST = 6
+    """A node joining a running network asks a neighbour for its shared state; carries no tensors."""
+    JOIN_STATE = 7
+    """The answer: the sender's shared state after round ``round``, with a gossip message's tensors."""
 
 
-TENSORLESS_TYPES = frozenset({MessageType.HELLO, MessageType.BYE})
+TENSORLESS_TYPES = frozenset({MessageType.HELLO, MessageType.BYE, MessageType.JOIN_REQUEST})
 """Control messages, which must carry no tensors; every other type carries a full set."""
 
 
