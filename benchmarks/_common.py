@@ -25,6 +25,7 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps shared machines quiet)")
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--backbone", default="", help="backbone folder (default: the cached one for these settings)")
     return p
 
 
@@ -34,7 +35,7 @@ def setup(args: argparse.Namespace) -> tuple[Config, Dataset, SeqRecModel]:
     keep_freed_memory()
     cfg = load(None, [f"data.dir={args.data_dir}", *args.overrides])
     data = load_dataset(cfg.data.name, cfg.data.dir, cfg.data.public_fraction, cfg.data.split_seed)
-    return cfg, data, ensure_backbone(data, cfg)
+    return cfg, data, ensure_backbone(data, cfg, args.backbone or None)
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:

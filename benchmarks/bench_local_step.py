@@ -3,7 +3,8 @@
 Prints the median time of a local update (``train.local_steps`` steps of the real node's
 code path, :func:`p2prec.learn.local.local_step`) for the federated user with the median
 history length, and the parameter and byte counts of the shared adapter against the whole
-backbone. Run: ``python benchmarks/bench_local_step.py [--data-dir DIR] [--set k=v]``.
+backbone (and beside the language model that embeds item texts, when the backbone has a text
+path). Run: ``python benchmarks/bench_local_step.py [--data-dir DIR] [--backbone DIR] [--set k=v]``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from p2prec.data.sampler import NegativeSampler, seeded_rng  # noqa: E402
 from p2prec.learn.baselines import adapter_model, step_settings  # noqa: E402
 from p2prec.learn.batches import train_batch  # noqa: E402
 from p2prec.learn.local import init_opt_state, local_step  # noqa: E402
+from p2prec.model.text import encoder_parameters  # noqa: E402
 from p2prec.sim.engine import message_bytes  # noqa: E402
 
 
@@ -55,6 +57,11 @@ def main() -> None:
     print(f"| shared adapter | {counts['shared']:,} | {shared_bytes:,} |")
     print(f"| personal adapter + gate (never sent) | {counts['personal'] + counts['gate']:,} | - |")
     print(f"| whole backbone | {counts['backbone']:,} | {backbone_bytes:,} |")
+    text = encoder_parameters(backbone.config.text_encoder)
+    if text:
+        print(f"| text encoder {backbone.config.text_encoder} (frozen; embeds the catalogue once) | {text:,} | - |")
+        print(f"shared / (backbone + text encoder): {counts['shared'] / (counts['backbone'] + text):.4f} "
+              "of the parameters")
     print(f"shared / backbone: {counts['shared'] / counts['backbone']:.3f} of the parameters, "
           f"{shared_bytes / backbone_bytes:.3f} of the bytes")
 

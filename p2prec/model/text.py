@@ -57,6 +57,26 @@ def encoder_identity(spec: str) -> str:
     return f"hf-{digest.hexdigest()[:16]}"
 
 
+def encoder_parameters(spec: str) -> int:
+    """How many parameters the encoder ``spec`` holds (0 for ``none``), read from its weight files'
+    headers: the size of the language model behind the item texts, for reports."""
+    if spec == NONE:
+        return 0
+    from safetensors import safe_open
+
+    if spec == WORDLLAMA:
+        import wordllama
+
+        files = sorted((Path(wordllama.__file__).parent / "weights").glob("*_256.safetensors"))
+    else:
+        files = sorted(Path(spec).glob("*.safetensors"))
+    total = 0
+    for path in files:
+        with safe_open(str(path), "pt") as fh:
+            total += sum(int(np.prod(fh.get_slice(k).get_shape())) for k in fh.keys())
+    return total
+
+
 def embed_texts(texts: list[str], spec: str, cache_dir: Path | None = None) -> np.ndarray:
     """L2-normalised embeddings ``[len(texts), dim]`` (float32) of ``texts`` under encoder ``spec``."""
     if spec == NONE:
