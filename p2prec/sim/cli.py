@@ -20,7 +20,10 @@ def print_summary(summary: dict, out: Path) -> None:
     print(f"\n{summary['label']}: {summary['nodes']} nodes, {summary['rounds']} rounds, "
           f"{summary['wall_s']:.0f} s; test at best-validation round {summary['best_round']}")
     print("| protocol | HR@10 | NDCG@10 | MRR |\n|---|---|---|---|")
-    for protocol, m in summary["test_at_best"].items():
+    test = summary["test_at_best"]
+    rows = [(p, m) for p, m in test.items() if p != "cold"]
+    rows += [(f"{p}, cold items ({m['users']} users)", m) for p, m in test.get("cold", {}).items()]
+    for protocol, m in rows:
         print(f"| {protocol} | {m['hr@10']:.4f} | {m['ndcg@10']:.4f} | {m['mrr']:.4f} |")
     print(f"bytes sent per node per round: {summary['bytes_per_node_per_round']:.0f}")
     print(f"results: {out}/ (config.toml, metrics.jsonl, summary.json, convergence.png)")
