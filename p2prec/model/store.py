@@ -11,7 +11,6 @@ never leaves a half-written backbone behind.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import os
@@ -71,16 +70,6 @@ def save_backbone(model: SeqRecModel, out: str | Path, item_ids: np.ndarray, inf
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def backbone_fingerprint(path: str | Path) -> str:
-    """A short hash of a saved backbone's weights, config and catalogue: what a saved node
-    state records so that serving refuses a different backbone."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    for name in ("config.json", "model.safetensors", VOCAB_FILE):
-        digest.update((path / name).read_bytes())
-    return digest.hexdigest()[:16]
 
 
 def load_backbone(path: str | Path, data: Dataset | None = None, cache_dir: Path | None = None) -> SeqRecModel:
