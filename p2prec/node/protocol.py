@@ -78,7 +78,9 @@ class Protocol:
     (``None`` unless the codec keeps one), carries over from one gossip message to the next.
     ``aggregation`` is a flat node's robust aggregation rules, ``None`` for plain mixing;
     ``privacy`` the node's local DP (a stack of one), ``None`` without it. ``exchanges`` is
-    ``gossip.exchanges``.
+    ``gossip.exchanges``. ``norm_bound`` is ``robust.norm_bound``: a flat node drops received
+    states beyond it before mixing (the simulator's rule), reporting each to ``on_reject``
+    (peer, reason, detail); they still count as heard.
     """
 
     def __init__(self, place: Place, learner: Learner | None, inbox: Inbox, transport: Transport,
@@ -148,7 +150,7 @@ class Protocol:
         partners = [int(j) for j in w[me].indices if j != me]
         sent = await self._send(partners, MessageType.GOSSIP, round_, exchange, own, self.feedback)
         got = await self.inbox.collect(round_, MessageType.GOSSIP, partners, self._deadline(round_), exchange)
-        row = heard_row(w, me, got)
+        row, heard = heard_row(w, me, got), len(got)
         if got:
             row, got = self._bounded(row, own, got, round_, exchange)
         received = {j: m.tensors for j, m in got.items()}
@@ -156,7 +158,7 @@ class Protocol:
             self.learner.set_shared(combine(row, {me: own, **received}))
         else:
             self.learner.set_shared(robust_combine(self.aggregation, row, me, own, received))
-        return Exchanged(len(got), len(partners), sent)
+        return Exchanged(heard, len(partners), sent)
 
     def _bounded(self, row: sp.csr_matrix, own: Mapping[str, np.ndarray], got: dict[int, Message], round_: int,
                  exchange: int) -> tuple[sp.csr_matrix, dict[int, Message]]:
