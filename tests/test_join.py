@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from p2prec.cli import main as p2prec_main
 from p2prec.config import ConfigError, load
 from p2prec.learn.tracking import TRACK, TRACKER
 from p2prec.model.backbone import build_backbone
@@ -19,6 +20,7 @@ from p2prec.node.cli import build_node
 from p2prec.node.inbox import Inbox
 from p2prec.node.join import adopt
 from p2prec.node.transport import routing_id
+from p2prec.serve.state import read_manifest
 from p2prec.sim.cli import main as sim_main
 from p2prec.sim.engine import Simulation
 from p2prec.sim.plan import JoinPlan, parse_join
@@ -175,10 +177,11 @@ def test_join_messages_are_validated_and_hostile_ones_rejected(node0) -> None:  
 
 
 @pytest.mark.slow
-def test_a_node_started_late_with_join_starts_from_its_neighbours_round(tmp_path: Path, synth_dir: Path,
-                                                                       synth_data, tiny_cfg) -> None:  # noqa: ANN001
+def test_a_node_started_late_with_join_starts_from_its_neighbours_round(  # noqa: ANN001
+        tmp_path: Path, synth_dir: Path, synth_data, tiny_cfg, capsys: pytest.CaptureFixture) -> None:
     """Nodes 0 and 1 of a triangle run without node 2, which starts late with ``--join``: it
-    continues from the most advanced answer's round, and the run completes everywhere."""
+    continues from the most advanced answer's round, the run completes everywhere, and
+    ``p2prec recommend`` serves node 2's user from its state folder."""
     config = node_config(tmp_path, synth_dir, nx.complete_graph(3),
                          ["sim.nodes=3", "sim.rounds=400", "eval.every=100", "node.deadline_s=2",
                           "node.start_timeout_s=3", "model.text_encoder=none"])
@@ -195,4 +198,6 @@ def test_a_node_started_late_with_join_starts_from_its_neighbours_round(tmp_path
     assert "joined from node" in procs.log(2)
     rounds = [json.loads(line)["round"] for line in (folder / "node-2" / "rounds.jsonl").read_text().splitlines()]
     assert rounds[0] >= 4 and rounds[-1] == 400
-    assert (folder / "node-2" / "serving.json").is_file()
+    user = min(read_manifest(folder / "node-2").users)
+    assert p2prec_main(["recommend", "--state", str(folder / "node-2"), "--user", str(user), "--k", "4"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 4

@@ -327,6 +327,10 @@ class Node:
 
     async def _join(self, transport: Transport, inbox: Inbox, protocol: Protocol) -> None:
         """Start from the most advanced neighbour's shared state, if one is ahead (:mod:`p2prec.node.join`)."""
+        if self.learner is None or self.place.kind != FLAT:
+            log.info("%s: not asking to join: in an edge hierarchy the aggregator hands down its state every "
+                     "round", self.name)
+            return
         n = self.cfg.node
         answer = await self.joins.ask(transport, inbox, sorted(self.place.peers), self.codec, self.progress.round,
                                       n.start_timeout_s, n.deadline_s)
@@ -363,7 +367,7 @@ class Node:
                             on_reject=self.rejections.count)
         try:
             inbox.check_open()
-            if join and self.learner is not None and self.place.kind == FLAT:
+            if join:
                 await self._join(transport, inbox, protocol)
             await self._greet(transport, inbox)
             for round_ in range(self.progress.round + 1, self.cfg.sim.rounds + 1):
