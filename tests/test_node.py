@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +71,46 @@ def test_checkpoints_round_trip_and_replace_atomically(tmp_path: Path) -> None:
     assert [p.name for p in path.parent.iterdir()] == [checkpoint.FILE_NAME]
     with pytest.raises(checkpoint.CheckpointError, match="belongs to node 3"):
         checkpoint.load(path, 4)
+
+
+WRITER = """
+import sys, torch
+from pathlib import Path
+from p2prec.node import checkpoint
+path = Path(sys.argv[1])
+big = torch.arange(8 << 20, dtype=torch.float32)
+for k in range(1, 10**6):
+    checkpoint.save(path, checkpoint.Checkpoint(3, k, {"param/x": big + k}, {}))
+    print(k, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_writer_killed_mid_write_leaves_a_whole_checkpoint(tmp_path: Path) -> None:
+    """SIGKILL a process that writes 32 MB checkpoints back to back, at random moments, many
+    times: the file is always a whole checkpoint (the last one written, or the one being
+    replaced), never a torn one. A plain write in place fails this within a few kills."""
+    import random
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "node-3" / checkpoint.FILE_NAME
+    rng = random.Random(0)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    rounds_seen = []
+    for _ in range(6):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, env=env)
+        try:
+            assert proc.stdout.readline()   # at least one whole checkpoint exists
+            time.sleep(rng.uniform(0.0, 0.4))
+        finally:
+            proc.kill()
+            proc.wait()
+        back = checkpoint.load(path, 3)
+        assert torch.equal(back.tensors["param/x"], torch.arange(8 << 20, dtype=torch.float32) + back.round)
+        rounds_seen.append(back.round)
+    assert not [p for p in path.parent.iterdir() if p.name != checkpoint.FILE_NAME and not p.name.endswith(".tmp")]
 
 
 @pytest.mark.parametrize("damage", [lambda b: b[: len(b) // 2], lambda b: b"", lambda b: b"\xff" * 64,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ import zmq.auth
 from zmq.utils.monitor import recv_monitor_message
 
 from p2prec.cli import main
-from p2prec.config import ConfigError, load
+from p2prec.config import load
 from p2prec.node.security import (
     CurveSecurity,
     Keypair,
@@ -204,8 +205,10 @@ def test_a_secured_node_refuses_to_start_without_its_keys(tmp_path: Path) -> Non
         topology_keys(topology({0: publics["node0"], 1: publics["node1"]}))
     with pytest.raises(SecurityError, match="not a Z85"):
         topology_keys(topology({0: b"x" * 39, 1: publics["node1"], 2: publics["node2"]}))
-    with pytest.raises(ConfigError, match="security.enabled"):
-        load(None, ["security.enabled=true"])
+    # security.enabled alone is a complete config (the launcher makes the keys); a node
+    # holding it refuses to start without them.
+    with pytest.raises(SecurityError, match="neither security.secret_key nor security.key_dir"):
+        node_keys(load(None, ["security.enabled=true"]).security, 0, graph)
 
 
 def test_keys_generate_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -219,3 +222,63 @@ def test_keys_generate_command(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "refusing to overwrite" in err and len(err.strip().splitlines()) == 1
     assert main(["keys", "generate", "--out", str(tmp_path), "--names", "alice,bob"]) == 0
     assert (tmp_path / "bob.key").is_file()
+
+
+@pytest.mark.slow
+def test_a_real_secured_node_refuses_each_impostor_and_says_why(tmp_path: Path, synth_dir: Path, synth_data,  # noqa: ANN001
+                                                                tiny_cfg) -> None:
+    """A real ``p2prec-node`` process, node 1 of the path 0 - 1 - 2 - 3, secured. Against it:
+    a stranger's key, node 3's key (listed in the topology, not a neighbour), node 0's key
+    claiming to be node 2, and a plaintext peer: each is refused, and the log names why.
+    Node 0's key speaking as node 0 is heard (its bye is logged)."""
+    from p2prec.wire import Message, MessageType, encode
+    from tests.node_support import Procs, make_backbone, node_config, wait_for
+
+    assert main(["keys", "generate", "--out", str(tmp_path / "keys"), "--count", "4"]) == 0
+    pairs = {i: load_keypair(tmp_path / "keys" / f"node{i}.key_secret") for i in range(4)}
+    graph = nx.path_graph(4)
+    for i in graph.nodes:
+        graph.nodes[i]["key"] = pairs[i].public.decode()
+    config = node_config(tmp_path, synth_dir, graph, ["sim.nodes=4", "sim.rounds=1", "security.enabled=true",
+                                                      f"security.key_dir={tmp_path / 'keys'}",
+                                                      "node.start_timeout_s=120"])
+    address = next(n["address"] for n in json.loads((tmp_path / "topology.json").read_text())["nodes"] if n["id"] == 1)
+    procs = Procs(config, make_backbone(synth_data, tiny_cfg, tmp_path / "bb"))
+    ctx = zmq.Context()
+    socks = []
+
+    def speak(me: Keypair | None, kind: MessageType, sender: int) -> None:
+        sock = ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.setsockopt(zmq.ROUTING_ID, b"n%d" % sender)
+        if me is not None:
+            CurveSecurity(ctx, me, []).dial(sock, pairs[1].public)
+        sock.connect(address)
+        sock.send_multipart(encode(Message(kind, sender, 0, "none", {}, {})))
+        socks.append(sock)
+
+    try:
+        node = procs.start(1)
+        wait_for(lambda: "listening on" in procs.log(1), 120, "node 1 to listen")
+        speak(Keypair(*zmq.curve_keypair()), MessageType.HELLO, 0)
+        wait_for(lambda: "refused a handshake with a key not on the allow-list from an unknown connection"
+                 in procs.log(1), 30, "the stranger's refusal")
+        speak(pairs[3], MessageType.HELLO, 3)
+        wait_for(lambda: "refused a handshake from a listed node that is not a neighbour from node 3"
+                 in procs.log(1), 30, "the non-neighbour's refusal")
+        speak(pairs[0], MessageType.HELLO, 2)
+        wait_for(lambda: "refused a sender id that is not its key's from node 0 (header says node 2, the key is "
+                         "node 0's)" in procs.log(1), 30, "the impostor's refusal")
+        speak(None, MessageType.HELLO, 0)
+        wait_for(lambda: "security.enabled differs" in procs.log(1), 30, "the plaintext peer's refusal")
+        speak(pairs[0], MessageType.BYE, 0)
+        wait_for(lambda: "node 0 has finished the run" in procs.log(1), 30, "node 0's bye")
+        node.terminate()
+        assert node.wait(60) == 0
+    finally:
+        for sock in socks:
+            sock.close(0)
+        ctx.term()
+        procs.close()
+    log = procs.log(1)
+    assert "node 2 has finished" not in log and "node 3 has finished" not in log
