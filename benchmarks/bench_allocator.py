@@ -30,7 +30,8 @@ from _common import parser, setup  # noqa: E402
 
 from p2prec.allocator import ENV, keep_freed_memory  # noqa: E402
 from p2prec.learn.evaluate import evaluate  # noqa: E402
-from p2prec.sim.engine import Simulation, select_nodes  # noqa: E402
+from p2prec.run.data import select_nodes  # noqa: E402
+from p2prec.sim.engine import Simulation  # noqa: E402
 from p2prec.sim.runner import build_topology  # noqa: E402
 
 

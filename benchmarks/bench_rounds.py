@@ -37,7 +37,7 @@ from _common import parser, setup  # noqa: E402
 
 from p2prec.node.runtime import ROUNDS  # noqa: E402
 from p2prec.sim.engine import Simulation  # noqa: E402
-from p2prec.sim.launcher import prepare, run_nodes  # noqa: E402
+from p2prec.launch import prepare, run_nodes  # noqa: E402
 from p2prec.sim.runner import build_topology  # noqa: E402
 
 

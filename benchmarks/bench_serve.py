@@ -31,9 +31,9 @@ from _common import parser, setup
 
 from p2prec.learn.baselines import adapter_model
 from p2prec.learn.population import stack
+from p2prec.run.data import select_nodes
 from p2prec.serve.recommend import Recommender
 from p2prec.serve.state import fingerprint, save_states
-from p2prec.sim.engine import select_nodes
 
 COMMAND_BOUND_S = 10.0
 ANSWER_BOUND_MS = 50.0

@@ -33,7 +33,8 @@ from _common import median_time, parser, setup  # noqa: E402
 from p2prec.learn.batches import TrainBatch  # noqa: E402
 from p2prec.learn.local import ranking_loss  # noqa: E402
 from p2prec.model.backbone import build_backbone, score  # noqa: E402
-from p2prec.sim.engine import Simulation, select_nodes  # noqa: E402
+from p2prec.run.data import select_nodes  # noqa: E402
+from p2prec.sim.engine import Simulation  # noqa: E402
 from p2prec.sim.runner import build_topology  # noqa: E402
 
 

@@ -5,6 +5,15 @@ crash at any instant leaves either the previous complete file or the new one, ne
 torn one. The bytes go to a temporary file in the same folder, which is flushed and
 fsynced, then renamed over the target (``os.replace`` is atomic on POSIX), and the folder
 is fsynced so the rename itself survives a power cut.
+
+The temporary file is created with mode 0600 before a byte is written and gets ``mode``
+only just before the rename, so a secret key is never readable by others, even briefly.
+
+A writer killed outright (SIGKILL, power loss) before its rename leaves the previous file
+untouched and a stray ``.NAME.<random>.tmp`` beside it, which nothing reads. It is left
+there on purpose: sweeping strays on the next write could delete the temporary file of
+another writer of the same target still in progress, and make its rename fail; a stray
+is safe to delete by hand whenever no writer runs.
 """
 
 from __future__ import annotations

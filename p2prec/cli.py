@@ -39,13 +39,6 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load(args.config, overrides)
 
 
-def load_data(cfg: Config):  # noqa: ANN201 - returns p2prec.data.Dataset; imported lazily
-    from p2prec.data import load_dataset
-
-    return load_dataset(cfg.data.name, cfg.data.dir or None, cfg.data.public_fraction, cfg.data.split_seed,
-                        cfg.data.min_interactions, cfg.data.cold_items)
-
-
 def guarded(main: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Turn expected user errors into one line on stderr and exit status 2, after the process
     setup every command shares (torch threads, :func:`p2prec.allocator.keep_freed_memory`)."""
@@ -71,6 +64,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     """``--dataset`` names the corpus to pre-train on (every user of it); without it, the
     configured ``pretrain.corpus``, or the public users of ``data.name`` when that is empty."""
     from p2prec.learn.pretrain import pretraining_data, save_pretrained
+    from p2prec.run.data import load_data
 
     if args.dataset:
         args.overrides = [*args.overrides, f"pretrain.corpus={args.dataset}"]
@@ -85,6 +79,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_baseline(args: argparse.Namespace) -> int:
+    from p2prec.run.data import load_data
     from p2prec.sim.baseline import run_baseline
 
     cfg = config_from_args(args)
@@ -117,7 +112,7 @@ def cmd_privacy(args: argparse.Namespace) -> int:
     from p2prec.gossip.privacy import epsilon, noise_multiplier, planned_releases, snr_bound
     from p2prec.learn.baselines import adapter_model
     from p2prec.learn.pretrain import fresh_backbone
-    from p2prec.sim.engine import select_nodes
+    from p2prec.run.data import load_data, select_nodes
 
     cfg = config_from_args(args)
     if cfg.privacy.target_epsilon <= 0 and cfg.privacy.noise_multiplier <= 0:

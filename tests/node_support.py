@@ -24,7 +24,7 @@ from p2prec.model.store import load_backbone, save_backbone
 from p2prec.node import checkpoint
 from p2prec.node.learner import PARAM
 from p2prec.sim.engine import Simulation
-from p2prec.sim.launcher import free_ports
+from p2prec.launch import free_ports
 from p2prec.topology import load as load_topology
 from p2prec.topology import write
 from tests.conftest import TINY

@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from p2prec.data.sampler import NegativeSampler, seeded_rng
+from p2prec.data.sampler import NegativeSampler
 from p2prec.learn.batched import BatchedAdapterModel, dropout
 from p2prec.learn.batches import train_batch
 from p2prec.learn.local import StepSettings, local_grads
 from p2prec.learn.population import Population
 from p2prec.model.adapters import DualAdapterModel
 from p2prec.model.backbone import build_backbone
+from p2prec.rng import seeded_rng
 from torch.func import functional_call
 
 ATTENTION = ("query", "value")

@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from p2prec.data.sampler import NegativeSampler, seeded_rng
+from p2prec.data.sampler import NegativeSampler
 from p2prec.learn.baselines import adapter_model
 from p2prec.learn.batches import train_batch
 from p2prec.learn.local import StepSettings, init_opt_state, local_step
 from p2prec.model.adapters import PERSONAL, SHARED
 from p2prec.model.backbone import build_backbone
 from p2prec.model.store import BackboneError, load_backbone, save_backbone
+from p2prec.rng import seeded_rng
 
 
 def _model(cfg, data, seed: int = 0):  # noqa: ANN001, ANN202

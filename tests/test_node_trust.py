@@ -36,7 +36,7 @@ from p2prec.node.place import place
 from p2prec.node.runtime import Node
 from p2prec.node.security import Keypair, NodeKeys, SecurityError, load_keypair, node_keys
 from p2prec.node.transport import Transport
-from p2prec.sim.launcher import free_ports, prepare
+from p2prec.launch import free_ports, prepare
 from p2prec.topology import build, metropolis_hastings, write
 from p2prec.topology import load as load_topology
 from p2prec.topology.roles import CLIENT

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from p2prec.data.sampler import NegativeSampler, seeded_rng
+from p2prec.data.sampler import NegativeSampler
+from p2prec.rng import seeded_rng
 
 
 def test_training_sampler_never_returns_a_training_item(synth_data) -> None:  # noqa: ANN001

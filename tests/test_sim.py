@@ -21,7 +21,7 @@ from p2prec.model.backbone import build_backbone
 from p2prec.sim.cli import main
 from p2prec.sim.runner import build_topology
 from p2prec.sim.engine import Simulation
-from p2prec.data.sampler import seeded_rng
+from p2prec.rng import seeded_rng
 from p2prec.topology import metropolis_hastings, predicted_rate
 from tests.conftest import TINY
 

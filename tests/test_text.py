@@ -15,12 +15,13 @@ from p2prec.config import load
 from p2prec.data import load_dataset
 from p2prec.data.errors import DataError
 from p2prec.data.items import read_items, title_key
-from p2prec.data.sampler import NegativeSampler, seeded_rng
+from p2prec.data.sampler import NegativeSampler
 from p2prec.learn.evaluate import COLD, build_eval_set, evaluate
 from p2prec.learn.pretrain import ensure_backbone, fresh_backbone, save_pretrained
 from p2prec.model import text as text_module
 from p2prec.model.store import BackboneError, load_backbone
 from p2prec.model.text import TextEncoderError, embed_texts
+from p2prec.rng import seeded_rng
 from tests.conftest import TINY
 
 U_ITEM_OK = "1|Toy Story (1995)|01-Jan-1995||http://x|0|0|0|1|1|1|0|0|0|0|0|0|0|0|0|0|0|0|0\n" \

@@ -14,19 +14,8 @@ Why a sorted-key lookup: a dense user x item mask does not fit MovieLens-latest,
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from p2prec.data.split import Dataset
-
-
-def seeded_rng(*keys: int) -> np.random.Generator:
-    """A generator determined by integer keys (e.g. seed, round, node), independent of call order."""
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(k) for k in keys])))
-
-
-def torch_generator(*keys: int) -> torch.Generator:
-    """A torch generator determined by integer keys, like :func:`seeded_rng`."""
-    return torch.Generator().manual_seed(int(seeded_rng(*keys).integers(2**63)))
 
 
 class NegativeSampler:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from p2prec.data.movielens import DataError, Ratings
+from p2prec.rng import Stream, seeded_rng
 
 
 @dataclass
@@ -120,5 +121,5 @@ def _cold_items(n_items: int, fraction: float, seed: int) -> np.ndarray:
     if not 0.0 <= fraction < 1.0:
         raise DataError(f"cold item fraction must be in [0, 1), got {fraction}")
     count = int(round(fraction * n_items))
-    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), 0xC01D])))
+    rng = seeded_rng(seed, Stream.COLD_ITEMS)
     return np.sort(rng.choice(np.arange(1, n_items + 1), size=count, replace=False)).astype(np.int64)

@@ -55,7 +55,7 @@ import numpy as np
 import torch
 from dp_accounting.rdp import RdpAccountant
 
-from p2prec.data.sampler import torch_generator
+from p2prec.rng import Stream, torch_generator
 
 if TYPE_CHECKING:
     from p2prec.config import Config, PrivacyConfig
@@ -186,7 +186,7 @@ def snr_bound(noise_multiplier: float, rounds: int, nodes: int, dim: int) -> flo
 
 def noise_generator(seed: int, round_: int, node: int) -> torch.Generator:
     """Node ``node``'s noise stream for round ``round_``, keyed by nothing else (never by data)."""
-    return torch_generator(seed, round_, node, 0xD9)
+    return torch_generator(seed, round_, node, Stream.DP_NOISE)
 
 
 def secret_generator() -> torch.Generator:

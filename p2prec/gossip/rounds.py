@@ -14,12 +14,9 @@ import numpy as np
 import scipy.sparse as sp
 
 from p2prec.config import GossipConfig
-from p2prec.data.sampler import seeded_rng
 from p2prec.gossip.mixing import matching_matrix, uniform_peer_matrix
+from p2prec.rng import Stream, seeded_rng
 from p2prec.topology import metropolis_hastings
-
-_DRAW = 0x60551
-"""Seed tag of the per-round peer draw, so it never shares a stream with batches or faults."""
 
 
 def exchange_key(exchange: int) -> tuple[int, ...]:
@@ -48,7 +45,7 @@ class FlatMixing:
         round always has; later exchanges add their index to the draw's key."""
         if self.cfg.mixing == "metropolis":
             return self.base
-        rng = seeded_rng(self.cfg.seed, rnd, _DRAW, *exchange_key(exchange))
+        rng = seeded_rng(self.cfg.seed, rnd, Stream.PEER_DRAW, *exchange_key(exchange))
         if self.cfg.mixing == "matching":
             return matching_matrix(self.edges, self.n, rng)
         return uniform_peer_matrix(self.n, self.cfg.peers, rng)

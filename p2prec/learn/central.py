@@ -16,10 +16,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from p2prec.data.sampler import NegativeSampler, seeded_rng
+from p2prec.data.sampler import NegativeSampler
 from p2prec.data.split import Dataset
 from p2prec.learn.batches import train_batch
 from p2prec.learn.local import Params, StepSettings, init_opt_state, local_step
+from p2prec.rng import seeded_rng
 
 
 @dataclass

@@ -19,12 +19,13 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from p2prec.data.sampler import NegativeSampler, seeded_rng
+from p2prec.data.sampler import NegativeSampler
 from p2prec.data.split import Dataset
 from p2prec.learn.batches import eval_inputs
 from p2prec.learn.metrics import item_coverage, metrics_from_ranks, rank_of_first, summarize
 from p2prec.learn.local import Params
 from p2prec.model.backbone import SeqRecModel
+from p2prec.rng import seeded_rng
 
 SPLITS = ("val", "test")
 #: Key of the test rows restricted to users whose held-out item is cold: ``test[COLD][protocol]``.

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from p2prec.config import Config
-from p2prec.data.sampler import NegativeSampler, seeded_rng
+from p2prec.data.sampler import NegativeSampler
 from p2prec.data.split import Dataset
 from p2prec.learn.baselines import step_settings
 from p2prec.learn.batches import TrainBatch, train_batch
@@ -27,6 +27,7 @@ from p2prec.learn.schedule import lr_factor, scaled
 from p2prec.learn.tracking import (LAST_GRAD, STEPS, TRACK, TRACKER, gradient_weights, init_tracking_state,
                                    participation, tracked_step)
 from p2prec.model.adapters import DualAdapterModel
+from p2prec.rng import seeded_rng
 
 
 def stack(state: Params, n: int) -> Params:

@@ -43,8 +43,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from p2prec.data.sampler import seeded_rng
 from p2prec.learn.local import Params, StepSettings, adam_step
+from p2prec.rng import Stream, seeded_rng
 
 TRACK = "track."
 """Prefix of a tracker's name in a gossip message: ``track.<shared tensor name>``."""
@@ -59,10 +59,6 @@ STEPS = "t.shared"
 """Optimizer-state key of the shared optimizer's step count (one tracked step per round)."""
 
 
-_PARTICIPATION = 0x7A1
-"""Seed tag of the participation draw, so it never shares a stream with batches or dropout."""
-
-
 def participation(seed: int, round_: int, ids: np.ndarray, fraction: float) -> np.ndarray:
     """Whether each node (by global id) folds a fresh gradient into its tracker this round.
 
@@ -71,7 +67,7 @@ def participation(seed: int, round_: int, ids: np.ndarray, fraction: float) -> n
     """
     if fraction >= 1.0:
         return np.ones(len(ids), dtype=bool)
-    return np.asarray([seeded_rng(seed, round_, int(i), _PARTICIPATION).random() < fraction for i in ids],
+    return np.asarray([seeded_rng(seed, round_, int(i), Stream.PARTICIPATION).random() < fraction for i in ids],
                       dtype=bool)
 
 

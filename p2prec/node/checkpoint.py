@@ -1,9 +1,8 @@
 """Crash-safe checkpoints of a node's learned state: one safetensors file, replaced atomically.
 
 Why this shape: a node may be killed at any instant, and what it learned must survive.
-The file is written under a temporary name in the same folder, flushed and fsynced, then
-renamed over the previous checkpoint (``os.replace`` is atomic on POSIX), and the folder
-is fsynced so the rename itself is durable. A reader therefore sees the previous complete
+The file goes through the package's one atomic write (:func:`p2prec.atomic.write_bytes_atomic`:
+temporary file, fsync, rename, fsync of the folder), so a reader sees the previous complete
 checkpoint or the new complete one, never a mixture. Tensors and a small JSON header
 travel in the one file (safetensors ``__metadata__``), so they cannot drift apart, and
 nothing is pickled: loading runs no code.
@@ -13,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +20,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
+
+from p2prec.atomic import write_bytes_atomic
 
 FORMAT = "p2prec-node-checkpoint"
 VERSION = 1
@@ -59,27 +58,12 @@ def digest(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def save(path: Path, ckpt: Checkpoint) -> None:
-    """Write ``ckpt`` to ``path`` atomically and durably (temporary file, fsync, rename, fsync dir)."""
+    """Write ``ckpt`` to ``path`` atomically and durably, so a crash keeps the previous checkpoint whole."""
     tensors = {name: t.detach().contiguous() for name, t in ckpt.tensors.items()}
     header = {"format": FORMAT, "version": VERSION, "node": ckpt.node, "round": ckpt.round, "info": ckpt.info,
               "sha256": digest(tensors)}
-    data = save_bytes(tensors, metadata={"p2prec": json.dumps(header, sort_keys=True)})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    # 0600: the personal adapter is learned from the user's own ratings, so it stays the owner's
+    write_bytes_atomic(path, save_bytes(tensors, metadata={"p2prec": json.dumps(header, sort_keys=True)}), 0o600)
 
 
 def _header(data: bytes, path: Path) -> dict[str, Any]:

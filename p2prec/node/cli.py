@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from types import FrameType
 
-from p2prec.cli import add_config_options, config_from_args, guarded, load_data, run_cli
+from p2prec.cli import add_config_options, config_from_args, guarded, run_cli
 from p2prec.config import Config, ConfigError, load
 
 log = logging.getLogger("p2prec.node")
@@ -43,8 +43,8 @@ def build_node(cfg: Config, node_id: int, backbone_dir: str | None):  # noqa: AN
     from p2prec.node.place import FLAT, place
     from p2prec.node.runtime import Node
     from p2prec.node.security import node_keys
+    from p2prec.run.data import load_data, select_nodes
     from p2prec.serve.state import fingerprint, write_manifest
-    from p2prec.sim.engine import select_nodes
     from p2prec.topology import load
 
     check_config(cfg)

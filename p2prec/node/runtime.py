@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import zmq
 
+from p2prec.atomic import write_text_atomic
 from p2prec.config import Config, ConfigError
 from p2prec.gossip.codecs import ErrorFeedback, codec_from_config
 from p2prec.gossip.privacy import LocalPrivacy
@@ -36,7 +37,7 @@ from p2prec.node.protocol import Protocol, RoundResult
 from p2prec.node.rejections import UNKNOWN, Rejections
 from p2prec.node.security import NodeKeys, SecurityError
 from p2prec.node.transport import Transport, routing_id
-from p2prec.sim.results import make_record, write_atomic
+from p2prec.run.folder import make_record
 from p2prec.wire import Message, MessageType, WireError, encode, validate_and_decode
 from p2prec.wire.message import exchange_of
 
@@ -166,7 +167,7 @@ class Node:
                     kept.append(line + "\n")
             except (ValueError, KeyError, TypeError):
                 continue
-        write_atomic(path, "".join(kept))
+        write_text_atomic(path, "".join(kept))
 
     def _save(self) -> None:
         tensors = {RNG: torch.get_rng_state()}

@@ -10,9 +10,10 @@ refusal is reported with its reason (``report``), for the node to count and log.
 
 Keys on disk use ZeroMQ's certificate format (what ``zmq.auth.create_certificates``
 writes, so other ZeroMQ tools read them): ``NAME.key`` holds the public key and
-``NAME.key_secret`` both keys. Secret files are created with mode 0600 by ``os.open``,
-so they are never readable by others even for an instant, written to a temporary name
-and renamed into place, and refused at load time if their mode lets others read them.
+``NAME.key_secret`` both keys. Both go through :func:`p2prec.atomic.write_text_atomic`,
+whose temporary file is created with mode 0600 before any byte is written, so a secret is
+never readable by others even for an instant; secret files keep 0600 and are refused at
+load time if their mode lets others read them.
 
 Security is never optional once asked for: every function here raises
 :class:`SecurityError`, one line naming the file or node, rather than fall back to
@@ -30,9 +31,7 @@ zmq context, :class:`CurveSecurity`::
 from __future__ import annotations
 
 import datetime
-import os
 import re
-import secrets
 import stat
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -44,6 +43,8 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
+
+from p2prec.atomic import write_text_atomic
 
 if TYPE_CHECKING:
     from p2prec.config import SecurityConfig
@@ -108,22 +109,6 @@ def _certificate(public: bytes, secret: bytes | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, text: str, mode: int) -> None:
-    """Write ``text`` to a new file created with ``mode`` (umask ignored), then rename it into place."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w", encoding="ascii") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def generate_keys(out_dir: str | Path, names: Iterable[str]) -> dict[str, bytes]:
     """Write a new keypair per name, ``NAME.key`` (0644) and ``NAME.key_secret`` (0600).
 
@@ -145,8 +130,8 @@ def generate_keys(out_dir: str | Path, names: Iterable[str]) -> dict[str, bytes]
     publics: dict[str, bytes] = {}
     for name in names:
         public, secret = zmq.curve_keypair()
-        _write_atomic(folder / (name + SECRET_SUFFIX), _certificate(public, secret), 0o600)
-        _write_atomic(folder / (name + PUBLIC_SUFFIX), _certificate(public, None), 0o644)
+        write_text_atomic(folder / (name + SECRET_SUFFIX), _certificate(public, secret), 0o600)
+        write_text_atomic(folder / (name + PUBLIC_SUFFIX), _certificate(public, None), 0o644)
         publics[name] = public
     return publics
 

@@ -49,10 +49,10 @@ class Recommender:
         where the config says) and the backbone (``backbone_dir`` if given, else the one the state
         names). :class:`StateError` if the state is missing or damaged, or was trained on other
         data or another backbone."""
-        from p2prec.cli import load_data
         from p2prec.config import load
         from p2prec.learn.baselines import adapter_model
         from p2prec.learn.pretrain import ensure_backbone
+        from p2prec.run.data import load_data
         from p2prec.serve.state import CONFIG
 
         manifest = read_manifest(state)

@@ -11,7 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from p2prec.cli import add_config_options, config_from_args, guarded, load_data, run_cli
+from p2prec.cli import add_config_options, config_from_args, guarded, run_cli
+from p2prec.run.data import load_data
 from p2prec.sim.runner import run_simulation
 from p2prec.topology import TopologyError
 
@@ -57,7 +58,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/{cfg.sim.baseline or cfg.gossip.topology.split(':')[0].split('/')[-1]}")
     try:
         if args.processes:
-            from p2prec.sim.launcher import run_processes
+            from p2prec.launch import run_processes
 
             if args.save_states:
                 raise ValueError("--save-states is for simulated runs: real nodes keep their state folders in "

@@ -44,7 +44,6 @@ import torch
 from tqdm import tqdm
 
 from p2prec.config import Config
-from p2prec.data.sampler import seeded_rng, torch_generator
 from p2prec.data.split import Dataset
 from p2prec.gossip.codecs import Codec, ErrorFeedback, codec_from_config, get_codec
 from p2prec.gossip.mixing import Params, consensus_distance, mix
@@ -55,25 +54,18 @@ from p2prec.learn.baselines import adapter_model, federated_eval_set, selection_
 from p2prec.learn.evaluate import evaluate
 from p2prec.learn.population import configured_population, gossip_template
 from p2prec.model.backbone import SeqRecModel
+from p2prec.rng import Stream, torch_generator
+from p2prec.run.data import select_nodes
+from p2prec.run.folder import make_record
 from p2prec.sim.attacks import byzantine_count, choose_byzantine, inject
 from p2prec.sim.faults import FaultPlan, RoundFaults
 from p2prec.sim.plan import JoinPlan, MixingPlan, RoundMixing, split_diagonal
-from p2prec.sim.results import make_record
 from p2prec.topology import aggregators
 from p2prec.wire import Message, MessageType, encode
 from p2prec.wire.message import exchange_meta
 
 PLAIN = get_codec("none")
 """float32 under the tensors' own names: what a message carries without compression."""
-
-
-def select_nodes(data: Dataset, cfg: Config) -> list[np.ndarray]:
-    """All federated nodes, or a seeded subsample of ``sim.nodes`` of them (kept in id order)."""
-    nodes = data.nodes(cfg.data.users_per_node)
-    if cfg.sim.nodes and cfg.sim.nodes < len(nodes):
-        keep = np.sort(seeded_rng(cfg.sim.seed, 0x5E1).choice(len(nodes), cfg.sim.nodes, replace=False))
-        nodes = [nodes[i] for i in keep]
-    return nodes
 
 
 def message_bytes(shared: Mapping[str, torch.Tensor], codec: Codec = PLAIN, round_: int = 0,
@@ -238,7 +230,7 @@ class Simulation:
         """
         sent = own
         if bool(self.byzantine.any()):
-            forgery = torch_generator(self.cfg.sim.seed, rnd, 0xA77, *exchange_key(exchange))
+            forgery = torch_generator(self.cfg.sim.seed, rnd, Stream.FORGERY, *exchange_key(exchange))
             sent = inject(self.cfg.sim.attack, sent, self.byzantine, self.cfg.sim.attack_scale, forgery)
         sent = self._compress(sent, ~faults.down)
         received = sent

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from p2prec.config import ConfigError, SimConfig
-from p2prec.data.sampler import seeded_rng
+from p2prec.rng import Stream, seeded_rng
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class FaultPlan:
         self.outages = [parse_outage(t, n) for t in cfg.down]
 
     def round(self, rnd: int) -> RoundFaults:
-        rng = seeded_rng(self.cfg.seed, rnd, 0xFA17)
+        rng = seeded_rng(self.cfg.seed, rnd, Stream.FAULTS)
         down = rng.random(self.n) < self.cfg.churn
         for o in self.outages:
             if o.first <= rnd <= o.last:

@@ -23,7 +23,6 @@ import numpy as np
 import scipy.sparse as sp
 
 from p2prec.config import ConfigError, GossipConfig, SimConfig
-from p2prec.data.sampler import seeded_rng
 from p2prec.gossip.aggregate import aggregator_mixing
 from p2prec.gossip.rounds import FlatMixing
 from p2prec.gossip.mixing import (
@@ -34,6 +33,7 @@ from p2prec.gossip.mixing import (
     row_normalise_rect,
     silence_senders,
 )
+from p2prec.rng import Stream, seeded_rng
 from p2prec.sim.faults import RoundFaults
 from p2prec.topology import aggregators
 from p2prec.topology.roles import AGGREGATOR_ONLY
@@ -166,9 +166,6 @@ def _count_sent(w: sp.csr_matrix, sending: np.ndarray) -> int:
     return int(((rows != w.indices) & sending[w.indices]).sum())
 
 
-_JOIN = 0x70111
-"""Seed tag of the joiners' draw and their choice of neighbour."""
-
 
 @dataclass(frozen=True)
 class JoinCohort:
@@ -204,7 +201,7 @@ class JoinPlan:
         total = sum(count for _, count in parsed)
         if total >= n:
             raise ConfigError(f"sim.join: {total} joiners leave no node to start the network ({n} nodes)")
-        order = seeded_rng(cfg.seed, _JOIN).permutation(n)
+        order = seeded_rng(cfg.seed, Stream.JOIN).permutation(n)
         self.cohorts: list[JoinCohort] = []
         start = 0
         for round_, count in parsed:
@@ -238,7 +235,7 @@ class JoinPlan:
         from (a seeded choice); a joiner with no present neighbour is left out and starts fresh."""
         if self.mode == "zero" or graph is None:
             return {}
-        rng = seeded_rng(self.seed, rnd, _JOIN)
+        rng = seeded_rng(self.seed, rnd, Stream.JOIN)
         chosen: dict[int, int] = {}
         for node in self.joining(rnd).tolist():
             options = sorted(j for j in graph.neighbors(node) if j < self.n and present[j])

@@ -7,8 +7,8 @@ import math
 import sys
 from pathlib import Path
 
-from p2prec.sim.plots import plot_convergence, plot_utility_vs_epsilon
-from p2prec.sim.results import read_run
+from p2prec.run.folder import read_run
+from p2prec.run.plots import plot_convergence, plot_utility_vs_epsilon
 
 
 def table(folders: list[Path], protocol: str) -> str:

@@ -15,10 +15,11 @@ from p2prec.config import Config
 from p2prec.data.split import Dataset
 from p2prec.learn.baselines import adapter_model, run_backbone_only, run_centralized
 from p2prec.learn.pretrain import ensure_backbone
-from p2prec.sim.engine import Simulation, select_nodes
+from p2prec.run.data import select_nodes
+from p2prec.run.folder import make_record, summarize_run, write_run
+from p2prec.sim.engine import Simulation
 from p2prec.serve.state import SIM_FOLDER, fingerprint
 from p2prec.serve.state import save_states as save_states_to
-from p2prec.sim.results import make_record, summarize_run, write_run
 from p2prec.topology import load, metropolis_hastings, predicted_rate, spectral_gap, validate
 
 

@@ -2,8 +2,9 @@
 
 ``DIR/config.toml`` (resolved config), ``DIR/metrics.jsonl`` (one object per evaluated
 round), ``DIR/summary.json`` and ``DIR/convergence.png``. Scripts rely on these names
-and keys, so baselines, the simulator and the launcher of real nodes all write through
-here. Each file is written to a temporary name and renamed, so a reader never sees half a file.
+and keys, so baselines, the simulator, real nodes and their launcher all write through
+here, which is why it sits below all of them. Each file goes through
+:func:`p2prec.atomic.write_text_atomic`, so a reader never sees half a file, even after a crash.
 
 Beyond :data:`RECORD_KEYS`, a simulator record carries ``epsilon`` (each node's privacy
 loss so far at the configured delta; null without privacy), and its summary carries
@@ -16,28 +17,13 @@ count messages at the size the real encoder gives the configured codec's payload
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from p2prec.atomic import write_text_atomic
 from p2prec.config import Config
 
 RECORD_KEYS = ("round", "val", "test", "loss", "consensus_distance", "bytes_sent_total", "wall_s")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def make_record(round_: int, result: dict, loss: float | None, consensus: float | None,
@@ -73,12 +59,12 @@ def summarize_run(records: list[dict], cfg: Config, nodes: int, rounds: int,
 
 def write_run(out: str | Path, cfg: Config, records: list[dict], summary: dict[str, Any]) -> Path:
     """Write config.toml, metrics.jsonl, summary.json and convergence.png into ``out``."""
-    from p2prec.sim.plots import plot_convergence
+    from p2prec.run.plots import plot_convergence
 
     out = Path(out)
-    write_atomic(out / "config.toml", cfg.to_toml())
-    write_atomic(out / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
-    write_atomic(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(out / "config.toml", cfg.to_toml())
+    write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     plot_convergence({summary.get("label") or out.name: records}, out / "convergence.png",
                      protocol=cfg.eval.select_protocol, best_rounds={summary.get("label") or out.name: summary["best_round"]})
     return out

@@ -4,7 +4,7 @@ Why: a study must switch between simulated and real networking with one flag
 (docs/design.md, section 7). The launcher writes the run folder's ``config.toml`` and a ``topology.json``
 whose nodes carry 127.0.0.1 addresses, starts one node process per topology node (the N
 data nodes plus any aggregator-only nodes), waits for them, and merges their metrics into
-the simulator's output contract (:mod:`p2prec.sim.results`). With ``security.enabled`` it
+the simulator's output contract (:mod:`p2prec.run.folder`). With ``security.enabled`` it
 also gives every node a CurveZMQ keypair in ``keys/`` of the run folder and lists the
 public keys in the topology, as an operator would for a LAN (README, "Secure your LAN").
 
@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from p2prec.atomic import write_text_atomic
 from p2prec.config import Config, ConfigError
 from p2prec.data.split import Dataset
 from p2prec.gossip.mixing import consensus_distance
@@ -51,8 +52,8 @@ from p2prec.node.cli import check_config as check_node_config
 from p2prec.node.learner import PARAM
 from p2prec.node.runtime import METRICS, ROUNDS
 from p2prec.node.security import PUBLIC_SUFFIX, SECRET_SUFFIX, generate_keys, key_name, load_public_key
-from p2prec.sim.engine import select_nodes
-from p2prec.sim.results import summarize_run, write_atomic, write_run
+from p2prec.run.data import select_nodes
+from p2prec.run.folder import summarize_run, write_run
 from p2prec.sim.runner import build_topology, fix_baseline
 from p2prec.topology import write
 
@@ -118,7 +119,7 @@ def prepare(cfg: Config, data: Dataset, out: Path, processes: int) -> list[int]:
     write(graph, out / "topology.json")
     cfg.gossip.topology = str((out / "topology.json").resolve())
     cfg.node.dir = str((out / "nodes").resolve())
-    write_atomic(out / "config.toml", cfg.to_toml())
+    write_text_atomic(out / "config.toml", cfg.to_toml())
     return sorted(graph.nodes)
 
 

@@ -6,14 +6,15 @@ read where validation peaked, not at the test curve's own maximum.
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+from p2prec.atomic import write_bytes_atomic  # noqa: E402
 
 
 def plot_convergence(runs: dict[str, list[dict]], out: Path, protocol: str = "sampled",
@@ -62,15 +63,10 @@ def plot_utility_vs_epsilon(private: dict[float, float], clean: float | None, ou
 
 
 def _save(fig: plt.Figure, out: Path) -> Path:
-    """Write ``fig`` to ``out`` through a temporary file, so a crash never leaves half a PNG."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
-    os.close(fd)
+    """Render ``fig`` as PNG in memory, then write it atomically, so a crash never leaves half a PNG."""
+    png = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=110)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
+        fig.savefig(png, format="png", dpi=110)
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
-    return out
+    return write_bytes_atomic(out, png.getvalue())
