@@ -30,13 +30,17 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    """Defaults, then ``--config``, then ``--set``, then the dedicated flags."""
+    """Defaults, then ``--config``, then ``--set``, then the dedicated flags; checked, codec name included."""
+    from p2prec.gossip.codecs import codec_from_config
+
     overrides = list(args.overrides)
     if getattr(args, "dataset", None):
         overrides.append(f"data.name={args.dataset}")
     if getattr(args, "data_dir", None):
         overrides.append(f"data.dir={args.data_dir}")
-    return load(args.config, overrides)
+    cfg = load(args.config, overrides)
+    codec_from_config(cfg.gossip)  # gossip checks its own codec names, before any data is loaded
+    return cfg
 
 
 def guarded(main: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:

@@ -276,6 +276,6 @@ def test_reserved_names_are_refused() -> None:
 def test_config_names_the_key_of_an_unknown_codec() -> None:
     assert codec_from_config(load(None, ["gossip.codec=topk+int8"]).gossip).name == "topk+int8"
     with pytest.raises(ConfigError, match=r"^gossip.codec: unknown codec 'int9'"):
-        load(None, ["gossip.codec=int9"])
+        codec_from_config(load(None, ["gossip.codec=int9"]).gossip)
     with pytest.raises(ConfigError, match=r"^gossip.codec: .*topk first"):
-        load(None, ["gossip.codec=int8+topk"])
+        codec_from_config(load(None, ["gossip.codec=int8+topk"]).gossip)

@@ -55,15 +55,14 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
 
 from p2prec.wire import WIRE_DTYPES, WireError, WireSpec
 
-if TYPE_CHECKING:
-    from p2prec.config import GossipConfig
+from p2prec.config import ConfigError, GossipConfig
 
 Batch = dict[str, torch.Tensor]
 """Named tensors that all carry a leading batch dimension (senders)."""
@@ -558,5 +557,14 @@ def get_codec(name: str | Sequence[str], options: CodecOptions = CodecOptions())
 
 
 def codec_from_config(gossip: GossipConfig) -> Codec:
-    """The codec that ``gossip.codec``, ``gossip.topk_fraction`` and ``gossip.int8_block`` select."""
-    return get_codec(gossip.codec, CodecOptions(gossip.topk_fraction, gossip.int8_block))
+    """The codec that ``gossip.codec``, ``gossip.topk_fraction`` and ``gossip.int8_block`` select.
+
+    Why the name is checked here and not by :func:`p2prec.config.load`: the registry is this
+    module's, and the config sits below gossip. A bad name is a :class:`~p2prec.config.ConfigError`
+    naming the key, like any other bad setting; the commands call this right after loading
+    the config, so a run still stops before it loads data.
+    """
+    try:
+        return get_codec(gossip.codec, CodecOptions(gossip.topk_fraction, gossip.int8_block))
+    except CodecError as exc:
+        raise ConfigError(f"gossip.codec: {exc}") from None
