@@ -14,7 +14,8 @@ import torch
 
 from p2prec.cli import main as p2prec_main
 from p2prec.config import ConfigError, load
-from p2prec.learn.tracking import TRACK, TRACKER
+from p2prec.gossip.mixing import TRACK
+from p2prec.learn.tracking import TRACKER
 from p2prec.model.backbone import build_backbone
 from p2prec.node.cli import build_node
 from p2prec.node.inbox import Inbox

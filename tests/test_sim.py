@@ -11,11 +11,11 @@ import torch
 
 from p2prec.config import load
 from p2prec.data.sampler import NegativeSampler
-from p2prec.gossip.mixing import mix, row_normalise
+from p2prec.gossip.mixing import TRACK, mix, row_normalise
 from p2prec.learn.batches import train_batch
 from p2prec.learn.baselines import step_settings
 from p2prec.learn.local import adam_step, init_opt_state, local_grads, local_step
-from p2prec.learn.tracking import (LAST_GRAD, TRACK, TRACKER, gradient_weights, init_tracking_state, participation,
+from p2prec.learn.tracking import (LAST_GRAD, TRACKER, gradient_weights, init_tracking_state, participation,
                                    tracked_step)
 from p2prec.model.backbone import build_backbone
 from p2prec.sim.cli import main

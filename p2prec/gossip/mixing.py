@@ -21,6 +21,13 @@ import torch
 
 Params = dict[str, torch.Tensor]
 
+TRACK = "track."
+"""Prefix of a tracker's name in a gossip message: ``track.<shared tensor name>``.
+
+Why gossip names it: a gossiped state may carry gradient trackers beside the shared adapter,
+and gossip must tell them apart (a robust rule can aggregate trackers by a rule of their own,
+a joining node does not adopt another's), while learning, one floor up, fills them in."""
+
 
 def row_normalise(w: sp.csr_matrix) -> sp.csr_matrix:
     """Rescale each row to sum to one; an all-zero row of a square matrix becomes ``e_i``."""

@@ -64,8 +64,7 @@ import scipy.sparse as sp
 import torch
 
 from p2prec.config import ROBUST_RULES
-from p2prec.gossip.mixing import flatten, unflatten
-from p2prec.learn.tracking import TRACK
+from p2prec.gossip.mixing import TRACK, flatten, unflatten
 
 if TYPE_CHECKING:
     from p2prec.config import RobustConfig

@@ -19,13 +19,14 @@ import torch
 from p2prec.config import Config
 from p2prec.data.sampler import NegativeSampler
 from p2prec.data.split import Dataset
+from p2prec.gossip.mixing import TRACK
 from p2prec.learn.baselines import step_settings
 from p2prec.learn.batches import TrainBatch, train_batch
 from p2prec.learn.batched import BatchedAdapterModel
 from p2prec.learn.local import Params, StepSettings, adam_step, init_opt_state, local_grads
 from p2prec.learn.schedule import lr_factor, scaled
-from p2prec.learn.tracking import (LAST_GRAD, STEPS, TRACK, TRACKER, gradient_weights, init_tracking_state,
-                                   participation, tracked_step)
+from p2prec.learn.tracking import (LAST_GRAD, STEPS, TRACKER, gradient_weights, init_tracking_state, participation,
+                                   tracked_step)
 from p2prec.model.adapters import DualAdapterModel
 from p2prec.rng import seeded_rng
 

@@ -46,9 +46,6 @@ import torch
 from p2prec.learn.local import Params, StepSettings, adam_step
 from p2prec.rng import Stream, seeded_rng
 
-TRACK = "track."
-"""Prefix of a tracker's name in a gossip message: ``track.<shared tensor name>``."""
-
 TRACKER = "y."
 """Optimizer-state prefix of a node's tracker of the average gradient."""
 

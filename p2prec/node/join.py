@@ -28,7 +28,7 @@ import logging
 import numpy as np
 
 from p2prec.gossip.codecs import Codec
-from p2prec.learn.tracking import TRACK
+from p2prec.gossip.mixing import TRACK
 from p2prec.node.inbox import Inbox
 from p2prec.node.learner import Learner
 from p2prec.node.transport import Transport
