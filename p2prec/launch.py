@@ -47,11 +47,11 @@ from p2prec.gossip.mixing import consensus_distance
 from p2prec.learn.baselines import adapter_model
 from p2prec.learn.metrics import summarize
 from p2prec.learn.pretrain import ensure_backbone
-from p2prec.node import checkpoint
 from p2prec.node.cli import check_config as check_node_config
-from p2prec.node.learner import PARAM
 from p2prec.node.runtime import METRICS, ROUNDS
 from p2prec.node.security import PUBLIC_SUFFIX, SECRET_SUFFIX, generate_keys, key_name, load_public_key
+from p2prec.run import checkpoint
+from p2prec.run.checkpoint import PARAM
 from p2prec.run.data import select_nodes
 from p2prec.run.folder import summarize_run, write_run
 from p2prec.sim.runner import build_topology, fix_baseline

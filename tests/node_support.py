@@ -21,8 +21,8 @@ from p2prec.config import Config, load
 from p2prec.data.split import Dataset
 from p2prec.model.backbone import build_backbone
 from p2prec.model.store import load_backbone, save_backbone
-from p2prec.node import checkpoint
-from p2prec.node.learner import PARAM
+from p2prec.run import checkpoint
+from p2prec.run.checkpoint import PARAM
 from p2prec.sim.engine import Simulation
 from p2prec.launch import free_ports
 from p2prec.topology import load as load_topology

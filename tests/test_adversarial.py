@@ -33,8 +33,8 @@ import zmq
 
 from p2prec.config import load
 from p2prec.gossip.codecs import get_codec
-from p2prec.node import checkpoint
-from p2prec.node.learner import PARAM
+from p2prec.run import checkpoint
+from p2prec.run.checkpoint import PARAM
 from p2prec.topology.roles import CLIENT
 from p2prec.wire import Message, MessageType, WireError, encode, validate_and_decode
 from tests.node_support import Procs, make_backbone, node_config, node_params, rounds_done, wait_for

@@ -14,10 +14,10 @@ import torch
 from p2prec.config import GossipConfig, SimConfig
 from p2prec.gossip.aggregate import aggregator_mixing, combine, count_weighted_row, heard_row
 from p2prec.gossip.mixing import count_weighted_rows, mix, row_normalise, row_normalise_rect, silence_senders
-from p2prec.node import checkpoint
 from p2prec.node.cli import main
 from p2prec.node.inbox import Abandoned, Inbox
 from p2prec.node.place import FLAT, place
+from p2prec.run import checkpoint
 from p2prec.sim.faults import FaultPlan
 from p2prec.sim.plan import MixingPlan
 from p2prec.topology import TopologyError, aggregators, build, metropolis_hastings
@@ -76,7 +76,7 @@ def test_checkpoints_round_trip_and_replace_atomically(tmp_path: Path) -> None:
 WRITER = """
 import sys, torch
 from pathlib import Path
-from p2prec.node import checkpoint
+from p2prec.run import checkpoint
 path = Path(sys.argv[1])
 big = torch.arange(8 << 20, dtype=torch.float32)
 for k in range(1, 10**6):

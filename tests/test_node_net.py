@@ -23,8 +23,8 @@ import zmq
 
 from p2prec.config import load
 from p2prec.gossip.privacy import epsilon
-from p2prec.node import checkpoint
-from p2prec.node.learner import OPT, PARAM
+from p2prec.run import checkpoint
+from p2prec.run.checkpoint import OPT, PARAM
 from p2prec.sim.cli import main as sim_main
 from p2prec.topology import build
 from p2prec.topology.roles import AGGREGATOR, AGGREGATOR_ONLY, CLIENT

@@ -14,7 +14,7 @@ from p2prec.cli import main as p2prec_main
 from p2prec.data.split import Dataset
 from p2prec.model.backbone import build_backbone
 from p2prec.model.store import save_backbone
-from p2prec.node import checkpoint
+from p2prec.run import checkpoint
 from p2prec.serve.recommend import Recommender, recommend
 from p2prec.serve.state import MANIFEST, read_manifest
 from p2prec.sim.cli import main as sim_main

@@ -5,6 +5,6 @@
 mixing weights from the topology), :mod:`~p2prec.node.learner` (the simulator's local
 update for this node's users), :mod:`~p2prec.node.transport` (sockets),
 :mod:`~p2prec.node.inbox` (messages by round, deadlines), :mod:`~p2prec.node.protocol`
-(one round per role), :mod:`~p2prec.node.checkpoint` (crash-safe state) and
-:mod:`~p2prec.node.runtime` (the node's life: greet, rounds, persist, stop on a signal).
+(one round per role) and :mod:`~p2prec.node.runtime` (the node's life: greet, rounds, persist, stop on a signal).
+Its crash-safe state is a :mod:`p2prec.run.checkpoint`, the format serving also reads.
 """

@@ -38,11 +38,11 @@ def build_node(cfg: Config, node_id: int, backbone_dir: str | None):  # noqa: AN
     from p2prec.learn.baselines import adapter_model
     from p2prec.learn.population import gossip_template
     from p2prec.learn.pretrain import ensure_backbone
-    from p2prec.node import checkpoint
     from p2prec.node.learner import Learner
     from p2prec.node.place import FLAT, place
     from p2prec.node.runtime import Node
     from p2prec.node.security import node_keys
+    from p2prec.run import checkpoint
     from p2prec.run.data import load_data, select_nodes
     from p2prec.serve.state import fingerprint, write_manifest
     from p2prec.topology import load

@@ -20,9 +20,7 @@ from p2prec.learn.baselines import federated_eval_set
 from p2prec.learn.evaluate import evaluate
 from p2prec.learn.population import configured_population
 from p2prec.model.adapters import DualAdapterModel
-
-PARAM = "param/"
-OPT = "opt/"
+from p2prec.run.checkpoint import OPT, PARAM
 
 
 class Learner:

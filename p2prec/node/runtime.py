@@ -28,7 +28,6 @@ from p2prec.config import Config, ConfigError
 from p2prec.gossip.codecs import ErrorFeedback, codec_from_config
 from p2prec.gossip.privacy import LocalPrivacy
 from p2prec.gossip.robust import aggregation_from_config
-from p2prec.node import checkpoint
 from p2prec.node.inbox import Abandoned, Inbox
 from p2prec.node.join import JOIN_TYPES, JoinDesk, adopt
 from p2prec.node.learner import Learner
@@ -37,6 +36,7 @@ from p2prec.node.protocol import Protocol, RoundResult
 from p2prec.node.rejections import UNKNOWN, Rejections
 from p2prec.node.security import NodeKeys, SecurityError
 from p2prec.node.transport import Transport, routing_id
+from p2prec.run import checkpoint
 from p2prec.run.folder import make_record
 from p2prec.wire import Message, MessageType, WireError, encode, validate_and_decode
 from p2prec.wire.message import exchange_of

@@ -18,13 +18,13 @@ run made with ``p2prec-sim --save-states`` writes one under ``OUT/state/``::
                   "fingerprint": str},  # SHA-256 of the backbone's weights (see :func:`fingerprint`)
      "users": {"<raw user id>": {"node": int, "checkpoint": "<path relative to the folder>"}}}
 
-A checkpoint is :mod:`p2prec.node.checkpoint`'s file, whose tensors ``param/<name>`` hold the
+A checkpoint is :mod:`p2prec.run.checkpoint`'s file, whose tensors ``param/<name>`` hold the
 node's personal adapter, shared adapter and gate ``[1, ...]`` (a real node's also holds its
 optimizer state, which serving ignores). Why the real node's format for the simulator too:
 one reader serves both, and a simulated node's state is exactly what a real node would hold.
 
 Every file is written atomically (:func:`p2prec.atomic.write_text_atomic`,
-:func:`p2prec.node.checkpoint.save`) and the manifest comes last, so a reader sees either the
+:func:`p2prec.run.checkpoint.save`) and the manifest comes last, so a reader sees either the
 previous complete manifest or the new one. A simulator's checkpoints carry the manifest's
 round, so a folder half rewritten by a second run is reported as damaged, not served.
 """
@@ -42,8 +42,8 @@ import torch
 from p2prec.atomic import write_text_atomic
 from p2prec.config import Config
 from p2prec.data.split import Dataset
-from p2prec.node import checkpoint
-from p2prec.node.learner import PARAM
+from p2prec.run import checkpoint
+from p2prec.run.checkpoint import PARAM
 
 FORMAT = "p2prec-serving"
 VERSION = 1

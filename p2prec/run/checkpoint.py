@@ -6,6 +6,9 @@ temporary file, fsync, rename, fsync of the folder), so a reader sees the previo
 checkpoint or the new complete one, never a mixture. Tensors and a small JSON header
 travel in the one file (safetensors ``__metadata__``), so they cannot drift apart, and
 nothing is pickled: loading runs no code.
+
+Why below the node: the simulator saves its nodes' states in this same format for serving,
+and serving reads both, so the format belongs to neither the real node nor the simulator.
 """
 
 from __future__ import annotations
@@ -26,6 +29,10 @@ from p2prec.atomic import write_bytes_atomic
 FORMAT = "p2prec-node-checkpoint"
 VERSION = 1
 FILE_NAME = "checkpoint.safetensors"
+PARAM = "param/"
+"""Name prefix of a node's trainable parameters (adapters, gate) among a checkpoint's tensors."""
+OPT = "opt/"
+"""Name prefix of a node's optimizer state among a checkpoint's tensors."""
 
 
 class CheckpointError(ValueError):
