@@ -54,7 +54,7 @@ def build_node(cfg: Config, node_id: int, backbone_dir: str | None):  # noqa: AN
     where = place(graph, node_id, len(nodes), cfg.gossip)
     keys = node_keys(cfg.security, node_id, graph) if cfg.security.enabled else None
     backbone = ensure_backbone(data, cfg, backbone_dir)
-    print_ = fingerprint(backbone)  # before the adapters wrap it
+    backbone_sha = fingerprint(backbone)  # before the adapters wrap it
     model = adapter_model(backbone, cfg)
     learner = Learner(cfg, data, model, nodes[node_id], node_id, gossiped=where.kind == FLAT) if where.has_data \
         else None
@@ -62,7 +62,7 @@ def build_node(cfg: Config, node_id: int, backbone_dir: str | None):  # noqa: AN
     state_dir = Path(cfg.node.dir) / f"node-{node_id}"
     served = nodes[node_id] if where.has_data else []
     users = {int(data.user_ids[u]): (node_id, checkpoint.FILE_NAME) for u in served}
-    write_manifest(state_dir, cfg, data, backbone_dir, print_, users, None)
+    write_manifest(state_dir, cfg, data, backbone_dir, backbone_sha, users, None)
     return Node(cfg, where, learner, template, state_dir, keys)
 
 

@@ -78,10 +78,10 @@ def fingerprint(backbone: torch.nn.Module) -> str:
     return checkpoint.digest(backbone.state_dict())
 
 
-def write_manifest(root: Path, cfg: Config, data: Dataset, backbone_dir: str | Path | None, print_: str,
+def write_manifest(root: Path, cfg: Config, data: Dataset, backbone_dir: str | Path | None, backbone_sha: str,
                    users: dict[int, tuple[int, str]], round_: int | None) -> Path:
     """Write ``config.toml`` and then ``serving.json`` into ``root``; ``users`` maps raw user ids to
-    (node, checkpoint path relative to ``root``)."""
+    (node, checkpoint path relative to ``root``), ``backbone_sha`` is the backbone's :func:`fingerprint`."""
     root.mkdir(parents=True, exist_ok=True)
     write_text_atomic(root / CONFIG, cfg.to_toml())
     manifest = {
@@ -89,7 +89,7 @@ def write_manifest(root: Path, cfg: Config, data: Dataset, backbone_dir: str | P
         "version": VERSION,
         "round": round_,
         "data_checksum": data.checksum,
-        "backbone": {"dir": str(Path(backbone_dir).resolve()) if backbone_dir else None, "fingerprint": print_},
+        "backbone": {"dir": str(Path(backbone_dir).resolve()) if backbone_dir else None, "fingerprint": backbone_sha},
         "users": {str(u): {"node": node, "checkpoint": path} for u, (node, path) in sorted(users.items())},
     }
     write_text_atomic(root / MANIFEST, json.dumps(manifest, indent=1) + "\n")
@@ -97,7 +97,7 @@ def write_manifest(root: Path, cfg: Config, data: Dataset, backbone_dir: str | P
 
 
 def save_states(root: Path, cfg: Config, data: Dataset, params: dict[str, torch.Tensor],
-                nodes: list[np.ndarray], round_: int, backbone_dir: str | Path | None, print_: str) -> Path:
+                nodes: list[np.ndarray], round_: int, backbone_dir: str | Path | None, backbone_sha: str) -> Path:
     """Write a simulator's stacked node parameters ``[N, ...]`` as a state folder at ``root``:
     one node checkpoint each, then the manifest."""
     users: dict[int, tuple[int, str]] = {}
@@ -106,7 +106,7 @@ def save_states(root: Path, cfg: Config, data: Dataset, params: dict[str, torch.
         tensors = {PARAM + k: v[i:i + 1] for k, v in params.items()}
         checkpoint.save(root / rel, checkpoint.Checkpoint(i, round_, tensors))
         users.update({int(data.user_ids[u]): (i, rel) for u in members})
-    return write_manifest(root, cfg, data, backbone_dir, print_, users, round_)
+    return write_manifest(root, cfg, data, backbone_dir, backbone_sha, users, round_)
 
 
 def state_root(folder: str | Path) -> Path:

@@ -70,7 +70,7 @@ def run_simulation(cfg: Config, data: Dataset, out: Path, backbone_dir: str | No
             w = metropolis_hastings(graph)
             extra["spectral_gap"] = spectral_gap(w)
             extra["consensus_rate_predicted"] = predicted_rate(w) ** cfg.gossip.exchanges
-        print_ = fingerprint(backbone) if save_states else ""  # before the adapters wrap it
+        backbone_sha = fingerprint(backbone) if save_states else ""  # before the adapters wrap it
         sim = Simulation(cfg, data, backbone, graph)
         extra["message_bytes"] = sim.msg_bytes
         records = sim.run(progress=progress, label=label)
@@ -83,7 +83,7 @@ def run_simulation(cfg: Config, data: Dataset, out: Path, backbone_dir: str | No
             write_text_atomic(out / "join.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in sim.join_log))
         if save_states:
             save_states_to(out / SIM_FOLDER, cfg, data, sim.pop.params, sim.nodes, max(r["round"] for r in records),
-                           backbone_dir, print_)
+                           backbone_dir, backbone_sha)
         bytes_per_node_round = sim.bytes_sent_total / (n * (sim.diverged_at or cfg.sim.rounds))
     summary = summarize_run(records, cfg, nodes=n, rounds=max(r["round"] for r in records),
                             bytes_per_node_per_round=bytes_per_node_round,
