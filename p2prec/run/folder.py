@@ -42,6 +42,7 @@ def best_record(records: list[dict], protocol: str, metric: str) -> dict:
 def summarize_run(records: list[dict], cfg: Config, nodes: int, rounds: int,
                   bytes_per_node_per_round: float, wall_s: float, baseline: str | None,
                   **extra: Any) -> dict[str, Any]:
+    """The ``summary.json`` object: the round validation chose, what it scored, the run's costs and ``extra``."""
     best = best_record(records, cfg.eval.select_protocol, cfg.eval.select_metric)
     return {
         "nodes": nodes,
