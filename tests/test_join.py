@@ -85,6 +85,17 @@ def test_joiners_are_absent_like_down_nodes_then_start_from_a_neighbour(synth_di
         assert all(float(joined.pop.state[TRACKER + k][joiners].abs().max()) == 0 for k in joined.pop.shared_names)
 
 
+def test_under_privacy_a_joiners_copied_state_is_its_reference_not_an_update(  # noqa: ANN001
+        synth_dir, synth_data) -> None:
+    sim = _sim(synth_dir, synth_data, ["sim.join=3:2", "privacy.enabled=true"])
+    sim.step(1)
+    sim.step(2)
+    sim._join(3, np.zeros(8, dtype=bool))
+    for node, source in sim.join_sources[3].items():
+        for k in sim.pop.shared_names:
+            assert torch.equal(sim.privacy.reference[k][node], sim.pop.params[k][source])
+
+
 def test_zero_mode_joiners_keep_their_fresh_adapters(synth_dir, synth_data) -> None:  # noqa: ANN001
     sim = _sim(synth_dir, synth_data, ["sim.join=3:2", "sim.join_mode=zero"])
     joiners = sim.joins.cohorts[0].nodes

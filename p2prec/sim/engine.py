@@ -179,6 +179,8 @@ class Simulation:
         for node, source in self.join_sources[rnd].items():
             for k in self.pop.shared_names:
                 self.pop.params[k][node] = self.pop.params[k][source]
+        if self.privacy is not None:  # the copy is where a joiner starts, not an update it releases
+            self.privacy.rebase(self.pop.shared())
 
     def _cohort(self, mask: np.ndarray) -> tuple[torch.Tensor, Any]:
         """The honest nodes of ``mask`` and their evaluation set, for the join measurements."""
