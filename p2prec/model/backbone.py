@@ -115,10 +115,18 @@ class SeqRecModel(PreTrainedModel):
         self.item_text[0].zero_()
 
     def item_vectors(self, ids: torch.Tensor) -> torch.Tensor:
-        """Vectors ``[..., hidden]`` of item indices ``ids``: id path plus projected text path."""
+        """Vectors ``[..., hidden]`` of item indices ``ids``: id path plus projected text path.
+
+        When ``ids`` name at least as many items as the catalogue holds (a training batch's
+        candidates, the full protocol), the catalogue is projected once and rows gathered;
+        otherwise only the named items' texts are projected. Both give the same rows.
+        """
         out = self.item_emb(ids) if self.item_emb is not None else None
         if self.item_proj is not None:
-            text = self.item_proj(self.item_text[ids])
+            if ids.numel() >= self.item_text.shape[0]:
+                text = self.item_proj(self.item_text)[ids]
+            else:
+                text = self.item_proj(self.item_text[ids])
             out = text if out is None else out + text
         return out
 

@@ -64,11 +64,16 @@ def write_run(out: str | Path, cfg: Config, records: list[dict], summary: dict[s
 
     out = Path(out)
     write_text_atomic(out / "config.toml", cfg.to_toml())
-    write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    write_metrics(out, records)
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     plot_convergence({summary.get("label") or out.name: records}, out / "convergence.png",
                      protocol=cfg.eval.select_protocol, best_rounds={summary.get("label") or out.name: summary["best_round"]})
     return out
+
+
+def write_metrics(out: str | Path, records: list[dict]) -> Path:
+    """Write ``metrics.jsonl`` (one record a line) into ``out``; during a run, the records so far."""
+    return write_text_atomic(Path(out) / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
 
 
 def read_run(folder: str | Path) -> tuple[dict[str, Any], list[dict]]:

@@ -35,7 +35,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Callable
 
 import networkx as nx
 import numpy as np
@@ -329,8 +329,13 @@ class Simulation:
         return evaluate(self.model, self._honest(self.pop.params), self.eval_set, tuple(self.cfg.eval.protocols),
                         stacked=True, k=self.cfg.eval.k)
 
-    def run(self, rounds: int | None = None, progress: bool = True, label: str = "sim") -> list[dict]:
-        """Run all rounds; evaluate every ``eval.every`` rounds and at the end; return the records."""
+    def run(self, rounds: int | None = None, progress: bool = True, label: str = "sim",
+            on_record: Callable[[list[dict]], None] | None = None) -> list[dict]:
+        """Run all rounds; evaluate every ``eval.every`` rounds and at the end; return the records.
+
+        ``on_record`` receives the records so far after each evaluation, so a long run can be
+        watched (and survives being stopped) while it is still going.
+        """
         rounds = rounds or self.cfg.sim.rounds
         start = time.perf_counter()
         records: list[dict] = []
@@ -347,6 +352,8 @@ class Simulation:
                 records.append(make_record(rnd, result, stats.loss, stats.consensus, self.bytes_sent_total,
                                            time.perf_counter() - start, epsilon=self.epsilon()))
                 best = max(best, (selection_score(result, self.cfg), -rnd))
+                if on_record is not None:
+                    on_record(records)
             if diverged:
                 self.diverged_at = rnd
                 break

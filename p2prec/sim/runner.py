@@ -16,7 +16,7 @@ from p2prec.data.split import Dataset
 from p2prec.learn.baselines import adapter_model, run_backbone_only, run_centralized
 from p2prec.learn.pretrain import ensure_backbone
 from p2prec.run.data import select_nodes
-from p2prec.run.folder import make_record, summarize_run, write_run
+from p2prec.run.folder import make_record, summarize_run, write_metrics, write_run
 from p2prec.sim.engine import Simulation
 from p2prec.serve.state import SIM_FOLDER, fingerprint
 from p2prec.serve.state import save_states as save_states_to
@@ -73,7 +73,7 @@ def run_simulation(cfg: Config, data: Dataset, out: Path, backbone_dir: str | No
         backbone_sha = fingerprint(backbone) if save_states else ""  # before the adapters wrap it
         sim = Simulation(cfg, data, backbone, graph)
         extra["message_bytes"] = sim.msg_bytes
-        records = sim.run(progress=progress, label=label)
+        records = sim.run(progress=progress, label=label, on_record=lambda so_far: write_metrics(out, so_far))
         extra.update(sim.trust_summary())
         extra["consensus_by_round"] = sim.consensus
         extra["consensus_rate_measured"] = sim.measured_rate()
