@@ -335,8 +335,8 @@ class RobustConfig:
     too, aggregated together with the adapter as one vector.
 
     ``norm_bound`` applies before any rule, in the simulator and in real nodes alike: a
-    received state whose L2 norm exceeds ``norm_bound`` times the median norm of the node's
-    own and received states is dropped, as if it had not arrived
+    received state whose shared adapter's L2 norm exceeds ``norm_bound`` times the median of
+    that norm over the node's own and received states is dropped, as if it had not arrived
     (:func:`p2prec.gossip.robust.within_norm_bound`); 0 turns the check off. Honest states
     of one network share a scale, so the default never drops one in a clean run, while an
     outrageous one (an adapter filled with 50.0) cannot move a node at all."""

@@ -43,7 +43,7 @@ pytestmark = pytest.mark.slow
 
 ROUNDS = 4
 FLOOD = 1500
-ANSWER_AFTER_S = 1.0
+ANSWER_AFTER_S = 3.0
 """The attacker answers this long after both nodes' messages of a round have reached it."""
 
 
@@ -77,7 +77,7 @@ def attacked(tmp_path_factory: pytest.TempPathFactory, synth_dir: Path, synth_da
     nx.set_node_attributes(graph, CLIENT, "role")
     config = node_config(tmp, synth_dir, graph, [
         "sim.nodes=3", f"sim.rounds={ROUNDS}", "gossip.tracking=false", "node.deadline_s=20",
-        "node.start_timeout_s=60", "node.summary_s=2"])
+        "node.start_timeout_s=60", "node.summary_s=2", f"eval.every={ROUNDS}"])
     procs = Procs(config, make_backbone(synth_data, tiny_cfg, tmp / "bb"))
     folder = tmp / "nodes"
     ctx = zmq.Context()

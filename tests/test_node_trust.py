@@ -34,8 +34,8 @@ from p2prec.node.cli import main as node_main
 from p2prec.node.inbox import Inbox
 from p2prec.node.place import place
 from p2prec.node.runtime import Node
-from p2prec.node.security import Keypair, NodeKeys, SecurityError, load_keypair, node_keys
-from p2prec.node.transport import Transport
+from p2prec.node.security import CurveSecurity, Keypair, NodeKeys, SecurityError, load_keypair, node_keys
+from p2prec.node.transport import Transport, routing_id
 from p2prec.launch import free_ports, prepare
 from p2prec.topology import build, metropolis_hastings, write
 from p2prec.topology import load as load_topology
@@ -173,6 +173,37 @@ async def test_a_neighbours_key_cannot_claim_another_nodes_identity(tmp_path: Pa
         assert not await hello_arrives(graph, inbox, _keypair(cfg, 2), node.keys.keypair.public)
         assert set(node.rejections.total) == {("node 2", "a sender id that is not its key's")}
     assert "header says node 1, the key is node 2's" in caplog.text
+
+
+async def test_a_neighbour_cannot_squat_another_neighbours_connection(tmp_path: Path) -> None:
+    """On the triangle 0 - 1 - 2, node 1 (a neighbour, its key admitted) connects to node 0
+    first under the routing id a plaintext node 2 would use. With security each connection
+    presents a fresh random routing id, so the real node 2 still gets through (a duplicate
+    routing id would be ignored by ZeroMQ for as long as the squatter stays)."""
+    assert p2prec_main(["keys", "generate", "--out", str(tmp_path / "keys"), "--count", "3"]) == 0
+    graph = with_addresses(nx.complete_graph(3))
+    nx.set_node_attributes(graph, CLIENT, "role")
+    for n in graph.nodes:
+        graph.nodes[n]["key"] = load_keypair(tmp_path / "keys" / f"node{n}.key_secret").public.decode()
+    cfg = load(None, ["security.enabled=true", f"security.key_dir={tmp_path / 'keys'}", "node.linger_ms=0"])
+    ctx = zmq.Context()
+    async with node_zero(cfg, graph, tmp_path) as (node, inbox):
+        squatter = ctx.socket(zmq.DEALER)
+        squatter.setsockopt(zmq.LINGER, 0)
+        squatter.setsockopt(zmq.ROUTING_ID, routing_id(2))
+        CurveSecurity(ctx, _keypair(cfg, 1), []).dial(squatter, node.keys.keypair.public)
+        squatter.connect(graph.nodes[0]["address"])
+        squatter.send_multipart(encode(Message(MessageType.HELLO, 1, 0, "none", {}, {})))
+        assert await inbox.wait_present([2], asyncio.get_running_loop().time() + QUIET_S) == {2}
+        two = Transport(2, f"tcp://127.0.0.1:{free_ports(1)[0]}", {0: graph.nodes[0]["address"]}, hwm=8,
+                        linger_ms=0, max_frame_bytes=1 << 20, keys=node_keys(cfg.security, 2, graph))
+        try:
+            assert await two.send(0, encode(Message(MessageType.HELLO, 2, 0, "none", {}, {}))) > 0
+            assert not await inbox.wait_present([2], asyncio.get_running_loop().time() + 5)
+        finally:
+            two.close()
+            squatter.close(0)
+    ctx.term()
 
 
 def test_keys_and_security_go_together(secured: tuple[Config, nx.Graph], tmp_path: Path) -> None:

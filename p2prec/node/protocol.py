@@ -38,7 +38,7 @@ import torch
 from p2prec.gossip.aggregate import combine, count_weighted_row, heard_row, robust_combine
 from p2prec.gossip.codecs import Codec, ErrorFeedback
 from p2prec.gossip.privacy import LocalPrivacy
-from p2prec.gossip.robust import Aggregation, bound_mixing, state_norms
+from p2prec.gossip.robust import Aggregation, bound_mixing, bounded_names, state_norms
 from p2prec.node.inbox import Inbox
 from p2prec.node.learner import Learner
 from p2prec.node.place import FLAT, Place
@@ -166,10 +166,11 @@ class Protocol:
         :func:`p2prec.gossip.robust.bound_mixing`, on this node's row); report each to
         ``on_reject``."""
         me = self.place.node
+        measured = bounded_names(list(own))
         sent = np.zeros(self.place.n_nodes)
         for j, m in got.items():
-            sent[j] = float(state_norms({k: torch.as_tensor(np.asarray(v))[None] for k, v in m.tensors.items()}))
-        mine = float(state_norms({k: torch.as_tensor(np.asarray(v))[None] for k, v in own.items()}))
+            sent[j] = float(state_norms({k: torch.as_tensor(np.asarray(m.tensors[k]))[None] for k in measured}))
+        mine = float(state_norms({k: torch.as_tensor(np.asarray(own[k]))[None] for k in measured}))
         bounded = bound_mixing(row, sent, np.array([mine]), self.norm_bound, row_nodes=[me])
         if bounded is None:
             return row, got

@@ -48,7 +48,8 @@ from p2prec.data.split import Dataset
 from p2prec.gossip.codecs import Codec, ErrorFeedback, codec_from_config, get_codec
 from p2prec.gossip.mixing import Params, consensus_distance, mix
 from p2prec.gossip.privacy import LocalPrivacy
-from p2prec.gossip.robust import aggregation_from_config, bound_mixing, robust_mix_named, state_norms
+from p2prec.gossip.robust import (aggregation_from_config, bound_mixing, bounded_names, robust_mix_named,
+                                  state_norms)
 from p2prec.gossip.rounds import exchange_key
 from p2prec.learn.baselines import adapter_model, federated_eval_set, selection_score
 from p2prec.learn.evaluate import evaluate
@@ -269,8 +270,10 @@ class Simulation:
         ``A @ received + d * own``, so the results are bit for bit those of the plain form.
         """
         if self.plan.kind == "flat":  # as real nodes: flat gossip only (clients take their aggregator's state)
-            bounded = bound_mixing(mixing.a + sp.diags(mixing.d), state_norms(received, names),
-                                   state_norms(own, names), self.cfg.robust.norm_bound)
+            measured = bounded_names(names)
+            own_norms = state_norms(own, measured)
+            sent_norms = own_norms if received is own else state_norms(received, measured)
+            bounded = bound_mixing(mixing.a + sp.diags(mixing.d), sent_norms, own_norms, self.cfg.robust.norm_bound)
             if bounded is not None:
                 mixing = replace(split_diagonal(bounded), messages=mixing.messages)
         if self.aggregation is not None:
