@@ -124,9 +124,15 @@ def test_cold_items_leave_every_training_path(synth_dir: Path) -> None:
 
 
 @pytest.fixture()
+def text_cfg(synth_dir: Path):  # noqa: ANN201
+    """The tiny test config with a WordLlama text path, whatever the project's default encoder."""
+    return load(None, TINY + [f"data.dir={synth_dir}", "model.text_encoder=wordllama"])
+
+
+@pytest.fixture()
 def cold_cfg(synth_dir: Path, cache_dir: Path):  # noqa: ANN201
-    return load(None, TINY + [f"data.dir={synth_dir}", "data.cold_items=0.25", "pretrain.epochs=40",
-                              "pretrain.lr=0.01"])
+    return load(None, TINY + [f"data.dir={synth_dir}", "model.text_encoder=wordllama", "data.cold_items=0.25",
+                              "pretrain.epochs=40", "pretrain.lr=0.01"])
 
 
 def test_text_backbone_scores_items_it_never_trained_on(cold_cfg, cache_dir: Path) -> None:  # noqa: ANN001
@@ -162,19 +168,19 @@ def test_cold_rows_in_evaluation(cold_cfg, cache_dir: Path) -> None:  # noqa: AN
     assert result["test"][COLD]["sampled"]["users"] == expected
 
 
-def test_backbone_serves_another_catalogue_through_text(tmp_path: Path, synth_dir: Path, tiny_cfg,  # noqa: ANN001
+def test_backbone_serves_another_catalogue_through_text(tmp_path: Path, synth_dir: Path, text_cfg,  # noqa: ANN001
                                                         cache_dir: Path) -> None:
     """A backbone pre-trained on one catalogue serves another: matching titles reuse id rows,
     the rest are known by text alone; the transformer and projection are unchanged."""
     corpus = load_dataset("synthetic", str(synth_dir), 1.0, 0)
-    out, _ = save_pretrained(corpus, np.arange(corpus.n_users), tiny_cfg, tmp_path / "bb")
+    out, _ = save_pretrained(corpus, np.arange(corpus.n_users), text_cfg, tmp_path / "bb")
     source = load_backbone(out)
     renamed = [t if i % 2 else f"Another film {i} (2001)" for i, t in enumerate(corpus.titles)]
     target_data = replace(load_dataset("synthetic", str(synth_dir), 0.0, 0), item_ids=corpus.item_ids + 5000,
                           titles=renamed, texts=[f"{t}. Drama." for t in renamed])
     target = load_backbone(out, target_data)
     for i in range(1, corpus.n_items + 1):
-        expected = source.item_emb.weight[i] if i % 2 else torch.zeros(tiny_cfg.model.hidden)
+        expected = source.item_emb.weight[i] if i % 2 else torch.zeros(text_cfg.model.hidden)
         torch.testing.assert_close(target.item_emb.weight[i], expected)
     torch.testing.assert_close(target.item_proj.weight, source.item_proj.weight)
     torch.testing.assert_close(target.item_text, torch.from_numpy(
@@ -193,9 +199,9 @@ def test_a_backbone_that_saw_the_nodes_is_refused(tmp_path: Path, synth_dir: Pat
         load_backbone(out, load_dataset("synthetic", str(synth_dir), 0.0, 0))
 
 
-def test_text_encoder_needs_item_metadata(tmp_path: Path, synth_dir: Path, tiny_cfg, cache_dir: Path) -> None:  # noqa: ANN001
+def test_text_encoder_needs_item_metadata(tmp_path: Path, synth_dir: Path, text_cfg, cache_dir: Path) -> None:  # noqa: ANN001
     (tmp_path / "u.data").write_bytes((synth_dir / "u.data").read_bytes())
     bare = load_dataset("synthetic", str(tmp_path), 0.2, 0)
     assert bare.texts == []
     with pytest.raises(ValueError, match="ships no item metadata"):
-        fresh_backbone(bare, tiny_cfg)
+        fresh_backbone(bare, text_cfg)
