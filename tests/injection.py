@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import logging
 
-    from p2prec.cli import load_data
+    from p2prec.run.data import load_data
     from p2prec.config import load
     from p2prec.learn.pretrain import ensure_backbone
     from p2prec.launch import merge_records, prepare
