@@ -287,6 +287,9 @@ class NodeConfig:
     bounds the wait for neighbours that are still starting. Messages for up to
     ``future_rounds`` rounds ahead are buffered; later ones are dropped. ``bind`` overrides
     the endpoint the node binds (default: its topology ``address``), e.g. ``tcp://*:5555``.
+    Why 15 s: a crashed neighbour costs one deadline, and the longest wait measured for a
+    live one was 5.6 s (four real ML-100K nodes of 188 users, 240 node-rounds, two cores at
+    load 14; median 0.1 s), where a node's local update took 0.1-0.2 s.
     Refused messages and handshakes are logged once per peer and reason, then summarised
     every ``summary_s`` seconds (:mod:`p2prec.node.rejections`). Relative paths in a node's
     config file (``dir``, ``gossip.topology``, ``data.dir``, the security keys) are read
@@ -295,7 +298,7 @@ class NodeConfig:
 
     dir: str = "node-state"
     bind: str = ""
-    deadline_s: float = _field(30.0, lo=0.01)
+    deadline_s: float = _field(15.0, lo=0.01)
     start_timeout_s: float = _field(120.0, lo=0.0)
     future_rounds: int = _field(2, lo=0, hi=64)
     hwm: int = _field(64, lo=1)
