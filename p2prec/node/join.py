@@ -90,15 +90,19 @@ class JoinDesk:
         return best if best is not None and best.round > own_round else None
 
     async def answer(self, transport: Transport, learner: Learner, codec: Codec, round_: int) -> None:
-        """Send this node's shared state after round ``round_`` to every peer that asked since the last answer."""
+        """Send this node's shared state after round ``round_`` to every peer that asked and is not answered yet.
+
+        A peer whose send queue is full is answered after the next round instead: while it was
+        away this node's gossip to it piled up, and the queue drains only once it is back.
+        """
         if not self.requests:
             return
         payload = codec.encode(learner.shared())
         frames = encode(Message(MessageType.JOIN_STATE, self.node, round_, codec.name, payload, {}))
         for peer in sorted(self.requests):
-            await transport.send(peer, frames)
-            log.info("node %d: sent its round-%d shared state to joining node %d", self.node, round_, peer)
-        self.requests.clear()
+            if await transport.send(peer, frames):
+                self.requests.discard(peer)
+                log.info("node %d: sent its round-%d shared state to joining node %d", self.node, round_, peer)
 
 
 def adopt(learner: Learner, answer: Message) -> None:
