@@ -14,19 +14,20 @@ import torch
 
 from p2prec.cli import main as p2prec_main
 from p2prec.config import ConfigError, load
+from p2prec.gossip.codecs import get_codec
 from p2prec.gossip.mixing import TRACK
 from p2prec.learn.tracking import TRACKER
 from p2prec.model.backbone import build_backbone
 from p2prec.node.cli import build_node
 from p2prec.node.inbox import Inbox
-from p2prec.node.join import adopt
+from p2prec.node.join import JoinDesk, adopt
 from p2prec.node.transport import routing_id
 from p2prec.serve.state import read_manifest
 from p2prec.sim.cli import main as sim_main
 from p2prec.sim.engine import Simulation
 from p2prec.sim.plan import JoinPlan, parse_join
 from p2prec.sim.runner import build_topology
-from p2prec.wire import Message, MessageType, encode
+from p2prec.wire import Message, MessageType, WireSpec, encode, validate_and_decode
 from tests.conftest import TINY
 from tests.node_support import Procs, make_backbone, node_config, rounds_done, wait_for
 
@@ -186,6 +187,41 @@ def test_join_messages_are_validated_and_hostile_ones_rejected(node0) -> None:  
     for k, v in node.learner.shared().items():
         expected = own[k] if k.startswith(TRACK) else good.tensors[k]
         assert np.array_equal(v, expected), k
+
+
+class _Queues:
+    """A transport stand-in whose queue to ``full`` peers is full: their sends queue nothing."""
+
+    def __init__(self, full: set[int]) -> None:
+        self.full = full
+        self.sent: list[tuple[int, int]] = []
+
+    async def send(self, peer: int, frames: list) -> int:
+        if peer in self.full:
+            return 0
+        header = validate_and_decode(frames, WireSpec({"w": (2,)}, 1 << 20))
+        self.sent.append((peer, header.round))
+        return 1
+
+
+class _Shared:
+    """A learner stand-in: only the shared state the answer carries."""
+
+    def shared(self) -> dict[str, np.ndarray]:
+        return {"w": np.ones(2, dtype=np.float32)}
+
+
+async def test_a_join_answer_that_cannot_be_queued_is_sent_after_the_next_round() -> None:
+    desk = JoinDesk(0, 10)
+    desk.take(Message(MessageType.JOIN_REQUEST, 1, 0, "none", {}), Inbox(0, 2))
+    desk.take(Message(MessageType.JOIN_REQUEST, 2, 0, "none", {}), Inbox(0, 2))
+    queues = _Queues(full={2})
+    await desk.answer(queues, _Shared(), get_codec("none"), 4)
+    assert queues.sent == [(1, 4)] and desk.requests == {2}
+    queues.full.clear()
+    await desk.answer(queues, _Shared(), get_codec("none"), 5)
+    await desk.answer(queues, _Shared(), get_codec("none"), 6)
+    assert queues.sent == [(1, 4), (2, 5)] and not desk.requests
 
 
 @pytest.mark.slow
