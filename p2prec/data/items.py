@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,38 +78,40 @@ def _item_id(path: Path, lineno: int, text: str) -> int:
 def _read_100k(path: Path) -> dict[int, ItemMeta]:
     """``u.item``: ``id|title|release date|video release date|IMDb URL|`` then 19 0/1 genre flags."""
     items: dict[int, ItemMeta] = {}
-    with path.open("r", encoding="latin-1") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            parts = line.rstrip("\r\n").split("|")
-            if len(parts) != 5 + len(GENRES_100K):
-                raise DataError(f"{path}:{lineno}: expected {5 + len(GENRES_100K)} fields separated by '|', "
-                                f"got {len(parts)}")
-            flags = parts[5:]
-            if any(f not in ("0", "1") for f in flags):
-                raise DataError(f"{path}:{lineno}: genre flags must be 0 or 1")
-            title = parts[1].strip()
-            year = parts[2].strip()[-4:]
-            if title and not _YEAR.search(title) and year.isdigit():
-                title = f"{title} ({year})"
-            items[_item_id(path, lineno, parts[0])] = ItemMeta(
-                title, tuple(g for g, f in zip(GENRES_100K, flags) if f == "1"))
+    for lineno, line in _lines(path):
+        parts = line.split("|")
+        if len(parts) != 5 + len(GENRES_100K):
+            raise DataError(f"{path}:{lineno}: expected {5 + len(GENRES_100K)} fields separated by '|', "
+                            f"got {len(parts)}")
+        flags = parts[5:]
+        if any(f not in ("0", "1") for f in flags):
+            raise DataError(f"{path}:{lineno}: genre flags must be 0 or 1")
+        title = parts[1].strip()
+        year = parts[2].strip()[-4:]
+        if title and not _YEAR.search(title) and year.isdigit():
+            title = f"{title} ({year})"
+        items[_item_id(path, lineno, parts[0])] = ItemMeta(
+            title, tuple(g for g, f in zip(GENRES_100K, flags) if f == "1"))
     return items
 
 
 def _read_1m(path: Path) -> dict[int, ItemMeta]:
     """``movies.dat``: ``id::title (year)::Genre|Genre``, latin-1."""
     items: dict[int, ItemMeta] = {}
+    for lineno, line in _lines(path):
+        parts = line.split("::")
+        if len(parts) != 3:
+            raise DataError(f"{path}:{lineno}: expected 3 fields separated by '::', got {len(parts)}")
+        items[_item_id(path, lineno, parts[0])] = ItemMeta(parts[1].strip(), tuple(parts[2].split("|")))
+    return items
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """The non-blank lines of a latin-1 file, without their line ends, with 1-based line numbers."""
     with path.open("r", encoding="latin-1") as fh:
         for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            parts = line.rstrip("\r\n").split("::")
-            if len(parts) != 3:
-                raise DataError(f"{path}:{lineno}: expected 3 fields separated by '::', got {len(parts)}")
-            items[_item_id(path, lineno, parts[0])] = ItemMeta(parts[1].strip(), tuple(parts[2].split("|")))
-    return items
+            if line.strip():
+                yield lineno, line.rstrip("\r\n")
 
 
 def _read_latest(path: Path) -> dict[int, ItemMeta]:
