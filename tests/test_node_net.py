@@ -223,8 +223,9 @@ def test_a_node_killed_mid_run_resumes_and_the_run_completes(tmp_path: Path, syn
     assert [r["round"] for r in lines] == list(range(1, rounds + 1))
     neighbour = [json.loads(x) for x in (folder / "node-1" / "rounds.jsonl").read_text().splitlines()]
     assert any(r["heard"] < r["expected"] for r in neighbour[neighbours_at_kill:])
-    if neighbours_at_restart < rounds - 20:  # node 2 came back while its neighbours ran: it rejoined them
-        assert any(r["heard"] == r["expected"] for r in neighbour[neighbours_at_restart:])
+    # Node 2's crash and its restart behind them cost its neighbours one deadline at most: its
+    # hello names the round it resumes at, and its messages for their past rounds change nothing.
+    assert sum(r["round_s"] > 2 for r in neighbour[neighbours_at_kill:]) <= 1
     for i in range(4):
         assert checkpoint.load(folder / f"node-{i}" / checkpoint.FILE_NAME, i).round == rounds
 
@@ -298,7 +299,7 @@ def test_hostile_messages_are_rejected_and_leave_the_shared_adapter_unchanged(  
     config = node_config(tmp_path, synth_dir, nx.path_graph(2),
                          ["sim.nodes=2", "sim.rounds=2", "train.local_steps=0", "node.deadline_s=600",
                           "gossip.tracking=false",
-                          "node.start_timeout_s=600"])
+                          "node.start_timeout_s=600", "node.summary_s=1"])
     procs = Procs(config, make_backbone(synth_data, tiny_cfg, tmp_path / "bb"))
     folder, total = tmp_path / "nodes", 3000
     ctx = zmq.Context()
@@ -321,7 +322,7 @@ def test_hostile_messages_are_rejected_and_leave_the_shared_adapter_unchanged(  
             if k == total // 2:  # from here on node 0 is in round 1, waiting for node 1
                 peer.send_multipart(encode(Message(MessageType.HELLO, 1, 0, "none", {})))
             peer.send_multipart(_hostile(rng, good, names))
-        wait_for(lambda: f"rejected message #{total} " in procs.log(0), 120, f"{total} rejections")
+        wait_for(lambda: f"({total} in all)" in procs.log(0), 120, f"{total} refusals")
         assert node.poll() is None
         peer.send_multipart(encode(good))
         wait_for(lambda: rounds_done(folder, 0) == 1, 60, "round 1 to complete")
@@ -334,7 +335,8 @@ def test_hostile_messages_are_rejected_and_leave_the_shared_adapter_unchanged(  
         ctx.term()
         procs.close()
     log = procs.log(0)
-    assert f"rejected message #{total + 1} " not in log
+    assert f"done after round 1; {total} messages or handshakes refused" in log
+    assert len([line for line in log.splitlines() if "refused" in line]) < 40   # counted, not a line each
     assert "node 0 round 1/2: loss nan, heard 1/1" in log
     assert "SIGTERM received" in log and "round 2 abandoned" in log
     assert checkpoint.load(folder / "node-0" / checkpoint.FILE_NAME, 0).round == 1
