@@ -78,8 +78,9 @@ def load_backbone(path: str | Path, data: Dataset | None = None, cache_dir: Path
     Without ``data`` (or for the catalogue it was trained on) it serves its own items. For
     another catalogue the encoder, projection and transformer are kept, an item whose title
     matches one of the backbone's exactly (:func:`p2prec.data.items.title_key`) reuses that
-    id vector, and every other item is known by its text alone (a zero id row). Cold items
-    of ``data`` always get a zero id row: nothing was learned about them.
+    id vector, and every other item is known by its text beside the mean learned id vector
+    (:func:`_fill_unlearned`). Cold items of ``data`` get the mean row too: nothing was
+    learned about them.
     """
     path = Path(path)
     for name in ("config.json", "model.safetensors", VOCAB_FILE):
@@ -99,8 +100,9 @@ def load_backbone(path: str | Path, data: Dataset | None = None, cache_dir: Path
     if data is not None:
         _check_leak(path, data)
     same = data is None or np.array_equal(source_ids, data.item_ids)
+    learned = np.ones(model.config.n_items + 1, dtype=bool)
     if not same:
-        model = _mapped(model, path, source_titles, data)
+        model, learned = _mapped(model, path, source_titles, data)
     texts = source_texts if data is None else data.texts
     if model.config.text_dim:
         if len(texts) != model.config.n_items + 1:
@@ -114,9 +116,9 @@ def load_backbone(path: str | Path, data: Dataset | None = None, cache_dir: Path
             raise BackboneError(f"{path}: encoder {model.config.text_encoder!r} gives {embeddings.shape[1]}-d "
                                 f"embeddings, the backbone expects {model.config.text_dim}")
         model.set_item_text(torch.from_numpy(embeddings))
-    if data is not None and len(data.cold_items) and model.item_emb is not None:
-        with torch.no_grad():
-            model.item_emb.weight[torch.from_numpy(data.cold_items)] = 0.0
+    if data is not None:
+        learned[data.cold_items] = False
+    _fill_unlearned(model, learned)
     model.requires_grad_(False)
     return model.eval()
 
@@ -139,7 +141,7 @@ def _mapped(model: SeqRecModel, path: Path, source_titles: list[str], data: Data
     target = SeqRecModel(config)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("item_emb.")}
     target.load_state_dict(state, strict=False)
-    matched = 0
+    learned = np.zeros(data.n_items + 1, dtype=bool)
     if model.item_emb is not None:
         index = {title_key(t): i for i, t in reversed(list(enumerate(source_titles))) if i > 0}
         rows = torch.zeros_like(target.item_emb.weight)
@@ -147,12 +149,32 @@ def _mapped(model: SeqRecModel, path: Path, source_titles: list[str], data: Data
             j = index.get(title_key(title))
             if j is not None:
                 rows[i] = model.item_emb.weight[j]
-                matched += 1
+                learned[i] = True
         with torch.no_grad():
             target.item_emb.weight.copy_(rows)
+    matched = int(learned.sum())
     if not config.text_dim and not matched:
         raise BackboneError(f"{path}: backbone was built on another catalogue, has no text path and shares "
                             f"no title with this data set ({data.n_items} items)")
     log.info("backbone %s mapped onto %d items: %d by exact title, %d by text only", path, data.n_items,
              matched, data.n_items - matched)
-    return target
+    return target, learned
+
+
+def _fill_unlearned(model: SeqRecModel, learned: np.ndarray) -> None:
+    """Give every item without a learned id vector (cold, or unmatched in another catalogue) the
+    mean of the learned ones.
+
+    Why not zero: learned id vectors share a common component (every trained item was a
+    positive for someone), so a zero row would rank an unlearned item below every warm one
+    whatever its text says. The mean row makes it an average item, and its text decides.
+    """
+    learned = learned.copy()
+    learned[0] = False
+    unlearned = ~learned
+    unlearned[0] = False
+    if model.item_emb is None or not learned.any() or not unlearned.any():
+        return
+    with torch.no_grad():
+        weight = model.item_emb.weight
+        weight[torch.from_numpy(unlearned)] = weight[torch.from_numpy(learned)].mean(0)
