@@ -31,7 +31,7 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> Config:
     """Defaults, then ``--config``, then ``--set``, then the dedicated flags; checked, codec name included."""
-    from p2prec.gossip.codecs import codec_from_config
+    from p2prec.gossip.stack import GossipStack
 
     overrides = list(args.overrides)
     if getattr(args, "dataset", None):
@@ -39,7 +39,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     if getattr(args, "data_dir", None):
         overrides.append(f"data.dir={args.data_dir}")
     cfg = load(args.config, overrides)
-    codec_from_config(cfg.gossip)  # gossip checks its own codec names, before any data is loaded
+    GossipStack.from_config(cfg)  # the gossip stack checks its codec names, before any data is loaded
     return cfg
 
 
@@ -113,7 +113,8 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_privacy(args: argparse.Namespace) -> int:
-    from p2prec.gossip.privacy import epsilon, noise_multiplier, planned_releases, snr_bound
+    from p2prec.gossip.privacy import epsilon, noise_multiplier, snr_bound
+    from p2prec.gossip.stack import GossipStack
     from p2prec.learn.baselines import adapter_model
     from p2prec.learn.pretrain import fresh_backbone
     from p2prec.run.data import load_data, select_nodes
@@ -125,7 +126,7 @@ def cmd_privacy(args: argparse.Namespace) -> int:
     # Only the shapes matter here, so a fresh backbone stands in for the pre-trained one.
     model = adapter_model(fresh_backbone(data, cfg), cfg)
     dim = sum(v.numel() for v in model.shared_state().values())
-    nodes, rounds = len(select_nodes(data, cfg)), planned_releases(cfg)
+    nodes, rounds = len(select_nodes(data, cfg)), GossipStack.from_config(cfg).training_rounds(cfg.sim.rounds)
     sigma = noise_multiplier(cfg.privacy, rounds)
     bound = snr_bound(sigma, rounds, nodes, dim)
     print(f"{nodes} nodes, {rounds} releases each, shared adapter of {dim:,} floats")

@@ -88,13 +88,20 @@ def test_joiners_are_absent_like_down_nodes_then_start_from_a_neighbour(synth_di
 
 def test_under_privacy_a_joiners_copied_state_is_its_reference_not_an_update(  # noqa: ANN001
         synth_dir, synth_data) -> None:
+    """The update a joiner releases in its first round is measured from the state it copied."""
     sim = _sim(synth_dir, synth_data, ["sim.join=3:2", "privacy.enabled=true"])
     sim.step(1)
     sim.step(2)
-    sim._join(3, np.zeros(8, dtype=bool))
+    before = {k: sim.pop.params[k].clone() for k in sim.pop.shared_names}
+    privacy, references = sim.stack.privacy, []
+    release = privacy.release
+    privacy.release = lambda shared, round_, active: (references.append(privacy.reference),
+                                                      release(shared, round_, active))
+    sim.step(3)
+    assert len(references) == 1 and sim.join_sources[3]
     for node, source in sim.join_sources[3].items():
         for k in sim.pop.shared_names:
-            assert torch.equal(sim.privacy.reference[k][node], sim.pop.params[k][source])
+            assert torch.equal(references[0][k][node], before[k][source])
 
 
 def test_zero_mode_joiners_keep_their_fresh_adapters(synth_dir, synth_data) -> None:  # noqa: ANN001
@@ -150,7 +157,7 @@ def node0(tmp_path: Path, synth_dir: Path, synth_data, tiny_cfg):  # noqa: ANN00
 
 def _state(node, sender: int = 1, round_: int = 2, **change) -> Message:  # noqa: ANN001
     tensors = {k: np.full(v.shape, 0.5, dtype=np.float32) for k, v in node.learner.shared().items()}
-    return replace(Message(MessageType.JOIN_STATE, sender, round_, node.codec.name, tensors), **change)
+    return replace(Message(MessageType.JOIN_STATE, sender, round_, node.stack.codec.name, tensors), **change)
 
 
 def test_join_messages_are_validated_and_hostile_ones_rejected(node0) -> None:  # noqa: ANN001
@@ -161,7 +168,7 @@ def test_join_messages_are_validated_and_hostile_ones_rejected(node0) -> None:  
         node._accept(routing_id(msg.sender if routing is None else routing), encode(msg), inbox, _Plain())
         return len(node.rejections) - before
 
-    request = Message(MessageType.JOIN_REQUEST, 1, 0, node.codec.name, {})
+    request = Message(MessageType.JOIN_REQUEST, 1, 0, node.stack.codec.name, {})
     assert offer(request) == 0 and offer(request) == 0 and node.joins.requests == {1}
     good = _state(node)
     name = next(iter(good.tensors))

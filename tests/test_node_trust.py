@@ -27,8 +27,9 @@ from p2prec.config import Config, ConfigError, load
 from p2prec.gossip.aggregate import heard_row, robust_combine
 from p2prec.gossip.codecs import get_codec
 from p2prec.gossip.mixing import row_normalise, silence_senders
-from p2prec.gossip.privacy import LocalPrivacy, epsilon, noise_generator, privatize
+from p2prec.gossip.privacy import epsilon, noise_generator, privatize
 from p2prec.gossip.robust import Aggregation, get_rule, robust_mix_named
+from p2prec.gossip.stack import GossipStack
 from p2prec.node.cli import build_node
 from p2prec.node.cli import main as node_main
 from p2prec.node.inbox import Inbox
@@ -361,12 +362,12 @@ def test_a_private_node_resumes_its_release_count(tmp_path: Path, synth_dir: Pat
     cfg = load(config)
     first = build_node(cfg, 1, str(backbone))
     first.resume()
-    assert first.privacy.releases == 0 and first.privacy.ids == [1]
+    assert first.stack.privacy.releases == 0 and first.stack.privacy.ids == [1]
     first.progress.round = 3
     first._save()
     again = build_node(cfg, 1, str(backbone))
     again.resume()
-    assert again.privacy.releases == 2 and again.privacy.epsilon() == pytest.approx(epsilon(1.0, 2, 1e-5))
+    assert again.stack.privacy.releases == 2 and again.stack.epsilon() == pytest.approx(epsilon(1.0, 2, 1e-5))
 
 
 def test_a_nodes_release_is_its_row_of_the_simulators() -> None:
@@ -374,13 +375,13 @@ def test_a_nodes_release_is_its_row_of_the_simulators() -> None:
     gen = torch.Generator().manual_seed(0)
     start = {"a": torch.randn(5, 3, 2, generator=gen), "b": torch.randn(5, 7, generator=gen)}
     trained = {k: v + torch.randn(v.shape, generator=gen) for k, v in start.items()}
-    everyone = LocalPrivacy.for_config(cfg, start, range(5))
+    everyone = GossipStack.from_config(cfg, start, range(5)).privacy
     stacked = {k: v.clone() for k, v in trained.items()}
     active = np.array([True, False, True, True, True])
     everyone.release(stacked, 3, active)
     assert torch.equal(stacked["a"][1], trained["a"][1])  # a node that is down releases nothing
     for i in (0, 3):
-        alone = LocalPrivacy.for_config(cfg, {k: v[i:i + 1] for k, v in start.items()}, [i])
+        alone = GossipStack.from_config(cfg, {k: v[i:i + 1] for k, v in start.items()}, [i]).privacy
         mine = {k: v[i:i + 1].clone() for k, v in trained.items()}
         alone.release(mine, 3, np.ones(1, dtype=bool))
         for k in mine:
@@ -404,12 +405,12 @@ def test_a_neighbour_cannot_subtract_a_real_nodes_noise(tmp_path: Path, synth_di
     cfg = load(config)
     victim = build_node(cfg, 1, str(backbone))
     victim.resume(fresh=True)
-    assert victim.privacy.secret is not seeded
+    assert victim.stack.privacy.secret is not seeded
     learner = victim.learner
-    victim.privacy.rebase(learner.pop.shared())
+    victim.stack.start_round(learner.pop.shared())
     learner.train(1)
     trained = {k: v.clone() for k, v in learner.pop.shared().items()}
-    victim.privacy.release(learner.pop.shared(), 1, np.ones(1, dtype=bool))
+    victim.stack.release(learner.pop.shared(), 1, np.ones(1, dtype=bool))
     message = {k: v.clone() for k, v in learner.pop.shared().items()}   # what goes on the wire
 
     # The neighbour: the same config, the seeded initial state (built, not read from the

@@ -147,7 +147,7 @@ def test_private_update_is_clipped_then_noised_and_the_node_keeps_what_it_releas
     assert torch.allclose(flatten(kept, names), flatten(raw, names) * scale, atol=1e-7)
     noise = flatten({k: noisy.pop.shared()[k] - clipped.pop.shared()[k] for k in start}, names)
     assert float(noise.std()) == pytest.approx(2 * 0.01, rel=0.05)
-    assert torch.equal(noisy.privacy.reference[names[0]], noisy.pop.shared()[names[0]])
+    assert torch.equal(noisy.stack.privacy.reference[names[0]], start[names[0]])  # the round's update was measured from its start
 
 
 def test_epsilon_is_reported_each_evaluated_round_and_grows(synth_dir, synth_data) -> None:  # noqa: ANN001
@@ -193,11 +193,11 @@ def test_the_run_folder_carries_epsilon_bytes_and_the_trust_settings(tmp_path: P
 def test_a_target_epsilon_sets_the_noise_for_the_planned_rounds(synth_dir, synth_data) -> None:  # noqa: ANN001
     sim = _sim(synth_dir, synth_data, ["sim.nodes=4", "gossip.topology=ring", "privacy.enabled=true",
                                        "privacy.target_epsilon=4", "sim.rounds=20", "sim.train_rounds=10"])
-    sigma = sim.privacy.sigma
+    sigma = sim.stack.privacy.sigma
     assert epsilon(sigma, 10, 1e-5) <= 4.0 < epsilon(sigma * 0.99, 10, 1e-5)
     for r in range(1, 13):
         sim.step(r)
-    assert sim.privacy.releases == 10  # rounds without training release nothing
+    assert sim.stack.privacy.releases == 10  # rounds without training release nothing
     assert sim.epsilon() == pytest.approx(epsilon(sigma, 10, 1e-5)) and math.isfinite(sim.epsilon())
 
 

@@ -58,7 +58,7 @@ from dp_accounting.rdp import RdpAccountant
 from p2prec.rng import Stream, torch_generator
 
 if TYPE_CHECKING:
-    from p2prec.config import Config, PrivacyConfig
+    from p2prec.config import PrivacyConfig
 
 Tensors = Mapping[str, torch.Tensor]
 
@@ -161,12 +161,6 @@ def noise_multiplier(privacy: PrivacyConfig, rounds: int) -> float:
     return privacy.noise_multiplier
 
 
-def planned_releases(cfg: Config) -> int:
-    """The rounds in which a node releases an update: those that train (``sim.train_rounds``,
-    else all of them). The noise is calibrated over these."""
-    return min(cfg.sim.train_rounds or cfg.sim.rounds, cfg.sim.rounds)
-
-
 def snr_bound(noise_multiplier: float, rounds: int, nodes: int, dim: int) -> float:
     """An upper bound on the signal-to-noise ratio (in L2 norm) of everything the network
     releases over a run: ``sqrt(rounds * nodes) / (noise_multiplier * sqrt(dim))``.
@@ -223,11 +217,6 @@ class LocalPrivacy:
         self.releases = 0
         self.secret = secret
 
-    @classmethod
-    def for_config(cls, cfg: Config, shared: Tensors, ids: Iterable[int], *, secret: bool = False) -> LocalPrivacy:
-        """Noise calibrated over the rounds that train (``sim.train_rounds``, else all of them)."""
-        return cls(cfg.privacy, planned_releases(cfg), shared, ids, secret=secret)
-
     def release(self, shared: Tensors, round_: int, active: np.ndarray) -> None:
         """Replace the ``active`` rows of ``shared`` (in place) by reference + privatised update."""
         rows = np.flatnonzero(active)
@@ -242,7 +231,8 @@ class LocalPrivacy:
         self.releases += 1
 
     def rebase(self, shared: Tensors) -> None:
-        """Take the states after mixing as the reference of the next round's update."""
+        """Take ``shared``, the states a round starts from (the last round's mixed states), as the
+        reference of this round's update; :meth:`p2prec.gossip.stack.GossipStack.start_round` calls it."""
         self.reference = {k: v.clone() for k, v in shared.items()}
 
     def epsilon(self) -> float:

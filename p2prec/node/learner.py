@@ -36,15 +36,9 @@ class Learner:
         self.eval_set = federated_eval_set(data, cfg, [users])
         self.samples = int(self.pop.counts[0])
 
-    def trains(self, round_: int) -> bool:
-        """Whether round ``round_`` has a local update (none once ``sim.train_rounds`` have passed)."""
-        train_rounds = self.cfg.sim.train_rounds
-        return not train_rounds or round_ <= train_rounds
-
     def train(self, round_: int) -> float:
-        """This round's local update, if it :meth:`trains`; the mean loss (NaN without one)."""
-        if not self.trains(round_):
-            return float("nan")
+        """Round ``round_``'s local update; the mean loss. Whether a round has one is the gossip
+        stack's rule (:meth:`p2prec.gossip.stack.GossipStack.trains`), the simulator's too."""
         return self.pop.train_round(round_, vectorized=False)
 
     def shared(self) -> dict[str, np.ndarray]:

@@ -20,7 +20,8 @@ its true, uncompressed state, as in the simulator, while its neighbours' terms a
 they decoded from its message. With a robust rule a flat node aggregates the same terms
 through :func:`p2prec.gossip.aggregate.robust_combine`, its row of the simulator's rule.
 With privacy, every node with data releases its update right after training, before
-anything leaves it, through the simulator's own :class:`p2prec.gossip.privacy.LocalPrivacy`.
+anything leaves it. The codec, the robust rule, the norm bound, privacy and the schedule
+are the simulator's own: both build them with :class:`p2prec.gossip.stack.GossipStack`.
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ import scipy.sparse as sp
 import torch
 
 from p2prec.gossip.aggregate import combine, count_weighted_row, heard_row, robust_combine
-from p2prec.gossip.codecs import Codec, ErrorFeedback
-from p2prec.gossip.privacy import LocalPrivacy
-from p2prec.gossip.robust import Aggregation, bound_mixing, bounded_names, state_norms
+from p2prec.gossip.codecs import ErrorFeedback
+from p2prec.gossip.robust import bound_mixing, bounded_names, state_norms
+from p2prec.gossip.stack import GossipStack
 from p2prec.node.inbox import Inbox
 from p2prec.node.learner import Learner
 from p2prec.node.place import FLAT, Place
@@ -74,28 +75,24 @@ class RoundResult:
 class Protocol:
     """Runs rounds for the node at ``place``; ``learner`` is ``None`` for an aggregator-only node.
 
-    ``codec`` encodes every message; ``feedback``, the sender's error-feedback residual
-    (``None`` unless the codec keeps one), carries over from one gossip message to the next.
-    ``aggregation`` is a flat node's robust aggregation rules, ``None`` for plain mixing;
-    ``privacy`` the node's local DP (a stack of one), ``None`` without it. ``exchanges`` is
-    ``gossip.exchanges``. ``norm_bound`` is ``robust.norm_bound``: a flat node drops received
-    states beyond it before mixing (the simulator's rule), reporting each to ``on_reject``
-    (peer, reason, detail); they still count as heard.
+    ``stack`` is the network's gossip stack, the simulator's own
+    (:class:`p2prec.gossip.stack.GossipStack`): its codec encodes every message, its robust
+    rule (``None`` for plain mixing) aggregates a flat node's exchange, its norm bound drops
+    received states before mixing (each reported to ``on_reject`` as peer, reason, detail;
+    they still count as heard), its privacy (a stack of one) releases the update, and it
+    says how many exchanges a round has and which rounds train. ``feedback``, the sender's
+    error-feedback residual (``None`` unless the codec keeps one), carries over from one
+    gossip message to the next.
     """
 
     def __init__(self, place: Place, learner: Learner | None, inbox: Inbox, transport: Transport,
-                 deadline_s: float, first_round: int, start_timeout_s: float, codec: Codec,
-                 feedback: ErrorFeedback | None = None, aggregation: Aggregation | None = None,
-                 privacy: LocalPrivacy | None = None, exchanges: int = 1, norm_bound: float = 0.0,
+                 deadline_s: float, first_round: int, start_timeout_s: float, stack: GossipStack,
+                 feedback: ErrorFeedback | None = None,
                  on_reject: Callable[[int, str, str], None] | None = None) -> None:
         self.place = place
-        self.norm_bound = norm_bound
         self.on_reject = on_reject or (lambda peer, reason, detail: None)
-        self.exchanges = exchanges
-        self.privacy = privacy
-        self.codec = codec
+        self.stack = stack
         self.feedback = feedback
-        self.aggregation = aggregation
         self.learner = learner
         self.inbox = inbox
         self.transport = transport
@@ -107,33 +104,33 @@ class Protocol:
         """One complete round; raises :class:`p2prec.node.inbox.Abandoned` if told to stop meanwhile."""
         loss, local_s = await self._train(round_)
         step = {FLAT: self._flat, CLIENT: self._client}.get(self.place.kind, self._aggregator)
-        done = [await step(round_, exchange) for exchange in range(self.exchanges)]
+        done = [await step(round_, exchange) for exchange in range(self.stack.exchanges)]
         return RoundResult(loss, sum(d.heard for d in done), sum(d.expected for d in done), local_s,
                            sum(d.bytes_sent for d in done))
 
     async def _train(self, round_: int) -> tuple[float, float]:
         """The local update, off the event loop so messages keep arriving; (loss, seconds).
 
-        With privacy the update is then released against the state the round started from,
-        which is the state right after the last round's mixing (the simulator's reference),
-        also after a restart, since the checkpoint is written after mixing.
+        A round past ``sim.train_rounds`` has none (NaN loss). With privacy the update is then
+        released against the state the round started from (:meth:`GossipStack.start_round`),
+        the last round's mixed state, also after a restart, since the checkpoint is written
+        after mixing, and after a join, whose adopted state is where the round starts.
         """
         if self.learner is None:
             return math.nan, 0.0
         start = time.perf_counter()
-        if self.privacy is not None:
-            self.privacy.rebase(self.learner.pop.shared())
-        loss = await asyncio.to_thread(self.learner.train, round_)
+        self.stack.start_round(self.learner.pop.shared())
+        loss = await asyncio.to_thread(self.learner.train, round_) if self.stack.trains(round_) else math.nan
         self.inbox.check_open()
-        if self.privacy is not None and self.learner.trains(round_):
-            self.privacy.release(self.learner.pop.shared(), round_, np.ones(1, dtype=bool))
+        self.stack.release(self.learner.pop.shared(), round_, np.ones(1, dtype=bool))
         return loss, time.perf_counter() - start
 
     async def _send(self, peers: Iterable[int], kind: MessageType, round_: int, exchange: int,
                     tensors: Mapping[str, np.ndarray], feedback: ErrorFeedback | None = None, **meta: int) -> int:
         """Encode ``tensors`` once, through the codec (and ``feedback``), and queue it for every peer."""
-        payload = self.codec.encode(tensors, feedback)
-        frames = encode(Message(kind, self.place.node, round_, self.codec.name, payload,
+        codec = self.stack.codec
+        payload = codec.encode(tensors, feedback)
+        frames = encode(Message(kind, self.place.node, round_, codec.name, payload,
                                 {**meta, **exchange_meta(exchange)}))
         return sum([await self.transport.send(peer, frames) for peer in peers])
 
@@ -154,10 +151,10 @@ class Protocol:
         if got:
             row, got = self._bounded(row, own, got, round_, exchange)
         received = {j: m.tensors for j, m in got.items()}
-        if self.aggregation is None:
+        if self.stack.aggregation is None:
             self.learner.set_shared(combine(row, {me: own, **received}))
         else:
-            self.learner.set_shared(robust_combine(self.aggregation, row, me, own, received))
+            self.learner.set_shared(robust_combine(self.stack.aggregation, row, me, own, received))
         return Exchanged(heard, len(partners), sent)
 
     def _bounded(self, row: sp.csr_matrix, own: Mapping[str, np.ndarray], got: dict[int, Message], round_: int,
@@ -171,14 +168,14 @@ class Protocol:
         for j, m in got.items():
             sent[j] = float(state_norms({k: torch.as_tensor(np.asarray(m.tensors[k]))[None] for k in measured}))
         mine = float(state_norms({k: torch.as_tensor(np.asarray(own[k]))[None] for k in measured}))
-        bounded = bound_mixing(row, sent, np.array([mine]), self.norm_bound, row_nodes=[me])
+        bounded = bound_mixing(row, sent, np.array([mine]), self.stack.norm_bound, row_nodes=[me])
         if bounded is None:
             return row, got
         kept = {int(j) for j in bounded.indices}
         for j in sorted(set(got) - kept):
             self.on_reject(j, "state beyond the norm bound",
                            f"round {round_}, exchange {exchange}: norm {sent[j]:.4g} against own {mine:.4g}, "
-                           f"bound {self.norm_bound:g} x the neighbourhood's median")
+                           f"bound {self.stack.norm_bound:g} x the neighbourhood's median")
         return bounded, {j: m for j, m in got.items() if j in kept}
 
     async def _client(self, round_: int, exchange: int) -> Exchanged:

@@ -25,9 +25,7 @@ import zmq
 
 from p2prec.atomic import write_text_atomic
 from p2prec.config import Config, ConfigError
-from p2prec.gossip.codecs import ErrorFeedback, codec_from_config
-from p2prec.gossip.privacy import LocalPrivacy
-from p2prec.gossip.robust import aggregation_from_config
+from p2prec.gossip.stack import GossipStack
 from p2prec.node.inbox import Abandoned, Inbox
 from p2prec.node.join import JOIN_TYPES, JoinDesk, adopt
 from p2prec.node.learner import Learner
@@ -87,12 +85,14 @@ class Node:
         if cfg.security.enabled != (keys is not None):
             raise SecurityError(f"node {place.node}: security.enabled is {cfg.security.enabled} but keys were "
                                 f"{'not ' if keys is None else ''}given")
-        self.codec = codec_from_config(cfg.gossip)
-        self.aggregation = aggregation_from_config(cfg.robust)
-        robust = "mean" if self.aggregation is None else f"{cfg.robust.rule} (trackers: {cfg.robust.tracker_rule})"
+        self.stack = GossipStack.from_config(cfg, learner.pop.shared() if learner is not None else None,
+                                             [place.node], secret=not cfg.privacy.seeded_noise)
+        codec = self.stack.codec
+        robust = "mean" if self.stack.aggregation is None else \
+            f"{cfg.robust.rule} (trackers: {cfg.robust.tracker_rule})"
         # Privacy: a client's message carries its sample count in the clear, which the
         # accountant does not cover (p2prec.gossip.privacy), so it is not released at all.
-        flat_only = {"gossip.codec": (self.codec.name, "none"), "robust.rule": (robust, "mean"),
+        flat_only = {"gossip.codec": (codec.name, "none"), "robust.rule": (robust, "mean"),
                      "privacy.enabled": (cfg.privacy.enabled, False)}
         for key, (value, plain) in flat_only.items():
             if place.kind != FLAT and value != plain:
@@ -103,12 +103,9 @@ class Node:
         self.place = place
         self.learner = learner
         self.shapes = {k: v.shape for k, v in template.items()}
-        self.spec = self.codec.wire_spec(self.shapes, known_senders=frozenset(place.peers))
-        self.feedback = ErrorFeedback() if self.codec.keeps_residual(cfg.gossip.tracking) else None
-        self.privacy = LocalPrivacy.for_config(cfg, learner.pop.shared(), [place.node],
-                                               secret=not cfg.privacy.seeded_noise) \
-            if cfg.privacy.enabled and learner is not None else None
-        if self.privacy is not None and cfg.privacy.seeded_noise:
+        self.spec = codec.wire_spec(self.shapes, known_senders=frozenset(place.peers))
+        self.feedback = self.stack.feedback()
+        if self.stack.privacy is not None and cfg.privacy.seeded_noise:
             log.warning("%s: privacy.seeded_noise is on: anyone holding this config regenerates the noise, so "
                         "the reported epsilon protects nothing; use it only to compare with the simulator",
                         f"node {place.node}")
@@ -150,8 +147,8 @@ class Node:
             torch.set_rng_state(rng)
         info = ckpt.info
         self.progress = Progress(ckpt.round, int(info.get("bytes_sent_total", 0)), float(info.get("wall_s", 0.0)))
-        if self.privacy is not None:  # a node releases in every round it trains, so this is its count
-            self.privacy.releases = sum(self.learner.trains(r) for r in range(1, ckpt.round + 1))
+        if self.stack.privacy is not None:  # a node releases in every round it trains, so this is its count
+            self.stack.privacy.releases = self.stack.training_rounds(ckpt.round)
         for name in (METRICS, ROUNDS):
             self._truncate(self.state_dir / name, ckpt.round)
         log.info("%s: resuming after round %d from %s", self.name, ckpt.round, self.ckpt_path)
@@ -224,19 +221,20 @@ class Node:
                 raise _Refused("a sender id that is not its key's",
                                f"header says node {msg.sender}, the key is node {owner}'s")
             if msg.type not in (MessageType.HELLO, MessageType.BYE):
-                if msg.codec != self.codec.name:
+                codec = self.stack.codec
+                if msg.codec != codec.name:
                     raise _Refused("another codec", f"codec {msg.codec!r}, this network's gossip.codec is "
-                                                    f"{self.codec.name!r}")
+                                                    f"{codec.name!r}")
                 if msg.sender not in self.place.senders.get(msg.type, ()):
                     raise _Refused("a message type this peer may not send",
                                    f"node {msg.sender} may not send {msg.type.name} to this node")
                 exchange = exchange_of(msg)
-                if exchange >= self.cfg.gossip.exchanges:
+                if exchange >= self.stack.exchanges:
                     raise _Refused("an exchange beyond gossip.exchanges",
-                                   f"exchange {exchange}, gossip.exchanges = {self.cfg.gossip.exchanges}")
-                if self.codec.stages and msg.type is not MessageType.JOIN_REQUEST:
+                                   f"exchange {exchange}, gossip.exchanges = {self.stack.exchanges}")
+                if codec.stages and msg.type is not MessageType.JOIN_REQUEST:
                     # plain float32 is mixed as received; ``combine`` copies it once
-                    decoded = self.codec.decode(msg.tensors, self.shapes)
+                    decoded = codec.decode(msg.tensors, self.shapes)
                     msg = replace(msg, tensors={k: v.numpy() for k, v in decoded.items()})
             if msg.type in JOIN_TYPES:
                 self.joins.take(msg, inbox)
@@ -308,7 +306,7 @@ class Node:
             t0 = time.perf_counter()
             metrics = self.learner.evaluate()
             eval_s = time.perf_counter() - t0
-            eps = self.privacy.epsilon() if self.privacy is not None else None
+            eps = self.stack.epsilon()
             self._append(METRICS, make_record(round_, metrics, loss, None, p.bytes_sent_total, self._wall(),
                                               node=self.place.node, users=len(self.learner.users), epsilon=eps))
             val = metrics["val"][self.cfg.eval.select_protocol][self.cfg.eval.select_metric]
@@ -333,7 +331,7 @@ class Node:
                      "round", self.name)
             return
         n = self.cfg.node
-        answer = await self.joins.ask(transport, inbox, sorted(self.place.peers), self.codec, self.progress.round,
+        answer = await self.joins.ask(transport, inbox, sorted(self.place.peers), self.stack.codec, self.progress.round,
                                       n.start_timeout_s, n.deadline_s)
         if answer is None:
             log.info("%s: no neighbour is ahead of round %d; starting from its own state", self.name,
@@ -363,9 +361,7 @@ class Node:
         summaries = loop.create_task(self.rejections.summarise_every())
         protocol = Protocol(self.place, self.learner, inbox, transport, n.deadline_s,
                             first_round=self.progress.round + 1, start_timeout_s=n.start_timeout_s,
-                            codec=self.codec, feedback=self.feedback, aggregation=self.aggregation, privacy=self.privacy,
-                            exchanges=self.cfg.gossip.exchanges, norm_bound=self.cfg.robust.norm_bound,
-                            on_reject=self.rejections.count)
+                            stack=self.stack, feedback=self.feedback, on_reject=self.rejections.count)
         try:
             inbox.check_open()
             if join:
@@ -377,7 +373,7 @@ class Node:
                 result = await protocol.run(round_)
                 self._finish_round(round_, result, started)
                 if self.learner is not None:
-                    await self.joins.answer(transport, self.learner, self.codec, round_)
+                    await self.joins.answer(transport, self.learner, self.stack.codec, round_)
             await self._farewell(transport)
         except Abandoned:
             log.info("%s: stopping; round %d abandoned, the checkpoint of round %d stands", self.name,

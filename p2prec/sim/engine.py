@@ -12,7 +12,8 @@ receive is built row by sender (a Byzantine node's forgery instead of its state,
 decoded message, a late straggler's previous message), and mixing combines that with each
 node's own, true state. With the default config (no privacy, codec ``none``, no attack,
 rule ``mean``) what is received is the state itself and each exchange is exactly
-``A @ X_sent + d * X``.
+``A @ X_sent + d * X``. The codec, the residual, the robust rule, privacy and which rounds
+train all come from :class:`p2prec.gossip.stack.GossipStack`, as a real node's do.
 
 In an edge hierarchy the codec and the attacks act on what clients send up; the
 aggregators' own messages (across and down) are counted at the codec's size but are
@@ -45,12 +46,11 @@ from tqdm import tqdm
 
 from p2prec.config import Config
 from p2prec.data.split import Dataset
-from p2prec.gossip.codecs import Codec, ErrorFeedback, codec_from_config, get_codec
+from p2prec.gossip.codecs import Codec, get_codec
 from p2prec.gossip.mixing import Params, consensus_distance, mix
-from p2prec.gossip.privacy import LocalPrivacy
-from p2prec.gossip.robust import (aggregation_from_config, bound_mixing, bounded_names, robust_mix_named,
-                                  state_norms)
+from p2prec.gossip.robust import bound_mixing, bounded_names, robust_mix_named, state_norms
 from p2prec.gossip.rounds import exchange_key
+from p2prec.gossip.stack import GossipStack
 from p2prec.learn.baselines import adapter_model, federated_eval_set, selection_score
 from p2prec.learn.evaluate import evaluate
 from p2prec.learn.population import configured_population, gossip_template
@@ -122,20 +122,17 @@ class Simulation:
         self._join_sets = {name: self._cohort(mask) for name, mask in
                            (("joiners", ~self.joins.founders()), ("founders", self.joins.founders()))} \
             if self.joins.cohorts else {}
-        self.aggregation = aggregation_from_config(cfg.robust)
-        if self.aggregation is not None and self.plan.kind == "hierarchy":
+        self.stack = GossipStack.from_config(cfg, self.pop.shared(), range(n))
+        if self.stack.aggregation is not None and self.plan.kind == "hierarchy":
             raise ValueError(f"robust.rule = {cfg.robust.rule!r} (trackers: {cfg.robust.tracker_rule!r}) needs "
                              "flat gossip: in an edge hierarchy the clients take their aggregator's average; "
                              "use robust.rule = 'mean'")
-        shared = self.pop.shared()
-        self.codec = codec_from_config(cfg.gossip)
-        self.feedback = ErrorFeedback({k: torch.zeros_like(v) for k, v in shared.items()}) \
-            if self.codec.keeps_residual(cfg.gossip.tracking) else None
-        self.privacy = LocalPrivacy.for_config(cfg, shared, range(n)) if cfg.privacy.enabled else None
+        # Every sender's residual row is held from the start: a node that is down keeps its own.
+        self.feedback = self.stack.feedback(self.pop.shared())
         template = gossip_template(self.model, cfg.gossip.tracking)
-        self.msg_bytes = message_bytes(template, self.codec)
+        self.msg_bytes = message_bytes(template, self.stack.codec)
         # Later exchanges name their index (one small int: the same size for every index allowed).
-        self.later_msg_bytes = message_bytes(template, self.codec, exchange=1)
+        self.later_msg_bytes = message_bytes(template, self.stack.codec, exchange=1)
         self.bytes_sent_total = 0
         self.diverged_at: int | None = None
         self.consensus: list[float] = []
@@ -149,21 +146,19 @@ class Simulation:
         if absent.any():
             faults = replace(faults, down=faults.down | absent, late=faults.late & ~absent, lost=faults.lost & ~absent)
         self._join(rnd, faults.down)
-        training = not self.cfg.sim.train_rounds or rnd <= self.cfg.sim.train_rounds
+        self.stack.start_round(self.pop.shared())
+        training = self.stack.trains(rnd)
         loss = self.pop.train_round(rnd, active=~faults.down, vectorized=vectorized) if training else float("nan")
         own = self.pop.shared()
         names = list(own)
-        if self.privacy is not None and training:
-            self.privacy.release(own, rnd, ~faults.down)
+        self.stack.release(own, rnd, ~faults.down)
         messages = sent_bytes = 0
-        for exchange in range(self.cfg.gossip.exchanges):
+        for exchange in range(self.stack.exchanges):
             received = self._received(own, rnd, exchange, faults)
             mixing = self.plan.round(rnd, faults, exchange)
             self._mix_into(mixing, received, own, names)
             messages += mixing.messages
             sent_bytes += mixing.messages * (self.later_msg_bytes if exchange else self.msg_bytes)
-        if self.privacy is not None:
-            self.privacy.rebase(own)
         self.bytes_sent_total += sent_bytes
         self.consensus.append(consensus_distance(self._honest(self.pop.shared(), ~absent), self.pop.shared_names))
         return RoundStats(loss, self.consensus[-1], messages, sent_bytes)
@@ -180,8 +175,6 @@ class Simulation:
         for node, source in self.join_sources[rnd].items():
             for k in self.pop.shared_names:
                 self.pop.params[k][node] = self.pop.params[k][source]
-        if self.privacy is not None:  # the copy is where a joiner starts, not an update it releases
-            self.privacy.rebase(self.pop.shared())
 
     def _cohort(self, mask: np.ndarray) -> tuple[torch.Tensor, Any]:
         """The honest nodes of ``mask`` and their evaluation set, for the join measurements."""
@@ -246,12 +239,13 @@ class Simulation:
 
     def _compress(self, sent: Params, sending: np.ndarray) -> Params:
         """Each sender's message as its receivers decode it; only ``sending`` nodes' residuals move."""
-        if not self.codec.stages:
+        codec = self.stack.codec
+        if not codec.stages:
             return sent
         if self.feedback is None:
-            return self.codec.roundtrip(sent)
+            return codec.roundtrip(sent)
         before = self.feedback.residual
-        decoded = self.codec.roundtrip(sent, self.feedback)
+        decoded = codec.roundtrip(sent, self.feedback)
         keep = torch.from_numpy(sending)
         self.feedback.residual = {k: torch.where(_rows(keep, v), v, before[k])
                                   for k, v in self.feedback.residual.items()}
@@ -273,11 +267,11 @@ class Simulation:
             measured = bounded_names(names)
             own_norms = state_norms(own, measured)
             sent_norms = own_norms if received is own else state_norms(received, measured)
-            bounded = bound_mixing(mixing.a + sp.diags(mixing.d), sent_norms, own_norms, self.cfg.robust.norm_bound)
+            bounded = bound_mixing(mixing.a + sp.diags(mixing.d), sent_norms, own_norms, self.stack.norm_bound)
             if bounded is not None:
                 mixing = replace(split_diagonal(bounded), messages=mixing.messages)
-        if self.aggregation is not None:
-            for k, v in robust_mix_named(self.aggregation, mixing.a + sp.diags(mixing.d), received, own,
+        if self.stack.aggregation is not None:
+            for k, v in robust_mix_named(self.stack.aggregation, mixing.a + sp.diags(mixing.d), received, own,
                                          names).items():
                 own[k].copy_(v)
             return
@@ -302,15 +296,16 @@ class Simulation:
 
     def epsilon(self) -> float | None:
         """Each node's epsilon so far (at ``privacy.delta``), or None without privacy."""
-        return self.privacy.epsilon() if self.privacy is not None else None
+        return self.stack.epsilon()
 
     def trust_summary(self) -> dict[str, Any]:
         """The summary keys of the trust settings: codec, privacy, attack and aggregation rule."""
+        privacy = self.stack.privacy
         return {
-            "codec": self.codec.name,
+            "codec": self.stack.codec.name,
             "epsilon": self.epsilon(),
-            "delta": self.cfg.privacy.delta if self.privacy is not None else None,
-            "noise_multiplier": self.privacy.sigma if self.privacy is not None else None,
+            "delta": self.cfg.privacy.delta if privacy is not None else None,
+            "noise_multiplier": privacy.sigma if privacy is not None else None,
             "robust_rule": self.cfg.robust.rule,
             "tracker_rule": self.cfg.robust.tracker_rule,
             "attack": self.cfg.sim.attack,
