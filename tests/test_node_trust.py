@@ -160,16 +160,21 @@ async def test_a_plaintext_peer_is_refused_by_a_secured_node(secured: tuple[Conf
     assert threading.active_count() == threads
 
 
-async def test_a_neighbours_key_cannot_claim_another_nodes_identity(tmp_path: Path,
-                                                                    caplog: pytest.LogCaptureFixture) -> None:
-    """On the triangle 0 - 1 - 2, node 2's key is on node 0's allow-list, so its connection is
-    admitted; but it claims to be node 1 (header), which only the authenticated key exposes."""
+def _secured_triangle(tmp_path: Path):  # noqa: ANN202 - (networkx.Graph, Config)
+    """The triangle 0 - 1 - 2 with a CurveZMQ key per node in the topology, and a secured config."""
     assert p2prec_main(["keys", "generate", "--out", str(tmp_path / "keys"), "--count", "3"]) == 0
     graph = with_addresses(nx.complete_graph(3))
     nx.set_node_attributes(graph, CLIENT, "role")
     for n in graph.nodes:
         graph.nodes[n]["key"] = load_keypair(tmp_path / "keys" / f"node{n}.key_secret").public.decode()
-    cfg = load(None, ["security.enabled=true", f"security.key_dir={tmp_path / 'keys'}", "node.linger_ms=0"])
+    return graph, load(None, ["security.enabled=true", f"security.key_dir={tmp_path / 'keys'}", "node.linger_ms=0"])
+
+
+async def test_a_neighbours_key_cannot_claim_another_nodes_identity(tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """On the triangle 0 - 1 - 2, node 2's key is on node 0's allow-list, so its connection is
+    admitted; but it claims to be node 1 (header), which only the authenticated key exposes."""
+    graph, cfg = _secured_triangle(tmp_path)
     async with node_zero(cfg, graph, tmp_path) as (node, inbox):
         assert not await hello_arrives(graph, inbox, _keypair(cfg, 2), node.keys.keypair.public)
         assert set(node.rejections.total) == {("node 2", "a sender id that is not its key's")}
@@ -181,12 +186,7 @@ async def test_a_neighbour_cannot_squat_another_neighbours_connection(tmp_path: 
     first under the routing id a plaintext node 2 would use. With security each connection
     presents a fresh random routing id, so the real node 2 still gets through (a duplicate
     routing id would be ignored by ZeroMQ for as long as the squatter stays)."""
-    assert p2prec_main(["keys", "generate", "--out", str(tmp_path / "keys"), "--count", "3"]) == 0
-    graph = with_addresses(nx.complete_graph(3))
-    nx.set_node_attributes(graph, CLIENT, "role")
-    for n in graph.nodes:
-        graph.nodes[n]["key"] = load_keypair(tmp_path / "keys" / f"node{n}.key_secret").public.decode()
-    cfg = load(None, ["security.enabled=true", f"security.key_dir={tmp_path / 'keys'}", "node.linger_ms=0"])
+    graph, cfg = _secured_triangle(tmp_path)
     ctx = zmq.Context()
     async with node_zero(cfg, graph, tmp_path) as (node, inbox):
         squatter = ctx.socket(zmq.DEALER)
