@@ -25,8 +25,9 @@ for group in $groups; do
     if ! "$bin/python" -c '
 import sys
 from p2prec.config import ConfigError, load
+from p2prec.gossip.codecs import codec_from_config
 try:
-    load(sys.argv[1])
+    codec_from_config(load(sys.argv[1]).gossip)
 except ConfigError as exc:
     sys.exit(f"{exc}")' "$spec"; then
       echo "sim/reproduce.sh: $spec no longer parses; fix it before rerunning group '$group'" >&2
