@@ -19,6 +19,7 @@ the encoder's identity and the exact texts, so a catalogue is encoded once per e
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import shutil
 from pathlib import Path
@@ -98,8 +99,6 @@ def embed_texts(texts: list[str], spec: str, cache_dir: Path | None = None) -> n
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
-    import io
-
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     return buffer.getvalue()
