@@ -34,7 +34,7 @@ def setup(args: argparse.Namespace) -> tuple[Config, Dataset, SeqRecModel]:
     torch.set_num_threads(args.threads)
     keep_freed_memory()
     cfg = load(None, [f"data.dir={args.data_dir}", *args.overrides])
-    data = load_dataset(cfg.data.name, cfg.data.dir, cfg.data.public_fraction, cfg.data.split_seed)
+    data = load_dataset(cfg.data.name, cfg.data.dir, cfg.data.public_fraction, cfg.run.seed)
     return cfg, data, ensure_backbone(data, cfg, args.backbone or None)
 
 

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import median_time, parser, setup  # noqa: E402
 
 from p2prec.data.sampler import NegativeSampler  # noqa: E402
-from p2prec.learn.baselines import adapter_model, step_settings  # noqa: E402
+from p2prec.learn.factories import adapter_model, step_settings  # noqa: E402
 from p2prec.learn.batches import train_batch  # noqa: E402
 from p2prec.learn.local import init_opt_state, local_step  # noqa: E402
 from p2prec.model.text import encoder_parameters  # noqa: E402

@@ -68,7 +68,7 @@ def main() -> None:
     p.add_argument("--topology", default="small-world:k=4,p=0.2")
     p.add_argument("--out", help="run folder (default: a temporary folder)")
     args = p.parse_args()
-    args.overrides = [f"gossip.topology={args.topology}", f"sim.rounds={args.rounds}",
+    args.overrides = [f"gossip.topology={args.topology}", f"run.rounds={args.rounds}",
                       f"eval.every={args.rounds}", "node.deadline_s=60", "node.start_timeout_s=300",
                       *args.overrides]
     cfg, data, backbone = setup(args)
@@ -76,7 +76,7 @@ def main() -> None:
         out = Path(args.out or tmp)
         ids = prepare(cfg, data, out, args.processes)
         start = time.perf_counter()
-        run_nodes(out, ids, cfg.sim.rounds, None, progress=False)
+        run_nodes(out, ids, cfg.run.rounds, None, progress=False)
         wall = time.perf_counter() - start
         records = node_rounds(out / "nodes", ids)
         sim_s = simulated_round_s(cfg, data, backbone, min(args.rounds, 10))

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from _common import parser, setup
 
-from p2prec.learn.baselines import adapter_model
+from p2prec.learn.factories import adapter_model
 from p2prec.learn.population import stack
 from p2prec.run.data import select_nodes
 from p2prec.serve.recommend import Recommender

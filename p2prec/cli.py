@@ -1,4 +1,4 @@
-"""The ``p2prec`` command: pretrain, baseline, data, keys, topology, report and recommend.
+"""The ``p2prec`` command: pretrain, data, privacy, keys, topology, report and recommend.
 
 Every sub-command shares the config options (``--config``, ``--set``, ``--data-dir``), and
 every user-facing failure is one line on stderr with exit status 2, never a stack trace.
@@ -82,20 +82,6 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_baseline(args: argparse.Namespace) -> int:
-    from p2prec.run.data import load_data
-    from p2prec.sim.baseline import run_baseline
-
-    cfg = config_from_args(args)
-    summary = run_baseline(args.kind, cfg, load_data(cfg), args.out, args.backbone, args.epochs)
-    test = summary["test_at_best"]
-    rows = [f"{p}: HR@10 {test[p]['hr@10']:.4f}  NDCG@10 {test[p]['ndcg@10']:.4f}  MRR {test[p]['mrr']:.4f}"
-            for p in test if p != "cold"]
-    print(f"{args.kind}: test at best-validation round {summary['best_round']}\n  " + "\n  ".join(rows))
-    print(f"results in {args.out}")
-    return 0
-
-
 def cmd_data(args: argparse.Namespace) -> int:
     if args.action == "download":
         from p2prec.data.download import download
@@ -115,7 +101,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 def cmd_privacy(args: argparse.Namespace) -> int:
     from p2prec.gossip.privacy import epsilon, noise_multiplier, snr_bound
     from p2prec.gossip.stack import GossipStack
-    from p2prec.learn.baselines import adapter_model
+    from p2prec.learn.factories import adapter_model
     from p2prec.learn.pretrain import fresh_backbone
     from p2prec.run.data import load_data, select_nodes
 
@@ -126,7 +112,7 @@ def cmd_privacy(args: argparse.Namespace) -> int:
     # Only the shapes matter here, so a fresh backbone stands in for the pre-trained one.
     model = adapter_model(fresh_backbone(data, cfg), cfg)
     dim = sum(v.numel() for v in model.shared_state().values())
-    nodes, rounds = len(select_nodes(data, cfg)), GossipStack.from_config(cfg).training_rounds(cfg.sim.rounds)
+    nodes, rounds = len(select_nodes(data, cfg)), GossipStack.from_config(cfg).training_rounds(cfg.run.rounds)
     sigma = noise_multiplier(cfg.privacy, rounds)
     bound = snr_bound(sigma, rounds, nodes, dim)
     print(f"{nodes} nodes, {rounds} releases each, shared adapter of {dim:,} floats")
@@ -166,7 +152,6 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from p2prec.learn.baselines import KINDS
     from p2prec.sim.report import add_parser as add_report
     from p2prec.topology.cli import add_parser as add_topology
 
@@ -177,14 +162,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_options(p)
     p.add_argument("--out", required=True, help="folder to write the backbone to")
     p.set_defaults(func=guarded(cmd_pretrain))
-
-    p = sub.add_parser("baseline", help="run a baseline and write the results folder")
-    add_config_options(p)
-    p.add_argument("--kind", required=True, choices=KINDS)
-    p.add_argument("--out", required=True, help="results folder")
-    p.add_argument("--backbone", help="backbone folder (default: pre-train on public users, cached)")
-    p.add_argument("--epochs", type=int, default=0, help="epochs (centralized) or rounds (local-only)")
-    p.set_defaults(func=guarded(cmd_baseline))
 
     p = sub.add_parser("data", help="download MovieLens or generate synthetic data")
     actions = p.add_subparsers(dest="action", required=True)

@@ -38,6 +38,37 @@ def _field(default: Any, **check: Any) -> Any:
     return field(default=default, metadata=_check(**check))
 
 
+DATASETS = ("ml-100k", "ml-1m", "ml-latest", "synthetic")
+"""The data sets :mod:`p2prec.data` reads, by name."""
+
+METHODS = ("p2prec", "local-only", "fedavg-server", "centralized", "backbone-only")
+"""What a run trains: p2prec's gossip (the default), or one of the baselines it is compared with.
+
+The one list of baselines: the config checks ``run.method`` against it, and the command line
+offers exactly these names."""
+
+
+@dataclass
+class RunConfig:
+    """What a run is, read alike by the simulator and every real node: its method, its rounds
+    and its one seed.
+
+    ``seed`` keys every seeded draw of the run: the user split and the cold items, the backbone's
+    and the adapters' initialisation, pre-training, each node's batches, evaluation negatives, the
+    gossip peers of each round, faults, joiners, attackers and the simulator's privacy noise. Each
+    draw adds its own tag from :class:`p2prec.rng.Stream` (or has keys of its own length), so one
+    seed gives independent streams; changing it gives an independent replicate of the whole run.
+
+    ``train_rounds`` > 0 stops local training after that many rounds and keeps gossiping,
+    so the decay of the consensus distance can be compared with the spectral prediction.
+    """
+
+    method: str = _field("p2prec", choices=METHODS)
+    rounds: int = _field(250, lo=1)
+    train_rounds: int = _field(0, lo=0)
+    seed: int = 0
+
+
 @dataclass
 class DataConfig:
     """Which data set, where it is, and how users become public or federated nodes.
@@ -47,11 +78,10 @@ class DataConfig:
     test users whose held-out item is one of them (``test_at_best.cold``).
     """
 
-    name: str = _field("ml-100k", choices=("ml-100k", "ml-1m", "ml-latest", "synthetic"))
+    name: str = _field("ml-100k", choices=DATASETS)
     dir: str = ""
     public_fraction: float = _field(0.2, lo=0.0, hi=0.9)
     users_per_node: int = _field(1, lo=1)
-    split_seed: int = 0
     min_interactions: int = _field(3, lo=3)
     cold_items: float = _field(0.0, lo=0.0, hi=0.9)
 
@@ -96,8 +126,7 @@ class PretrainConfig:
     negatives: int = _field(1, lo=1)
     loss: str = _field("bce", choices=("bce", "bpr", "ce"))
     weight_decay: float = _field(0.0, lo=0.0)
-    seed: int = 0
-    corpus: str = _field("", choices=("", "ml-100k", "ml-1m", "ml-latest", "synthetic"))
+    corpus: str = _field("", choices=("", *DATASETS))
     corpus_dir: str = ""
 
 
@@ -125,7 +154,6 @@ class AdapterConfig:
     targets_personal: list = _field(["query", "value"])
     targets_shared: list = _field(["query", "key", "value", "dense", "item_emb"])
     dropout: float = _field(0.0, lo=0.0, hi=0.9)
-    seed: int = 0
 
 
 @dataclass
@@ -142,7 +170,7 @@ class TrainConfig:
     personal rate is the smaller (3e-4 against 1e-3): it sees one user's history, which it
     memorises at 1e-3 while the shared adapter still improves (docs/experiments.md, "Learning rates").
 
-    ``lr_schedule`` scales both learning rates by round over ``sim.rounds``: ``constant``
+    ``lr_schedule`` scales both learning rates by round over ``run.rounds``: ``constant``
     or ``cosine`` decay (see :mod:`p2prec.learn.schedule`). Cosine is not the default:
     it smoothed validation but lowered test NDCG@10 on ML-100K (docs/experiments.md, "Learning rates").
 
@@ -161,7 +189,6 @@ class TrainConfig:
     shared_lr: float = _field(1e-3, lo=0.0)
     momentum: float = _field(0.9, lo=0.0, hi=0.999)
     backbone_dropout: bool = True
-    seed: int = 0
 
 
 @dataclass
@@ -185,7 +212,6 @@ class EvalConfig:
     protocols: list = _field(["sampled", "full"])
     k: int = _field(10, lo=1)
     sampled_negatives: int = _field(99, lo=1)
-    seed: int = 0
     every: int = _field(10, lo=1)
     select_protocol: str = _field("sampled", choices=("sampled", "full"))
     select_metric: str = _field("ndcg@10", choices=("hr@10", "ndcg@10", "mrr"))
@@ -203,8 +229,8 @@ class GossipConfig:
     ``codec`` compresses what is sent: ``none`` (float32), ``fp16``, ``bf16``, ``int8``,
     ``int4``, ``topk`` or a pipeline such as ``topk+int8`` (see :mod:`p2prec.gossip.codecs`,
     which checks the name: the schema names codecs without importing them, since gossip sits above it);
-    ``topk_fraction`` is the share of entries top-k keeps and ``int8_block`` the block size
-    of the integer quantisers, int8 and int4 (0: one scale per tensor).
+    ``topk_fraction`` is the share of entries top-k keeps and ``quant_block`` the number of
+    entries that share one scale in the integer quantisers, int8 and int4 (0: one scale per tensor).
 
     ``tracking`` (the default) gossips, with the shared adapter, each node's tracker of the
     network's average gradient, and steps the shared adapter along it
@@ -230,10 +256,9 @@ class GossipConfig:
     topology: str = "small-world"
     mixing: str = _field("metropolis", choices=("metropolis", "peers", "matching"))
     peers: int = _field(2, lo=1)
-    seed: int = 0
     codec: str = "none"
     topk_fraction: float = _field(0.1, lo=1e-6, hi=1.0)
-    int8_block: int = _field(0, lo=0)
+    quant_block: int = _field(0, lo=0)
     tracking: bool = True
     tracking_fraction: float = _field(1.0, lo=1e-3, hi=1.0)
     tracking_weight: str = _field("samples", choices=("node", "samples"))
@@ -242,10 +267,9 @@ class GossipConfig:
 
 @dataclass
 class SimConfig:
-    """The simulator: rounds, node subsampling, chunking and seeded fault injection.
+    """The simulator's own knobs: node subsampling, chunking, seeded faults, attacks and joiners.
 
-    ``train_rounds`` > 0 stops local training after that many rounds and keeps gossiping,
-    so the decay of the consensus distance can be compared with the spectral prediction.
+    Real nodes ignore this section; what a run is (rounds, method, seed) lives in ``[run]``.
     ``down`` lists scheduled outages as ``"FIRST-LAST:NODE,NODE"`` (inclusive rounds).
     Stragglers' updates arrive one round late (``straggler_mode = "late"``) or never (``"lost"``).
     ``byzantine`` nodes (a count if >= 1, else a fraction of the nodes) send ``attack``
@@ -257,17 +281,13 @@ class SimConfig:
     see :mod:`p2prec.sim.plan`).
     """
 
-    rounds: int = _field(250, lo=1)
-    train_rounds: int = _field(0, lo=0)
     nodes: int = _field(0, lo=0)
-    seed: int = 0
     chunk: int = _field(128, lo=1)
     drop_prob: float = _field(0.0, lo=0.0, hi=1.0)
     churn: float = _field(0.0, lo=0.0, hi=1.0)
     down: list = _field([])
     stragglers: float = _field(0.0, lo=0.0, hi=1.0)
     straggler_mode: str = _field("late", choices=("late", "lost"))
-    baseline: str = _field("", choices=("", "local-only", "fedavg-server", "centralized", "backbone-only"))
     byzantine: float = _field(0.0, lo=0.0)
     attack: str = _field("none", choices=("none", "sign-flip", "noise", "constant"))
     attack_scale: float = 1.0
@@ -280,7 +300,7 @@ class SimConfig:
 class NodeConfig:
     """One real node's runtime (``p2prec-node``): where it keeps state, how long it waits, its sockets.
 
-    Rounds, seeds, training and evaluation come from the same ``[sim]``, ``[train]`` and
+    Rounds, the seed, training and evaluation come from the same ``[run]``, ``[train]`` and
     ``[eval]`` keys the simulator reads, so a study switches between simulated and real
     networking without translating anything. ``deadline_s`` bounds one exchange (a client
     of an edge aggregator waits for up to three: up, across, down); ``start_timeout_s``
@@ -315,7 +335,7 @@ class PrivacyConfig:
     the noise that reaches that epsilon at ``delta`` after all rounds.
 
     Where the noise comes from: a real node draws it from the operating system's randomness,
-    which no one else can regenerate. ``seed`` keys the simulator's noise, which is seeded so
+    which no one else can regenerate. ``run.seed`` keys the simulator's noise, which is seeded so
     that a simulated study reproduces; a real node uses it only with ``seeded_noise = true``,
     a reproducibility switch for comparing real nodes with the simulator. Seeded noise gives
     no privacy: anyone holding this shared config regenerates it and subtracts it.
@@ -326,7 +346,6 @@ class PrivacyConfig:
     noise_multiplier: float = _field(1.0, lo=0.0)
     target_epsilon: float = _field(0.0, lo=0.0)
     delta: float = _field(1e-5, lo=1e-300, hi=0.5)
-    seed: int = 0
     seeded_noise: bool = False
 
 
@@ -371,6 +390,7 @@ class SecurityConfig:
 class Config:
     """The whole configuration; sections mirror the TOML tables."""
 
+    run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -431,11 +451,22 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
     return value
 
 
+MOVED = {
+    "sim.rounds": "run.rounds", "sim.train_rounds": "run.train_rounds", "sim.baseline": "run.method",
+    "gossip.int8_block": "gossip.quant_block",
+    **{f"{section}.seed": "run.seed" for section in ("sim", "gossip", "train", "eval", "pretrain", "adapter", "privacy")},
+    "data.split_seed": "run.seed",
+}
+"""Keys of earlier versions and where they live now: named in the error, never read as aliases."""
+
+
 def _apply_section(section_name: str, section: Any, values: dict[str, Any]) -> None:
     hints = get_type_hints(type(section))
     known = {f.name: f for f in fields(section)}
     for key, value in values.items():
         full = f"{section_name}.{key}"
+        if full in MOVED:
+            raise ConfigError(f"unknown config key '{full}': it is now '{MOVED[full]}'")
         if key not in known:
             raise ConfigError(f"unknown config key '{full}' (known: {', '.join(sorted(known))})")
         setattr(section, key, _coerce(full, value, hints[key]))
@@ -497,40 +528,22 @@ def merge(cfg: Config, values: dict[str, Any], source: str = "config") -> Config
     return cfg
 
 
-EXTENDS = "extends"
-"""Top-level key of a config file: the path (relative to that file) of a file it builds on."""
-
-
-def _read_chain(p: Path, seen: tuple[Path, ...] = ()) -> list[tuple[dict[str, Any], str]]:
-    """``p``'s values and those of every file it ``extends``, the deepest base first.
-
-    Why: an experiment spec measured under older defaults must keep reproducing its numbers
-    after the defaults move; it names a frozen base file instead of repeating every key.
-    """
+def _read(p: Path) -> dict[str, Any]:
+    """The values of the TOML file ``p``, or a :class:`ConfigError` naming it."""
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
-    if p.resolve() in seen:
-        raise ConfigError(f"{p}: '{EXTENDS}' loops back to a file already being read")
     try:
-        values = tomllib.loads(p.read_text(encoding="utf-8"))
+        return tomllib.loads(p.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{p}: not valid TOML ({exc})") from None
-    base = values.pop(EXTENDS, None)
-    if base is None:
-        return [(values, str(p))]
-    if not isinstance(base, str) or not base:
-        raise ConfigError(f"{p}: '{EXTENDS}' must be a file path, got {base!r}")
-    return [*_read_chain(p.parent / base, (*seen, p.resolve())), (values, str(p))]
 
 
 def load(path: str | Path | None = None, overrides: list[str] | None = None,
          defaults: Callable[[], Config] = Config) -> Config:
-    """Build a validated config: defaults, then the TOML file (after any file it ``extends``),
-    then ``--set`` overrides."""
+    """Build a validated config: defaults, then the TOML file, then ``--set`` overrides."""
     cfg = defaults()
     if path is not None:
-        for values, source in _read_chain(Path(path)):
-            merge(cfg, values, source=source)
+        merge(cfg, _read(Path(path)), source=str(path))
     for text in overrides or []:
         section, key, value = parse_override(text)
         merge(cfg, {section: {key: value}}, source=f"--set {text}")

@@ -44,7 +44,7 @@ from p2prec.atomic import write_text_atomic
 from p2prec.config import Config, ConfigError
 from p2prec.data.split import Dataset
 from p2prec.gossip.mixing import consensus_distance
-from p2prec.learn.baselines import adapter_model
+from p2prec.learn.factories import adapter_model
 from p2prec.learn.metrics import summarize
 from p2prec.learn.pretrain import ensure_backbone
 from p2prec.node.cli import check_config as check_node_config
@@ -84,8 +84,8 @@ def check_config(cfg: Config, processes: int) -> None:
     for key in SIM_ONLY_FAULTS:
         if getattr(cfg.sim, key):
             raise ConfigError(f"sim.{key}: fault injection is simulator-only; real processes meet real faults")
-    if cfg.sim.baseline not in ("", "fedavg-server"):
-        raise ConfigError(f"sim.baseline: {cfg.sim.baseline!r} cannot run as processes (only fedavg-server can)")
+    if cfg.run.method not in ("p2prec", "fedavg-server"):
+        raise ConfigError(f"run.method: {cfg.run.method!r} cannot run as processes (only p2prec and fedavg-server can)")
     fix_baseline(cfg)
     check_node_config(cfg)
     if cfg.sim.nodes not in (0, processes):
@@ -245,7 +245,7 @@ def run_processes(cfg: Config, data: Dataset, out: Path, processes: int, backbon
     spec = cfg.gossip.topology
     ids = prepare(cfg, data, out, processes)
     model = adapter_model(ensure_backbone(data, cfg, backbone_dir), cfg)
-    run_nodes(out, ids, cfg.sim.rounds, backbone_dir, progress, out.name)
+    run_nodes(out, ids, cfg.run.rounds, backbone_dir, progress, out.name)
     folder = out / "nodes"
     records = merge_records(folder, ids)
     if not records:
@@ -254,8 +254,8 @@ def run_processes(cfg: Config, data: Dataset, out: Path, processes: int, backbon
     records[-1]["consensus_distance"] = final_consensus(folder, data_ids, model.shared_names())
     total = records[-1]["bytes_sent_total"]
     summary = summarize_run(records, cfg, nodes=processes, rounds=max(r["round"] for r in records),
-                            bytes_per_node_per_round=total / (processes * cfg.sim.rounds),
-                            wall_s=time.perf_counter() - start, baseline=cfg.sim.baseline or None,
+                            bytes_per_node_per_round=total / (processes * cfg.run.rounds),
+                            wall_s=time.perf_counter() - start, method=cfg.run.method,
                             label=out.name, topology=spec, mixing=cfg.gossip.mixing,
                             processes=len(ids))
     write_run(out, cfg, records, summary)

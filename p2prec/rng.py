@@ -11,8 +11,8 @@ node and the simulator draw the same numbers for the same node and round.
 Untagged streams, each with keys of its own length or seed so they cannot meet the tagged
 ones: a node's training batches (seed, round, node, step) and the step's dropout mask
 (seed, round, step); evaluation negatives (seed, user); centralized training epochs
-(seed, epoch); the data split, the synthetic data set and the Byzantine nodes, each from
-its own seed alone.
+(seed, epoch); the data split, from the run seed alone; the synthetic data set, from the
+generator's own seed.
 """
 
 from __future__ import annotations
@@ -30,19 +30,21 @@ class Stream(IntEnum):
     NODES = 0x5E1
     """Which federated nodes a run keeps when ``sim.nodes`` subsamples them (run seed)."""
     COLD_ITEMS = 0xC01D
-    """Which items are held out as cold, apart from the user split (split seed)."""
+    """Which items are held out as cold, apart from the user split (run seed)."""
     PARTICIPATION = 0x7A1
     """Whether a node folds a fresh gradient into its tracker this round (seed, round, node)."""
     PEER_DRAW = 0x60551
-    """Each round's (and exchange's) draw of gossip peers or matchings (gossip seed, round)."""
+    """Each round's (and exchange's) draw of gossip peers or matchings (run seed, round)."""
     DP_NOISE = 0xD9
-    """A node's seeded differential-privacy noise in a round (privacy seed, round, node)."""
+    """A node's seeded differential-privacy noise in a round (run seed, round, node)."""
     FAULTS = 0xFA17
-    """The simulator's churn: which nodes are down in a round (simulator seed, round)."""
+    """The simulator's churn: which nodes are down in a round (run seed, round)."""
     FORGERY = 0xA77
-    """What the simulator's Byzantine nodes send in a round and exchange (simulator seed, round)."""
+    """What the simulator's Byzantine nodes send in a round and exchange (run seed, round)."""
     JOIN = 0x70111
-    """The simulator's late joiners: who joins, and which neighbour each one asks (simulator seed, round)."""
+    """The simulator's late joiners: who joins, and which neighbour each one asks (run seed, round)."""
+    BYZANTINE = 0xB12
+    """Which of the simulator's nodes are Byzantine, drawn once (run seed)."""
 
 
 def seeded_rng(*keys: int) -> np.random.Generator:

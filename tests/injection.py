@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     out = Path(args.out)
     cfg = load(None, [f"data.dir={args.data_dir}", f"gossip.topology={args.topology}",
-                      f"sim.rounds={args.rounds}", *args.overrides])
+                      f"run.rounds={args.rounds}", *args.overrides])
     data = load_data(cfg)
     ensure_backbone(data, cfg, None)
     ids = prepare(cfg, data, out, args.nodes)

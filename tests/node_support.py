@@ -62,7 +62,7 @@ def simulate(config: Path, data: Dataset, backbone: Path, extra: list[str] = ())
     """The simulator on the same config and topology file, run for all its rounds."""
     cfg = load(config, list(extra))
     sim = Simulation(cfg, data, load_backbone(backbone, data), load_topology(cfg.gossip.topology))
-    for rnd in range(1, cfg.sim.rounds + 1):
+    for rnd in range(1, cfg.run.rounds + 1):
         sim.step(rnd)
     return sim
 

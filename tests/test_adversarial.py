@@ -76,7 +76,7 @@ def attacked(tmp_path_factory: pytest.TempPathFactory, synth_dir: Path, synth_da
     graph = nx.complete_graph(3)
     nx.set_node_attributes(graph, CLIENT, "role")
     config = node_config(tmp, synth_dir, graph, [
-        "sim.nodes=3", f"sim.rounds={ROUNDS}", "gossip.tracking=false", "node.deadline_s=20",
+        "sim.nodes=3", f"run.rounds={ROUNDS}", "gossip.tracking=false", "node.deadline_s=20",
         "node.start_timeout_s=60", "node.summary_s=2", f"eval.every={ROUNDS}"])
     procs = Procs(config, make_backbone(synth_data, tiny_cfg, tmp / "bb"))
     folder = tmp / "nodes"

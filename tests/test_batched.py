@@ -10,7 +10,7 @@ from p2prec.data.sampler import NegativeSampler
 from p2prec.learn.batched import BatchedAdapterModel, dropout
 from p2prec.learn.batches import train_batch
 from p2prec.learn.local import StepSettings, local_grads
-from p2prec.learn.population import Population
+from p2prec.learn.population import LocalPlan, Population, TrackingPlan
 from p2prec.model.adapters import DualAdapterModel
 from p2prec.model.backbone import build_backbone
 from p2prec.rng import seeded_rng
@@ -86,8 +86,8 @@ def test_vectorized_population_matches_per_node_loop_8_nodes_3_rounds(synth_data
         model = _model(synth_data, ATTENTION + ("item_emb",), ATTENTION + ("item_emb", "dense"))
         settings = StepSettings(lr=0.01, shared_names=frozenset(model.shared_names()), shared_lr=0.05,
                                 shared_optimizer=optimizer, momentum=0.9)
-        return Population(model, synth_data, NegativeSampler(synth_data), synth_data.nodes(1)[:8], settings,
-                          local_steps=2, batch_size=2, max_len=10, negatives=3, seed=3, chunk=3, tracking=tracking)
+        plan = LocalPlan(steps=2, batch_size=2, max_len=10, negatives=3, seed=3, chunk=3)
+        return Population(model, synth_data, synth_data.nodes(1)[:8], settings, plan, TrackingPlan(tracking))
     vec, loop = population(), population()
     for rnd in range(3):
         active = np.ones(8, dtype=bool)

@@ -57,14 +57,14 @@ def test_pipeline_names_and_order_rules() -> None:
 
 @pytest.mark.parametrize("name", PIPELINES)
 def test_every_codec_survives_the_real_wire(name: str) -> None:
-    codec = get_codec(name, CodecOptions(topk_fraction=0.05, int8_block=256))
+    codec = get_codec(name, CodecOptions(topk_fraction=0.05, quant_block=256))
     x = adapter()
     payload = codec.encode(x)
     frames = [bytes(f) for f in encode(Message(MessageType.GOSSIP, 1, 3, codec.name, payload))]
     msg = validate_and_decode(frames, codec.wire_spec(SHAPES, known_senders=frozenset({1})))
     assert msg.codec == name
     direct = codec.decode(payload, SHAPES)
-    received = get_codec(msg.codec, CodecOptions(topk_fraction=0.05, int8_block=256)).decode(msg.tensors, SHAPES)
+    received = get_codec(msg.codec, CodecOptions(topk_fraction=0.05, quant_block=256)).decode(msg.tensors, SHAPES)
     for k in SHAPES:
         assert received[k].dtype == torch.float32 and received[k].shape == SHAPES[k]
         assert torch.equal(received[k], direct[k])
@@ -89,7 +89,7 @@ def test_fp16_saturates_instead_of_overflowing() -> None:
 @pytest.mark.parametrize("block", [0, 64, 100])
 @pytest.mark.parametrize("name, levels", [("int8", 127), ("int4", 7)])
 def test_integer_codes_err_by_at_most_half_a_scale(name: str, levels: int, block: int) -> None:
-    codec = get_codec(name, CodecOptions(int8_block=block))
+    codec = get_codec(name, CodecOptions(quant_block=block))
     x = adapter(1)
     payload = codec.encode(x)
     y = codec.decode(payload, SHAPES)
@@ -111,7 +111,7 @@ def test_blockwise_int8_is_more_accurate_on_uneven_magnitudes() -> None:
     x = {"w": torch.cat([torch.randn(512) * 1e-3, torch.randn(512) * 10.0])}
     err = {}
     for block in (0, 128):
-        codec = get_codec("int8", CodecOptions(int8_block=block))
+        codec = get_codec("int8", CodecOptions(quant_block=block))
         err[block] = float((codec.decode(codec.encode(x), {"w": (1024,)})["w"] - x["w"])[:512].abs().max())
     assert err[128] < err[0] / 100
 
@@ -144,7 +144,7 @@ def test_int8_is_more_than_3_5x_smaller_than_fp32_on_the_wire() -> None:
     assert sum(math.prod(s) for s in SHAPES.values()) == 18072
     fp32 = wire_bytes(get_codec("none").encode(x), "none")
     for block in (0, 256):
-        int8 = wire_bytes(get_codec("int8", CodecOptions(int8_block=block)).encode(x), "int8")
+        int8 = wire_bytes(get_codec("int8", CodecOptions(quant_block=block)).encode(x), "int8")
         assert fp32 / int8 >= 3.5, (block, fp32, int8)
     topk = wire_bytes(get_codec("topk+int8", CodecOptions(topk_fraction=0.1)).encode(x), "topk+int8")
     assert fp32 / topk >= 7  # 10% of the values at one byte, plus an int32 index each
@@ -187,7 +187,7 @@ def test_error_feedback_makes_the_sum_of_sent_track_the_sum_of_inputs(name: str)
 
 @pytest.mark.parametrize("name", PIPELINES)
 def test_stacked_roundtrip_equals_each_node_alone(name: str) -> None:
-    codec = get_codec(name, CodecOptions(topk_fraction=0.05, int8_block=128))
+    codec = get_codec(name, CodecOptions(topk_fraction=0.05, quant_block=128))
     stacked = adapter(5, n=4)
     stacked_feedback, node_feedback = ErrorFeedback(), [ErrorFeedback() for _ in range(4)]
     for _ in range(3):
@@ -200,7 +200,7 @@ def test_stacked_roundtrip_equals_each_node_alone(name: str) -> None:
 
 
 def tamper(name: str, edit: str) -> tuple[Codec, dict[str, np.ndarray]]:
-    codec = get_codec(name, CodecOptions(topk_fraction=0.05, int8_block=64))
+    codec = get_codec(name, CodecOptions(topk_fraction=0.05, quant_block=64))
     payload = {k: v.copy() for k, v in codec.encode(adapter()).items()}
     if edit == "index-out-of-range":
         payload["topk.indices"][-1] = 18072

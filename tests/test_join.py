@@ -48,7 +48,7 @@ def test_join_specs_parse_and_bad_ones_name_the_key() -> None:
         with pytest.raises(ConfigError, match="sim.join"):
             parse_join(bad, 10)
     cfg = load(None, ["sim.join=5:3,9:2"]).sim
-    plan = JoinPlan(cfg, 10)
+    plan = JoinPlan(cfg, 10, 0)
     first, second = (set(c.nodes.tolist()) for c in plan.cohorts)
     assert len(first) == 3 and len(second) == 2 and not first & second
     assert set(np.flatnonzero(plan.absent(4))) == first | second
@@ -56,7 +56,7 @@ def test_join_specs_parse_and_bad_ones_name_the_key() -> None:
     assert set(plan.joining(5).tolist()) == first and not len(plan.joining(6))
     assert set(np.flatnonzero(~plan.founders())) == first | second
     with pytest.raises(ConfigError, match="no node"):
-        JoinPlan(load(None, ["sim.join=5:6,9:4"]).sim, 10)
+        JoinPlan(load(None, ["sim.join=5:6,9:4"]).sim, 10, 0)
 
 
 @pytest.mark.parametrize("tracking", [False, True])
@@ -147,7 +147,7 @@ class _Plain:
 @pytest.fixture()
 def node0(tmp_path: Path, synth_dir: Path, synth_data, tiny_cfg):  # noqa: ANN001, ANN201
     """Node 0 of a path 0-1-2, built as ``p2prec-node`` builds it: node 1 is its only neighbour."""
-    config = node_config(tmp_path, synth_dir, nx.path_graph(3), ["sim.nodes=3", "sim.rounds=4",
+    config = node_config(tmp_path, synth_dir, nx.path_graph(3), ["sim.nodes=3", "run.rounds=4",
                                                                  "model.text_encoder=none"])
     cfg = load(config)
     node = build_node(cfg, 0, str(make_backbone(synth_data, cfg, tmp_path / "bb")))
@@ -238,7 +238,7 @@ def test_a_node_started_late_with_join_starts_from_its_neighbours_round(  # noqa
     continues from the most advanced answer's round, the run completes everywhere, and
     ``p2prec recommend`` serves node 2's user from its state folder."""
     config = node_config(tmp_path, synth_dir, nx.complete_graph(3),
-                         ["sim.nodes=3", "sim.rounds=400", "eval.every=100", "node.deadline_s=2",
+                         ["sim.nodes=3", "run.rounds=400", "eval.every=100", "node.deadline_s=2",
                           "node.start_timeout_s=3", "model.text_encoder=none"])
     procs = Procs(config, make_backbone(synth_data, tiny_cfg, tmp_path / "bb"))
     folder = tmp_path / "nodes"

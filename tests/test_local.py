@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from p2prec.data.sampler import NegativeSampler
-from p2prec.learn.baselines import adapter_model, step_settings
-from p2prec.learn.population import Population
+from p2prec.learn.factories import adapter_model, step_settings
+from p2prec.learn.population import LocalPlan, Population
 from p2prec.learn.schedule import lr_factor, scaled
 from p2prec.model.backbone import build_backbone
 
@@ -18,8 +17,8 @@ def _population(cfg, data, steps: int = 2, **schedule) -> Population:  # noqa: A
     backbone.requires_grad_(False)
     model = adapter_model(backbone, cfg)
     nodes = data.nodes(2)[:8]
-    return Population(model, data, NegativeSampler(data), nodes, step_settings(cfg), local_steps=steps,
-                      batch_size=2, max_len=m.max_len, negatives=2, seed=3, chunk=3, **schedule)
+    plan = LocalPlan(steps=steps, batch_size=2, max_len=m.max_len, negatives=2, seed=3, chunk=3, **schedule)
+    return Population(model, data, nodes, step_settings(cfg), plan)
 
 
 def test_vectorized_local_update_matches_per_node_loop(tiny_cfg, synth_data) -> None:  # noqa: ANN001

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from p2prec.data.sampler import NegativeSampler
-from p2prec.learn.baselines import adapter_model
+from p2prec.learn.factories import adapter_model
 from p2prec.learn.batches import train_batch
 from p2prec.learn.local import StepSettings, init_opt_state, local_step
 from p2prec.model.adapters import PERSONAL, SHARED

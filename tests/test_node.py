@@ -236,10 +236,10 @@ def test_every_node_draws_the_simulators_matching_for_each_round() -> None:
     """``gossip.mixing=matching``: each node computes round t's matching from the shared seed
     alone; all nodes' partner lists agree with each other and with the simulator's plan."""
     graph = _addressed(build("small-world:k=4", 12, seed=1))
-    cfg = GossipConfig(topology="small-world", mixing="matching", seed=5)
-    places = [place(graph, v, 12, cfg) for v in range(12)]
-    plan = MixingPlan(graph, 12, np.ones(12), cfg)
-    quiet = FaultPlan(SimConfig(), 12)
+    cfg = GossipConfig(topology="small-world", mixing="matching")
+    places = [place(graph, v, 12, cfg, seed=5) for v in range(12)]
+    plan = MixingPlan(graph, 12, np.ones(12), cfg, 5)
+    quiet = FaultPlan(SimConfig(), 12, 0)
     draws = []
     for rnd in (1, 2, 3):
         w = plan.round(rnd, quiet.round(rnd)).a + sp.diags(plan.round(rnd, quiet.round(rnd)).d)
@@ -255,7 +255,7 @@ def test_every_node_draws_the_simulators_matching_for_each_round() -> None:
 
 @pytest.fixture()
 def node_files(tmp_path: Path, synth_dir: Path, synth_data, tiny_cfg) -> tuple[Path, Path]:  # noqa: ANN001
-    config = node_config(tmp_path, synth_dir, build("ring", 3), ["sim.nodes=3", "sim.rounds=2"])
+    config = node_config(tmp_path, synth_dir, build("ring", 3), ["sim.nodes=3", "run.rounds=2"])
     return config, make_backbone(synth_data, tiny_cfg, tmp_path / "bb")
 
 

@@ -195,7 +195,7 @@ def test_a_node_killed_mid_run_resumes_and_the_run_completes(tmp_path: Path, syn
                                                              synth_data, tiny_cfg) -> None:
     rounds = 200
     procs = _ring_nodes(tmp_path, synth_dir, synth_data, tiny_cfg,
-                        [f"sim.rounds={rounds}", "eval.every=1000", "node.deadline_s=2", "node.start_timeout_s=8"])
+                        [f"run.rounds={rounds}", "eval.every=1000", "node.deadline_s=2", "node.start_timeout_s=8"])
     folder = tmp_path / "nodes"
     reader = CheckpointReader(folder, [0, 1, 2, 3])
     reader.start()
@@ -233,7 +233,7 @@ def test_a_node_killed_mid_run_resumes_and_the_run_completes(tmp_path: Path, syn
 def test_a_neighbour_that_never_starts_costs_one_deadline_and_weights_renormalise(  # noqa: ANN001
         tmp_path: Path, synth_dir: Path, synth_data, tiny_cfg) -> None:
     procs = _ring_nodes(tmp_path, synth_dir, synth_data, tiny_cfg,
-                        ["sim.rounds=3", "node.deadline_s=20", "node.start_timeout_s=10"])
+                        ["run.rounds=3", "node.deadline_s=20", "node.start_timeout_s=10"])
     try:
         for i in (0, 1, 2):
             procs.start(i)
@@ -297,7 +297,7 @@ def test_hostile_messages_are_rejected_and_leave_the_shared_adapter_unchanged(  
     then waits for node 1 until SIGTERM, which must abandon it and exit 0. Without gradient
     tracking, so that a well-formed message is exactly the shared adapter read from a checkpoint."""
     config = node_config(tmp_path, synth_dir, nx.path_graph(2),
-                         ["sim.nodes=2", "sim.rounds=2", "train.local_steps=0", "node.deadline_s=600",
+                         ["sim.nodes=2", "run.rounds=2", "train.local_steps=0", "node.deadline_s=600",
                           "gossip.tracking=false",
                           "node.start_timeout_s=600", "node.summary_s=1"])
     procs = Procs(config, make_backbone(synth_data, tiny_cfg, tmp_path / "bb"))

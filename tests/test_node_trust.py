@@ -357,7 +357,7 @@ def test_a_private_node_resumes_its_release_count(tmp_path: Path, synth_dir: Pat
                                                   tiny_cfg) -> None:
     """Epsilon after a restart counts the rounds before it: every round that trained released."""
     backbone = make_backbone(synth_data, tiny_cfg, tmp_path / "bb")
-    config = node_config(tmp_path, synth_dir, build("ring", 3), ["sim.nodes=3", "sim.rounds=5", "sim.train_rounds=2",
+    config = node_config(tmp_path, synth_dir, build("ring", 3), ["sim.nodes=3", "run.rounds=5", "run.train_rounds=2",
                                                                  "privacy.enabled=true"])
     cfg = load(config)
     first = build_node(cfg, 1, str(backbone))
@@ -371,7 +371,7 @@ def test_a_private_node_resumes_its_release_count(tmp_path: Path, synth_dir: Pat
 
 
 def test_a_nodes_release_is_its_row_of_the_simulators() -> None:
-    cfg = load(None, ["privacy.enabled=true", "privacy.clip=0.5", "privacy.noise_multiplier=1.5", "sim.rounds=4"])
+    cfg = load(None, ["privacy.enabled=true", "privacy.clip=0.5", "privacy.noise_multiplier=1.5", "run.rounds=4"])
     gen = torch.Generator().manual_seed(0)
     start = {"a": torch.randn(5, 3, 2, generator=gen), "b": torch.randn(5, 7, generator=gen)}
     trained = {k: v + torch.randn(v.shape, generator=gen) for k, v in start.items()}
@@ -400,7 +400,7 @@ def test_a_neighbour_cannot_subtract_a_real_nodes_noise(tmp_path: Path, synth_di
     backbone = make_backbone(synth_data, tiny_cfg, tmp_path / "bb")
     sigma, clip = 0.5, 0.05
     config = node_config(tmp_path, synth_dir, build("ring", 3), [
-        "sim.nodes=3", "sim.rounds=2", "privacy.enabled=true", f"privacy.clip={clip}",
+        "sim.nodes=3", "run.rounds=2", "privacy.enabled=true", f"privacy.clip={clip}",
         f"privacy.noise_multiplier={sigma}", f"privacy.seeded_noise={str(seeded).lower()}"])
     cfg = load(config)
     victim = build_node(cfg, 1, str(backbone))
@@ -418,7 +418,7 @@ def test_a_neighbour_cannot_subtract_a_real_nodes_noise(tmp_path: Path, synth_di
     reference = build_node(cfg, 1, str(backbone)).learner.pop.shared()
     noised_update = {k: message[k] - reference[k] for k in message}
     regenerated = privatize({k: torch.zeros_like(v) for k, v in noised_update.items()}, clip, sigma,
-                            [noise_generator(cfg.privacy.seed, 1, 1)], stacked=True)
+                            [noise_generator(cfg.run.seed, 1, 1)], stacked=True)
     guess = {k: noised_update[k] - regenerated[k] for k in noised_update}
     truth = {k: trained[k] - reference[k] for k in trained}
     norm = float(sum((v.pow(2).sum() for v in truth.values())).sqrt())

@@ -239,7 +239,7 @@ def test_a_real_secured_node_refuses_each_impostor_and_says_why(tmp_path: Path, 
     graph = nx.path_graph(4)
     for i in graph.nodes:
         graph.nodes[i]["key"] = pairs[i].public.decode()
-    config = node_config(tmp_path, synth_dir, graph, ["sim.nodes=4", "sim.rounds=1", "security.enabled=true",
+    config = node_config(tmp_path, synth_dir, graph, ["sim.nodes=4", "run.rounds=1", "security.enabled=true",
                                                       f"security.key_dir={tmp_path / 'keys'}",
                                                       "node.start_timeout_s=120"])
     address = next(n["address"] for n in json.loads((tmp_path / "topology.json").read_text())["nodes"] if n["id"] == 1)

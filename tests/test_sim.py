@@ -13,7 +13,7 @@ from p2prec.config import load
 from p2prec.data.sampler import NegativeSampler
 from p2prec.gossip.mixing import TRACK, mix, row_normalise
 from p2prec.learn.batches import train_batch
-from p2prec.learn.baselines import step_settings
+from p2prec.learn.factories import step_settings
 from p2prec.learn.local import adam_step, init_opt_state, local_grads, local_step
 from p2prec.learn.tracking import (LAST_GRAD, TRACKER, gradient_weights, init_tracking_state, participation,
                                    tracked_step)
@@ -71,7 +71,7 @@ def test_vectorized_simulator_matches_a_plain_per_node_loop(synth_dir, synth_dat
         sim.step(rnd)
         for i in range(8):
             batches = [train_batch(synth_data, sampler, sim.nodes[i], cfg.train.batch_size, cfg.model.max_len,
-                                   cfg.train.negatives, seeded_rng(cfg.train.seed, rnd, i, step))
+                                   cfg.train.negatives, seeded_rng(cfg.run.seed, rnd, i, step))
                        for step in range(cfg.train.local_steps)]
             count = sum(len(synth_data.train[u]) for u in sim.nodes[i])
             params[i], states[i] = _plain_round(model, params[i], states[i], batches,
@@ -113,7 +113,7 @@ def test_a_round_of_two_exchanges_mixes_as_a_training_round_then_a_mixing_round(
                                                                                 topology: str) -> None:
     """The second exchange sends what the first produced, with a fresh matching draw where
     peers are sampled, and names its index on the wire (a few more bytes per message)."""
-    extra = ["sim.nodes=8", f"gossip.topology={topology}", "sim.train_rounds=1"]
+    extra = ["sim.nodes=8", f"gossip.topology={topology}", "run.train_rounds=1"]
     twice = _sim(synth_dir, synth_data, extra + ["gossip.exchanges=2"])
     once = _sim(synth_dir, synth_data, extra)
     stats = twice.step(1)
@@ -156,7 +156,7 @@ def test_partial_participation_folds_only_the_drawn_nodes_gradients_into_the_tra
     names = sim.pop.shared_names
     for rnd in range(1, 4):
         sim.step(rnd)
-        took = participation(sim.pop.seed, rnd, sim.pop.ids, 0.5)
+        took = participation(sim.pop.plan.seed, rnd, sim.pop.ids, 0.5)
         assert 0 < took.sum() < len(took)
         grads = torch.cat([sim.pop.state[LAST_GRAD + k].flatten(1) for k in names], 1)
         assert (grads[torch.from_numpy(~took)] == 0).all() and (grads[torch.from_numpy(took)].abs().sum(1) > 0).all()
@@ -185,8 +185,8 @@ def test_sample_weighting_scales_each_nodes_tracked_gradient_by_its_interaction_
         torch.testing.assert_close(weighted.pop.state[TRACKER + k].sum(0), scaled.sum(0), atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="tracking_weight"):
         gradient_weights("users", counts.numpy())
-    for unweighted in (["gossip.topology=edge-hierarchy:m=2"], ["sim.baseline=fedavg-server"],
-                       ["sim.baseline=local-only"]):
+    for unweighted in (["gossip.topology=edge-hierarchy:m=2"], ["run.method=fedavg-server"],
+                       ["run.method=local-only"]):
         other = _sim(synth_dir, synth_data, ["sim.nodes=8", "gossip.tracking_weight=samples", *unweighted])
         assert (other.pop.weights == 1).all(), unweighted  # aggregators weigh by counts; local-only mixes nothing
 
@@ -215,7 +215,7 @@ def test_a_lossy_codec_keeps_a_residual_that_keeps_the_tracker_sum_exact(synth_d
 
 
 def test_star_hierarchy_is_fedavg(synth_dir, synth_data) -> None:  # noqa: ANN001
-    sim = _sim(synth_dir, synth_data, ["sim.nodes=6", "sim.baseline=fedavg-server", "train.local_steps=1"])
+    sim = _sim(synth_dir, synth_data, ["sim.nodes=6", "run.method=fedavg-server", "train.local_steps=1"])
     sim.pop.train_round(1)
     before = {k: v.clone() for k, v in sim.pop.shared().items()}
     sim.pop.train_round = lambda *a, **k: 0.0  # the round below only mixes what was trained above
@@ -275,7 +275,7 @@ def test_fedavg_with_a_server_exchanges_once_whatever_the_config_says(tmp_path: 
     for exchanges in (1, 3):
         out = tmp_path / f"x{exchanges}"
         args = ["--dataset", "synthetic", "--data-dir", str(synth_dir), "--rounds", "1", "--nodes", "5",
-                "--baseline", "fedavg-server", "--out", str(out), "--set", f"gossip.exchanges={exchanges}"]
+                "--method", "fedavg-server", "--out", str(out), "--set", f"gossip.exchanges={exchanges}"]
         assert main(args + [a for o in TINY for a in ("--set", o)]) == 0
         runs[exchanges] = json.loads((out / "summary.json").read_text())["bytes_per_node_per_round"]
         assert load(out / "config.toml").gossip.exchanges == 1

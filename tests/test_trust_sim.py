@@ -14,7 +14,7 @@ from p2prec.config import Config, load
 from p2prec.gossip.codecs import get_codec
 from p2prec.gossip.mixing import flatten, mix
 from p2prec.gossip.privacy import epsilon, update_norms
-from p2prec.learn.baselines import adapter_model
+from p2prec.learn.factories import adapter_model
 from p2prec.learn.population import gossip_template
 from p2prec.model.backbone import build_backbone
 from p2prec.sim.engine import Simulation, message_bytes
@@ -129,7 +129,7 @@ def test_a_robust_rule_mixes_the_true_own_state_not_its_decoded_copy(synth_dir, 
 
 def test_private_update_is_clipped_then_noised_and_the_node_keeps_what_it_released(  # noqa: ANN001
         synth_dir, synth_data) -> None:
-    base = ["sim.nodes=6", "sim.baseline=local-only", "train.shared_optimizer=sgd", "train.shared_lr=0.5"]
+    base = ["sim.nodes=6", "run.method=local-only", "train.shared_optimizer=sgd", "train.shared_lr=0.5"]
     plain = _sim(synth_dir, synth_data, base)
     clipped = _sim(synth_dir, synth_data, base + ["privacy.enabled=true", "privacy.clip=0.01",
                                                   "privacy.noise_multiplier=0"])
@@ -152,7 +152,7 @@ def test_private_update_is_clipped_then_noised_and_the_node_keeps_what_it_releas
 
 def test_epsilon_is_reported_each_evaluated_round_and_grows(synth_dir, synth_data) -> None:  # noqa: ANN001
     sim = _sim(synth_dir, synth_data, ["sim.nodes=6", "gossip.topology=ring", "privacy.enabled=true",
-                                       "privacy.noise_multiplier=3", "privacy.clip=1", "sim.rounds=3"])
+                                       "privacy.noise_multiplier=3", "privacy.clip=1", "run.rounds=3"])
     records = sim.run(progress=False)
     eps = [r["epsilon"] for r in records]
     assert eps == [pytest.approx(epsilon(3.0, r, 1e-5)) for r in (1, 2, 3)]
@@ -164,7 +164,7 @@ def test_epsilon_is_reported_each_evaluated_round_and_grows(synth_dir, synth_dat
 
 def test_the_run_folder_carries_epsilon_bytes_and_the_trust_settings(tmp_path: Path, synth_dir: Path,  # noqa: ANN001
                                                                       synth_data) -> None:
-    overrides = TINY + [f"data.dir={synth_dir}", "sim.nodes=6", "sim.rounds=3", "gossip.topology=ring",
+    overrides = TINY + [f"data.dir={synth_dir}", "sim.nodes=6", "run.rounds=3", "gossip.topology=ring",
                         "gossip.codec=int8", "privacy.enabled=true", "privacy.noise_multiplier=2",
                         "sim.byzantine=1", "sim.attack=noise", "robust.rule=median"]
     cfg = load(None, overrides)
@@ -192,7 +192,7 @@ def test_the_run_folder_carries_epsilon_bytes_and_the_trust_settings(tmp_path: P
 
 def test_a_target_epsilon_sets_the_noise_for_the_planned_rounds(synth_dir, synth_data) -> None:  # noqa: ANN001
     sim = _sim(synth_dir, synth_data, ["sim.nodes=4", "gossip.topology=ring", "privacy.enabled=true",
-                                       "privacy.target_epsilon=4", "sim.rounds=20", "sim.train_rounds=10"])
+                                       "privacy.target_epsilon=4", "run.rounds=20", "run.train_rounds=10"])
     sigma = sim.stack.privacy.sigma
     assert epsilon(sigma, 10, 1e-5) <= 4.0 < epsilon(sigma * 0.99, 10, 1e-5)
     for r in range(1, 13):

@@ -15,13 +15,13 @@ Stages, and what they put on the wire:
   beyond the 16-bit range saturate, so an honest message is always finite);
 - ``int8``: each float32 tensor as int8 in ``[-127, 127]`` under its own name, plus one
   float32 tensor ``int8.scales`` holding every scale in payload order. The scale is
-  ``max|x| / 127`` per tensor (``int8_block = 0``) or per block of ``int8_block``
+  ``max|x| / 127`` per tensor (``quant_block = 0``) or per block of ``quant_block``
   consecutive elements of each flattened tensor, so the error is at most half a scale per
   element. One shared scales tensor, rather than one per tensor, keeps the header small:
   for the real adapter (ten tensors with long peft names) the header is already 1 KB of a
   19 KB int8 message, and a scales entry per tensor would double it;
 - ``int4``: the same with codes in ``[-7, 7]``, packed two to a byte as ``ceil(numel / 2)``
-  uint8 under the tensor's name, scales in ``int4.scales`` (``int8_block`` sets its blocks too);
+  uint8 under the tensor's name, scales in ``int4.scales`` (``quant_block`` sets its blocks too);
 - ``topk``: the ``k = ceil(fraction * D)`` largest-magnitude entries of the whole adapter
   flattened in name order (``D`` elements), as ``topk.values`` (float32) and
   ``topk.indices`` (int32, strictly increasing). ``k`` depends only on ``D`` and the
@@ -30,7 +30,7 @@ Stages, and what they put on the wire:
 A pipeline is at most one ``topk`` followed by at most one quantiser (``fp16``, ``bf16``,
 ``int8`` or ``int4``), named by joining stage names with ``+`` (``"topk+int8"``); ``"none"`` is
 the empty pipeline, plain float32 under the adapter's own names. Receiver and sender must
-share ``topk_fraction`` and ``int8_block``: the name does not carry them, one config does.
+share ``topk_fraction`` and ``quant_block``: the name does not carry them, one config does.
 A different fraction changes ``k`` and a different block size the number of scales, so
 the payload has the wrong shape and is rejected; only two block sizes that cut every
 tensor into the same number of blocks would go unnoticed.
@@ -130,7 +130,7 @@ class CodecOptions:
     """The stage parameters, which sender and receiver must share (one config)."""
 
     topk_fraction: float = 0.1
-    int8_block: int = 0
+    quant_block: int = 0
 
 
 def _floats(spec: PayloadSpec) -> list[str]:
@@ -197,7 +197,7 @@ class Uniform(Stage):
 
     @classmethod
     def from_options(cls, options: CodecOptions) -> Stage:
-        return cls(options.int8_block)
+        return cls(options.quant_block)
 
     def _blocks(self, numel: int) -> int:
         return -(-numel // self.block) if self.block else min(numel, 1)
@@ -557,7 +557,7 @@ def get_codec(name: str | Sequence[str], options: CodecOptions = CodecOptions())
 
 
 def codec_from_config(gossip: GossipConfig) -> Codec:
-    """The codec that ``gossip.codec``, ``gossip.topk_fraction`` and ``gossip.int8_block`` select.
+    """The codec that ``gossip.codec``, ``gossip.topk_fraction`` and ``gossip.quant_block`` select.
 
     Why the name is checked here and not by :func:`p2prec.config.load`: the registry is this
     module's, and the config sits below gossip. A bad name is a :class:`~p2prec.config.ConfigError`
@@ -565,6 +565,6 @@ def codec_from_config(gossip: GossipConfig) -> Codec:
     the config, so a run still stops before it loads data.
     """
     try:
-        return get_codec(gossip.codec, CodecOptions(gossip.topk_fraction, gossip.int8_block))
+        return get_codec(gossip.codec, CodecOptions(gossip.topk_fraction, gossip.quant_block))
     except CodecError as exc:
         raise ConfigError(f"gossip.codec: {exc}") from None

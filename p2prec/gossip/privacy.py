@@ -26,7 +26,7 @@ What the caller must keep true, or the accounting does not hold:
 
 Where the noise comes from: a real node seeds each round's generator from the operating
 system (``os.urandom``), so no one else can regenerate it (``secret=True``). The simulator
-keys every node's noise by (``privacy.seed``, round, node id), because a simulated study must
+keys every node's noise by (``run.seed``, round, node id), because a simulated study must
 reproduce and all its nodes run in one process where no neighbour is listening; that is
 not privacy against anyone holding the config, and a real node uses it only when
 ``privacy.seeded_noise`` asks for it, to compare with the simulator.
@@ -209,8 +209,9 @@ class LocalPrivacy:
     """
 
     def __init__(self, cfg: PrivacyConfig, planned_releases: int, shared: Tensors, ids: Iterable[int],
-                 *, secret: bool = False) -> None:
+                 seed: int, *, secret: bool = False) -> None:
         self.cfg = cfg
+        self.seed = seed
         self.sigma = noise_multiplier(cfg, planned_releases)
         self.ids = [int(i) for i in ids]
         self.reference = {k: v.clone() for k, v in shared.items()}
@@ -220,7 +221,7 @@ class LocalPrivacy:
     def release(self, shared: Tensors, round_: int, active: np.ndarray) -> None:
         """Replace the ``active`` rows of ``shared`` (in place) by reference + privatised update."""
         rows = np.flatnonzero(active)
-        generators = [secret_generator() if self.secret else noise_generator(self.cfg.seed, round_, self.ids[r])
+        generators = [secret_generator() if self.secret else noise_generator(self.seed, round_, self.ids[r])
                       for r in rows]
         index = slice(None) if len(rows) == len(active) else torch.from_numpy(rows)  # a slice copies nothing
         update = {k: v[index] - self.reference[k][index] for k, v in shared.items()}

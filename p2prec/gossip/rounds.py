@@ -3,7 +3,7 @@
 Why one place: with time-varying peer sampling the matrix changes every round, and a real
 node must draw exactly the simulator's draw without asking anyone. Both build a
 :class:`FlatMixing` from the same data graph and gossip config, and the draw depends on
-(``gossip.seed``, round) alone, so every node of a network, and the simulator, agree on
+(``run.seed``, round) alone, so every node of a network, and the simulator, agree on
 who talks to whom in round ``t``.
 """
 
@@ -33,9 +33,10 @@ class FlatMixing:
     each node pushes to ``cfg.peers`` random nodes of the whole network (Epidemic Learning).
     """
 
-    def __init__(self, graph: nx.Graph, cfg: GossipConfig) -> None:
+    def __init__(self, graph: nx.Graph, cfg: GossipConfig, seed: int) -> None:
         self.n = graph.number_of_nodes()
         self.cfg = cfg
+        self.seed = seed
         self.base = metropolis_hastings(graph)
         self.edges = np.asarray([(u, v) for u, v in graph.edges if u != v], dtype=np.int64).reshape(-1, 2)
 
@@ -45,7 +46,7 @@ class FlatMixing:
         round always has; later exchanges add their index to the draw's key."""
         if self.cfg.mixing == "metropolis":
             return self.base
-        rng = seeded_rng(self.cfg.seed, rnd, Stream.PEER_DRAW, *exchange_key(exchange))
+        rng = seeded_rng(self.seed, rnd, Stream.PEER_DRAW, *exchange_key(exchange))
         if self.cfg.mixing == "matching":
             return matching_matrix(self.edges, self.n, rng)
         return uniform_peer_matrix(self.n, self.cfg.peers, rng)

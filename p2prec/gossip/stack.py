@@ -24,7 +24,7 @@ What holds for a stack, and what its users rely on:
   the start of the round rather than at the end of the last one is the same state in the
   simulator, and it is also right for a real node after a restart or a join, which never
   ran the last round's end.
-- A round trains while ``sim.train_rounds`` is 0 or not yet passed (:meth:`trains`); the
+- A round trains while ``run.train_rounds`` is 0 or not yet passed (:meth:`trains`); the
   noise is calibrated over the rounds that train (:meth:`training_rounds`), which are also
   the rounds in which a node releases.
 """
@@ -71,14 +71,15 @@ class GossipStack:
         """
         codec = codec_from_config(cfg.gossip)
         stack = cls(codec, codec.keeps_residual(cfg.gossip.tracking), aggregation_from_config(cfg.robust),
-                    cfg.robust.norm_bound, cfg.gossip.exchanges, cfg.sim.train_rounds)
+                    cfg.robust.norm_bound, cfg.gossip.exchanges, cfg.run.train_rounds)
         if not cfg.privacy.enabled or shared is None:
             return stack
-        privacy = LocalPrivacy(cfg.privacy, stack.training_rounds(cfg.sim.rounds), shared, ids, secret=secret)
+        privacy = LocalPrivacy(cfg.privacy, stack.training_rounds(cfg.run.rounds), shared, ids, cfg.run.seed,
+                               secret=secret)
         return replace(stack, privacy=privacy)
 
     def trains(self, round_: int) -> bool:
-        """Whether round ``round_`` has a local update (none once ``sim.train_rounds`` have passed)."""
+        """Whether round ``round_`` has a local update (none once ``run.train_rounds`` have passed)."""
         return not self.train_rounds or round_ <= self.train_rounds
 
     def training_rounds(self, through: int) -> int:

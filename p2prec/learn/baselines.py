@@ -11,19 +11,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import numpy as np
 
 from p2prec.config import Config
 from p2prec.data.sampler import NegativeSampler
 from p2prec.data.split import Dataset
 from p2prec.learn.central import train_pooled
-from p2prec.learn.evaluate import EvalSet, build_eval_set, evaluate
+from p2prec.learn.evaluate import evaluate
+from p2prec.learn.factories import federated_eval_set, selection_score
 from p2prec.learn.local import Params, StepSettings
 from p2prec.model.adapters import DualAdapterModel
-from p2prec.model.backbone import SeqRecModel
-
-KINDS = ("centralized", "local-only", "backbone-only")
-
 
 @dataclass
 class BaselineResult:
@@ -31,30 +27,6 @@ class BaselineResult:
 
     records: list[dict]
     wall_s: float
-
-
-def step_settings(cfg: Config, shared_names: list[str] | tuple[str, ...] = ()) -> StepSettings:
-    """A node's step settings; ``shared_names`` get the shared adapter's own optimizer and lr."""
-    t = cfg.train
-    return StepSettings(lr=t.lr, loss=t.loss, weight_decay=t.weight_decay, shared_names=frozenset(shared_names),
-                        shared_lr=t.shared_lr, shared_optimizer=t.shared_optimizer, momentum=t.momentum)
-
-
-def adapter_model(backbone: SeqRecModel, cfg: Config) -> DualAdapterModel:
-    """Wrap the frozen backbone with both adapters from the config, in eval mode (no dropout)."""
-    a = cfg.adapter
-    model = DualAdapterModel(backbone, a.rank_personal, a.rank_shared, a.alpha_personal, a.alpha_shared,
-                             a.targets_personal, a.targets_shared, a.dropout, a.seed)
-    return model.eval()
-
-
-def selection_score(result: dict, cfg: Config) -> float:
-    return float(result["val"][cfg.eval.select_protocol][cfg.eval.select_metric])
-
-
-def federated_eval_set(data: Dataset, cfg: Config, nodes: list[np.ndarray] | None = None) -> EvalSet:
-    nodes = nodes if nodes is not None else data.nodes(cfg.data.users_per_node)
-    return build_eval_set(data, nodes, cfg.model.max_len, cfg.eval.sampled_negatives, cfg.eval.seed)
 
 
 def run_backbone_only(model: DualAdapterModel, data: Dataset, cfg: Config) -> BaselineResult:
@@ -85,7 +57,7 @@ def run_centralized(model: DualAdapterModel, data: Dataset, cfg: Config, epochs:
     settings = StepSettings(lr=c.lr, loss=cfg.train.loss, weight_decay=cfg.train.weight_decay)
     run = train_pooled(model, model.trainable_state(), data, sampler, data.federated_users,
                        settings, epochs=epochs or c.epochs, batch_size=c.batch_size,
-                       max_len=cfg.model.max_len, negatives=cfg.train.negatives, seed=cfg.train.seed,
+                       max_len=cfg.model.max_len, negatives=cfg.train.negatives, seed=cfg.run.seed,
                        validate=validate, eval_every=cfg.eval.every, patience=c.patience,
                        dropout=cfg.train.backbone_dropout, desc="centralized")
     return BaselineResult(run.history, time.perf_counter() - start)

@@ -13,14 +13,14 @@ against, and what the benchmarks compare it with.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
-from p2prec.config import Config
 from p2prec.data.sampler import NegativeSampler
 from p2prec.data.split import Dataset
 from p2prec.gossip.mixing import TRACK
-from p2prec.learn.baselines import step_settings
 from p2prec.learn.batches import TrainBatch, train_batch
 from p2prec.learn.batched import BatchedAdapterModel
 from p2prec.learn.local import Params, StepSettings, adam_step, init_opt_state, local_grads
@@ -36,34 +36,57 @@ def stack(state: Params, n: int) -> Params:
     return {k: v.detach().unsqueeze(0).repeat(n, *([1] * v.dim())).contiguous() for k, v in state.items()}
 
 
+@dataclass(frozen=True)
+class LocalPlan:
+    """How every node of a population trains in a round, fixed for the run.
+
+    ``steps`` local steps of ``batch_size`` sequences (cut to ``max_len``, ``negatives``
+    sampled negatives each), drawn from (``seed``, round, global node id, step) alone;
+    ``dropout`` keeps the backbone's dropout on; ``chunk`` nodes go through one batched
+    forward; ``lr_schedule`` scales the learning rates over ``rounds``.
+    """
+
+    steps: int
+    batch_size: int
+    max_len: int
+    negatives: int
+    seed: int
+    dropout: bool = False
+    chunk: int = 128
+    lr_schedule: str = "constant"
+    rounds: int = 0
+
+
+@dataclass(frozen=True)
+class TrackingPlan:
+    """Gradient tracking of the shared adapter (:mod:`p2prec.learn.tracking`): off, or on with
+    the seeded ``fraction`` of nodes that fold a fresh gradient in each round and the ``weight``
+    each node's gradient counts for (``node`` or ``samples``)."""
+
+    enabled: bool = False
+    fraction: float = 1.0
+    weight: str = "node"
+
+
 class Population:
     """The trainable state of N nodes and their local updates.
 
     Invariant: ``params[name][i]`` is node i's tensor ``name`` (the model's parameter
     names); ``state`` holds the matching Adam moments and per-node step counts ``t`` and,
-    with ``tracking``, each node's tracker and last gradient of the shared adapter.
+    with tracking, each node's tracker and last gradient of the shared adapter.
     ``counts[i]`` is node i's number of training interactions (FedAvg's and the tracked
     average's weight).
     """
 
-    def __init__(self, model: DualAdapterModel, data: Dataset, sampler: NegativeSampler,
-                 nodes: list[np.ndarray], settings: StepSettings, *, local_steps: int,
-                 batch_size: int, max_len: int, negatives: int, seed: int, dropout: bool = False,
-                 chunk: int = 128, ids: np.ndarray | None = None, tracking: bool = False,
-                 tracking_fraction: float = 1.0, tracking_weight: str = "node", lr_schedule: str = "constant",
-                 rounds: int = 0) -> None:
+    def __init__(self, model: DualAdapterModel, data: Dataset, nodes: list[np.ndarray], settings: StepSettings,
+                 plan: LocalPlan, tracking: TrackingPlan = TrackingPlan(), ids: np.ndarray | None = None) -> None:
         self.model = model
         self.data = data
-        self.sampler = sampler
+        self.sampler = NegativeSampler(data)
         self.nodes = nodes
         self.settings = settings
-        self.local_steps = local_steps
-        self.batch_size = batch_size
-        self.max_len = max_len
-        self.negatives = negatives
-        self.seed = seed
-        self.dropout = dropout
-        self.chunk = chunk
+        self.plan = plan
+        self.chunk = plan.chunk
         # Global node ids seed each node's batches, so a real node holding a population of one
         # (its own) draws exactly the batches the simulator draws for it.
         self.ids = np.arange(len(nodes)) if ids is None else np.asarray(ids, dtype=np.int64)
@@ -72,14 +95,12 @@ class Population:
         self.params = stack(model.trainable_state(), len(nodes))
         self.state = init_opt_state(self.params, batch_dims=1)
         self.shared_names = model.shared_names()
-        self.tracking = tracking
-        self.tracking_fraction = tracking_fraction
+        self.tracking = tracking.enabled
+        self.tracking_fraction = tracking.fraction
         self.counts = np.asarray([sum(len(data.train[u]) for u in users) for users in nodes], dtype=np.float64)
-        self.weights = gradient_weights(tracking_weight, self.counts)
-        self.lr_schedule = lr_schedule
-        self.rounds = rounds
-        lr_factor(lr_schedule, 1, rounds)  # an unknown schedule fails here, not mid-run
-        if tracking:
+        self.weights = gradient_weights(tracking.weight, self.counts)
+        lr_factor(plan.lr_schedule, 1, plan.rounds)  # an unknown schedule fails here, not mid-run
+        if self.tracking:
             self.state.update(init_tracking_state(self._shared_params(), self.state["t"]))
         self._batched = BatchedAdapterModel(model)
 
@@ -89,20 +110,21 @@ class Population:
 
     def node_batch(self, node: int, round_: int, step: int) -> TrainBatch:
         """Node ``node``'s batch for a step; seeded by (seed, round, global node id, step) alone."""
-        rng = seeded_rng(self.seed, round_, int(self.ids[node]), step)
-        return train_batch(self.data, self.sampler, self.nodes[node], self.batch_size, self.max_len,
-                           self.negatives, rng)
+        p = self.plan
+        rng = seeded_rng(p.seed, round_, int(self.ids[node]), step)
+        return train_batch(self.data, self.sampler, self.nodes[node], p.batch_size, p.max_len, p.negatives, rng)
 
     def train_round(self, round_: int, active: np.ndarray | None = None, vectorized: bool = True) -> float:
-        """Run ``local_steps`` local steps on every active node; return their mean loss."""
+        """Run the plan's local steps on every active node; return their mean loss."""
         active_ids = np.arange(self.size) if active is None else np.flatnonzero(active)
         losses = torch.zeros(self.size)
-        settings = scaled(self.settings, lr_factor(self.lr_schedule, round_, self.rounds))
+        plan = self.plan
+        settings = scaled(self.settings, lr_factor(plan.lr_schedule, round_, plan.rounds))
         summed = {k: torch.zeros_like(v) for k, v in self._shared_params().items()} if self.tracking else {}
-        for step in range(self.local_steps):
+        for step in range(plan.steps):
             batches = [self.node_batch(int(i), round_, step) for i in active_ids]
-            torch.manual_seed(int(seeded_rng(self.seed, round_, step).integers(2**62)))
-            self.model.train(self.dropout)
+            torch.manual_seed(int(seeded_rng(plan.seed, round_, step).integers(2**62)))
+            self.model.train(plan.dropout)
             try:
                 if vectorized:
                     self._vectorized_step(active_ids, batches, losses, summed, settings)
@@ -110,9 +132,9 @@ class Population:
                     self._looped_step(active_ids, batches, losses, summed, settings)
             finally:
                 self.model.eval()
-        if self.tracking and self.local_steps and len(active_ids):
+        if self.tracking and plan.steps and len(active_ids):
             self._track(active_ids, summed, round_, settings)
-        return float(losses[active_ids].mean()) if len(active_ids) and self.local_steps else float("nan")
+        return float(losses[active_ids].mean()) if len(active_ids) and plan.steps else float("nan")
 
     @torch.no_grad()
     def _vectorized_step(self, ids: np.ndarray, batches: list[TrainBatch], losses: torch.Tensor,
@@ -161,8 +183,8 @@ class Population:
         rows = _rows(ids)
         shared = {k: self.params[k][rows] for k in self.shared_names}
         keys = [STEPS, *(f"{p}{k}" for k in self.shared_names for p in (TRACKER, LAST_GRAD, "m.", "v."))]
-        take = torch.from_numpy(participation(self.seed, round_, self.ids[ids], self.tracking_fraction))
-        scale = take.to(torch.float32) * self.weights[rows] / self.local_steps
+        take = torch.from_numpy(participation(self.plan.seed, round_, self.ids[ids], self.tracking_fraction))
+        scale = take.to(torch.float32) * self.weights[rows] / self.plan.steps
         grads = {k: summed[k][rows] * scale.view(-1, *[1] * (summed[k].dim() - 1)) for k in self.shared_names}
         stepped, new_state = tracked_step(shared, grads, {k: self.state[k][rows] for k in keys}, settings)
         for k, v in stepped.items():
@@ -197,22 +219,3 @@ def gossip_template(model: DualAdapterModel, tracking: bool) -> Params:
     if tracking:
         shared.update({TRACK + k: torch.zeros_like(v) for k, v in list(shared.items())})
     return shared
-
-
-def configured_population(model: DualAdapterModel, data: Dataset, cfg: Config, nodes: list[np.ndarray],
-                          ids: np.ndarray | None = None, gossiped: bool = True) -> Population:
-    """The population ``cfg`` describes. The simulator (all its nodes) and a real node (itself
-    alone, with its global id in ``ids``) both build it here, so their local updates cannot drift.
-
-    ``gossiped``: the nodes mix their states among themselves (flat gossip). Otherwise an
-    aggregator's count-weighted average mixes them (an edge hierarchy, FedAvg's server), which
-    already weighs each node by its samples, or nothing does (local-only); either way
-    ``gossip.tracking_weight`` is not applied there.
-    """
-    t = cfg.train
-    weight = cfg.gossip.tracking_weight if gossiped else "node"
-    return Population(model, data, NegativeSampler(data), nodes, step_settings(cfg, model.shared_names()),
-                      local_steps=t.local_steps, batch_size=t.batch_size, max_len=cfg.model.max_len,
-                      negatives=t.negatives, seed=t.seed, dropout=t.backbone_dropout, chunk=cfg.sim.chunk,
-                      ids=ids, tracking=cfg.gossip.tracking, tracking_fraction=cfg.gossip.tracking_fraction,
-                      tracking_weight=weight, lr_schedule=t.lr_schedule, rounds=cfg.sim.rounds)

@@ -60,7 +60,7 @@ def pretraining_data(data: Dataset | None, cfg: Config) -> tuple[Dataset, np.nda
                              "users to pre-train on; name a corpus (pretrain.corpus = \"ml-latest\")")
         return data, data.public_users, "public"
     corpus = load_dataset(cfg.pretrain.corpus, cfg.pretrain.corpus_dir or cfg.data.dir or None, 1.0,
-                          cfg.data.split_seed, cfg.data.min_interactions)
+                          cfg.run.seed, cfg.data.min_interactions)
     cold = set() if data is None else {title_key(data.titles[i]) for i in data.cold_items}
     if cold:
         drop = np.asarray([i for i, t in enumerate(corpus.titles) if i and title_key(t) in cold], dtype=np.int64)
@@ -75,8 +75,9 @@ def backbone_key(corpus: Dataset, cfg: Config) -> str:
         "checksum": corpus.checksum,
         "corpus": cfg.pretrain.corpus,
         "cold": sorted(corpus.titles[i] for i in corpus.cold_items),
+        "seed": cfg.run.seed,
         "data": {k: v for k, v in vars(cfg.data).items() if k not in ("dir", "users_per_node", "cold_items")}
-        if not cfg.pretrain.corpus else {"split_seed": cfg.data.split_seed, "min": cfg.data.min_interactions},
+        if not cfg.pretrain.corpus else {"min": cfg.data.min_interactions},
         "model": vars(cfg.model),
         "encoder": encoder_identity(cfg.model.text_encoder) if cfg.model.text_encoder != NONE else NONE,
         "pretrain": {k: v for k, v in vars(cfg.pretrain).items() if k != "corpus_dir"},
@@ -90,7 +91,7 @@ def pretrain(corpus: Dataset, users: np.ndarray, cfg: Config,
     m, p = cfg.model, cfg.pretrain
     model = fresh_backbone(corpus, cfg, cache_dir)
     sampler = NegativeSampler(corpus)
-    es = build_eval_set(corpus, [np.asarray([u]) for u in users], m.max_len, cfg.eval.sampled_negatives, cfg.eval.seed)
+    es = build_eval_set(corpus, [np.asarray([u]) for u in users], m.max_len, cfg.eval.sampled_negatives, cfg.run.seed)
 
     def validate(params: Params, epoch: int) -> tuple[float, dict]:
         result = evaluate(model, params, es, protocols=("sampled",), k=cfg.eval.k)
@@ -101,7 +102,7 @@ def pretrain(corpus: Dataset, users: np.ndarray, cfg: Config,
     run = train_pooled(model, params, corpus, sampler, users,
                        StepSettings(lr=p.lr, loss=p.loss, weight_decay=p.weight_decay),
                        epochs=p.epochs, batch_size=p.batch_size, max_len=m.max_len,
-                       negatives=p.negatives, seed=p.seed, validate=validate,
+                       negatives=p.negatives, seed=cfg.run.seed, validate=validate,
                        eval_every=5, patience=8, desc="pretrain")
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -122,7 +123,7 @@ def pretrain(corpus: Dataset, users: np.ndarray, cfg: Config,
 
 
 def fresh_backbone(data: Dataset, cfg: Config, cache_dir: Path | None = None) -> SeqRecModel:
-    """An untrained backbone for ``data``'s catalogue, shaped by ``cfg.model``, seeded by ``pretrain.seed``."""
+    """An untrained backbone for ``data``'s catalogue, shaped by ``cfg.model``, seeded by ``run.seed``."""
     m = cfg.model
     text = None
     if m.text_encoder != NONE:
@@ -131,7 +132,7 @@ def fresh_backbone(data: Dataset, cfg: Config, cache_dir: Path | None = None) ->
                              "ships no item metadata; set model.text_encoder = none")
         text = torch.from_numpy(embed_texts(data.texts, m.text_encoder, cache_dir))
     return build_backbone(data.n_items, m.hidden, m.layers, m.heads, m.intermediate, m.max_len, m.dropout,
-                          m.causal, seed=cfg.pretrain.seed, text=text, text_encoder=m.text_encoder,
+                          m.causal, seed=cfg.run.seed, text=text, text_encoder=m.text_encoder,
                           id_embedding=m.id_embedding)
 
 

@@ -35,7 +35,7 @@ def build_node(cfg: Config, node_id: int, backbone_dir: str | None):  # noqa: AN
     so a secured node without them stops at once. The node's state folder gets the serving
     manifest (:mod:`p2prec.serve.state`), so ``p2prec recommend --state`` can serve its users.
     """
-    from p2prec.learn.baselines import adapter_model
+    from p2prec.learn.factories import adapter_model
     from p2prec.learn.population import gossip_template
     from p2prec.learn.pretrain import ensure_backbone
     from p2prec.node.learner import Learner
@@ -50,8 +50,8 @@ def build_node(cfg: Config, node_id: int, backbone_dir: str | None):  # noqa: AN
     check_config(cfg)
     data = load_data(cfg)
     nodes = select_nodes(data, cfg)
-    graph = load(cfg.gossip.topology, len(nodes), cfg.gossip.seed)
-    where = place(graph, node_id, len(nodes), cfg.gossip)
+    graph = load(cfg.gossip.topology, len(nodes), cfg.run.seed)
+    where = place(graph, node_id, len(nodes), cfg.gossip, cfg.run.seed)
     keys = node_keys(cfg.security, node_id, graph) if cfg.security.enabled else None
     backbone = ensure_backbone(data, cfg, backbone_dir)
     backbone_sha = fingerprint(backbone)  # before the adapters wrap it

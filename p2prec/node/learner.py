@@ -16,9 +16,8 @@ import torch
 
 from p2prec.config import Config
 from p2prec.data.split import Dataset
-from p2prec.learn.baselines import federated_eval_set
+from p2prec.learn.factories import configured_population, federated_eval_set
 from p2prec.learn.evaluate import evaluate
-from p2prec.learn.population import configured_population
 from p2prec.model.adapters import DualAdapterModel
 from p2prec.run.checkpoint import OPT, PARAM
 

@@ -77,9 +77,9 @@ def _address(graph: nx.Graph, node: int) -> str:
     return address.strip()
 
 
-def place(graph: nx.Graph, node: int, n_data_nodes: int, gossip: GossipConfig | None = None) -> Place:
-    """This node's :class:`Place` under ``gossip`` (the defaults if None); :class:`TopologyError`
-    if the topology cannot run it."""
+def place(graph: nx.Graph, node: int, n_data_nodes: int, gossip: GossipConfig | None = None, seed: int = 0) -> Place:
+    """This node's :class:`Place` under ``gossip`` (the defaults if None) and the run seed that
+    draws its rounds' peers; :class:`TopologyError` if the topology cannot run it."""
     validate(graph, n_data_nodes=n_data_nodes)
     if node not in graph:
         raise TopologyError(f"node id {node} is not in the topology (ids 0..{graph.number_of_nodes() - 1})")
@@ -87,7 +87,7 @@ def place(graph: nx.Graph, node: int, n_data_nodes: int, gossip: GossipConfig | 
     n = graph.number_of_nodes()
     if not aggs:
         peers = sorted(graph.neighbors(node))
-        rounds = FlatMixing(graph.subgraph(range(n_data_nodes)), gossip or GossipConfig())
+        rounds = FlatMixing(graph.subgraph(range(n_data_nodes)), gossip or GossipConfig(), seed)
         return Place(node, FLAT, _address(graph, node), {j: _address(graph, j) for j in peers}, n,
                      mixing=rounds.base, mixing_ids=tuple(range(n_data_nodes)), rounds=rounds)
     role = graph.nodes[node]["role"]

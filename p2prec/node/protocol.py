@@ -111,7 +111,7 @@ class Protocol:
     async def _train(self, round_: int) -> tuple[float, float]:
         """The local update, off the event loop so messages keep arriving; (loss, seconds).
 
-        A round past ``sim.train_rounds`` has none (NaN loss). With privacy the update is then
+        A round past ``run.train_rounds`` has none (NaN loss). With privacy the update is then
         released against the state the round started from (:meth:`GossipStack.start_round`),
         the last round's mixed state, also after a restart, since the checkpoint is written
         after mixing, and after a join, whose adopted state is where the round starts.

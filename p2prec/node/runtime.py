@@ -112,7 +112,7 @@ class Node:
         self.state_dir = state_dir
         self.ckpt_path = state_dir / checkpoint.FILE_NAME
         self.progress = Progress()
-        self.joins = JoinDesk(place.node, cfg.sim.rounds)
+        self.joins = JoinDesk(place.node, cfg.run.rounds)
         self.name = f"node {place.node}"
         self.rejections = Rejections(self.name, cfg.node.summary_s)
         self._wall_base, self._wall_start = 0.0, time.perf_counter()
@@ -279,7 +279,7 @@ class Node:
         if missing and missing == set(self.place.peers) and self.progress.round > 0:
             log.warning("%s: no neighbour answered in %.0f s. This node resumes after round %d: if its neighbours "
                         "have finished the run meanwhile, they are gone, and it runs rounds %d-%d alone",
-                        self.name, timeout, self.progress.round, self.progress.round + 1, self.cfg.sim.rounds)
+                        self.name, timeout, self.progress.round, self.progress.round + 1, self.cfg.run.rounds)
         await inbox.wait_present(self.place.peers, loop.time())
 
     async def _farewell(self, transport: Transport) -> None:
@@ -299,7 +299,7 @@ class Node:
         p = self.progress
         p.round = round_
         p.bytes_sent_total += result.bytes_sent
-        rounds = self.cfg.sim.rounds
+        rounds = self.cfg.run.rounds
         loss = None if math.isnan(result.loss) else result.loss
         eval_s, note = 0.0, ""
         if self.learner is not None and (round_ % self.cfg.eval.every == 0 or round_ == rounds):
@@ -367,7 +367,7 @@ class Node:
             if join:
                 await self._join(transport, inbox, protocol)
             await self._greet(transport, inbox)
-            for round_ in range(self.progress.round + 1, self.cfg.sim.rounds + 1):
+            for round_ in range(self.progress.round + 1, self.cfg.run.rounds + 1):
                 inbox.advance(round_)
                 started = time.perf_counter()
                 result = await protocol.run(round_)

@@ -17,7 +17,7 @@ from p2prec.rng import Stream, seeded_rng
 
 def load_data(cfg: Config) -> Dataset:
     """The data set ``cfg.data`` names, split as it prescribes."""
-    return load_dataset(cfg.data.name, cfg.data.dir or None, cfg.data.public_fraction, cfg.data.split_seed,
+    return load_dataset(cfg.data.name, cfg.data.dir or None, cfg.data.public_fraction, cfg.run.seed,
                         cfg.data.min_interactions, cfg.data.cold_items)
 
 
@@ -25,6 +25,6 @@ def select_nodes(data: Dataset, cfg: Config) -> list[np.ndarray]:
     """All federated nodes, or a seeded subsample of ``sim.nodes`` of them (kept in id order)."""
     nodes = data.nodes(cfg.data.users_per_node)
     if cfg.sim.nodes and cfg.sim.nodes < len(nodes):
-        keep = np.sort(seeded_rng(cfg.sim.seed, Stream.NODES).choice(len(nodes), cfg.sim.nodes, replace=False))
+        keep = np.sort(seeded_rng(cfg.run.seed, Stream.NODES).choice(len(nodes), cfg.sim.nodes, replace=False))
         nodes = [nodes[i] for i in keep]
     return nodes

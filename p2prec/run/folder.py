@@ -40,7 +40,7 @@ def best_record(records: list[dict], protocol: str, metric: str) -> dict:
 
 
 def summarize_run(records: list[dict], cfg: Config, nodes: int, rounds: int,
-                  bytes_per_node_per_round: float, wall_s: float, baseline: str | None,
+                  bytes_per_node_per_round: float, wall_s: float, method: str,
                   **extra: Any) -> dict[str, Any]:
     """The ``summary.json`` object: the round validation chose, what it scored, the run's costs and ``extra``."""
     best = best_record(records, cfg.eval.select_protocol, cfg.eval.select_metric)
@@ -53,7 +53,7 @@ def summarize_run(records: list[dict], cfg: Config, nodes: int, rounds: int,
         "test_at_best": best["test"],
         "bytes_per_node_per_round": bytes_per_node_per_round,
         "wall_s": wall_s,
-        "baseline": baseline,
+        "method": method,
         **extra,
     }
 

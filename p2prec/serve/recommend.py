@@ -50,7 +50,7 @@ class Recommender:
         names). :class:`StateError` if the state is missing or damaged, or was trained on other
         data or another backbone."""
         from p2prec.config import load
-        from p2prec.learn.baselines import adapter_model
+        from p2prec.learn.factories import adapter_model
         from p2prec.learn.pretrain import ensure_backbone
         from p2prec.run.data import load_data
         from p2prec.serve.state import CONFIG

@@ -12,8 +12,8 @@ Kinds, with ``scale`` their one parameter:
 - ``noise``: send ``N(0, scale^2)`` in every coordinate, pure noise of that size;
 - ``constant``: send ``scale`` in every coordinate, the same model from every attacker.
 
-Which nodes are Byzantine is drawn once, from its own seed, so the same seed picks the
-same attackers whatever else the run does.
+Which nodes are Byzantine is drawn once, from the run seed on a stream of its own, so the
+same seed picks the same attackers whatever else the run does.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
+
+from p2prec.rng import Stream, seeded_rng
 
 ATTACKS = ("none", "sign-flip", "noise", "constant")
 """The attack kinds (``sim.attack`` in the config); ``none`` sends the honest state."""
@@ -47,7 +49,7 @@ def choose_byzantine(nodes: int, count: int, seed: int) -> torch.Tensor:
     if not 0 <= count <= nodes:
         raise ValueError(f"cannot choose {count} Byzantine nodes among {nodes}")
     mask = np.zeros(nodes, dtype=bool)
-    mask[np.random.default_rng(seed).choice(nodes, size=count, replace=False)] = True
+    mask[seeded_rng(seed, Stream.BYZANTINE).choice(nodes, size=count, replace=False)] = True
     return torch.from_numpy(mask)
 
 

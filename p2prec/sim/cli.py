@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from p2prec.cli import add_config_options, config_from_args, guarded, run_cli
+from p2prec.config import METHODS
 from p2prec.run.data import load_data
 from p2prec.sim.runner import run_simulation
 from p2prec.topology import TopologyError
@@ -47,15 +48,14 @@ def print_summary(summary: dict, out: Path) -> None:
 
 def cmd_sim(args: argparse.Namespace) -> int:
     overrides = []
-    for flag, key in (("topology", "gossip.topology"), ("nodes", "sim.nodes"), ("rounds", "sim.rounds"),
-                      ("local_steps", "train.local_steps"), ("baseline", "sim.baseline")):
+    for flag, key in (("topology", "gossip.topology"), ("nodes", "sim.nodes"), ("rounds", "run.rounds"),
+                      ("local_steps", "train.local_steps"), ("method", "run.method"), ("seed", "run.seed")):
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
-    if args.seed is not None:
-        overrides += [f"sim.seed={args.seed}", f"gossip.seed={args.seed}", f"train.seed={args.seed}"]
     args.overrides = overrides + list(args.overrides)
     cfg = config_from_args(args)
-    out = Path(args.out or f"runs/{cfg.sim.baseline or cfg.gossip.topology.split(':')[0].split('/')[-1]}")
+    default_name = cfg.gossip.topology.split(':')[0].split('/')[-1] if cfg.run.method == "p2prec" else cfg.run.method
+    out = Path(args.out or f"runs/{default_name}")
     try:
         if args.processes:
             from p2prec.launch import run_processes
@@ -80,12 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--nodes", type=int, help="simulate a seeded subsample of this many nodes")
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--local-steps", type=int)
-    parser.add_argument("--seed", type=int, help="seed for training, gossip and faults (not the data split)")
-    parser.add_argument("--baseline", choices=("local-only", "fedavg-server", "centralized"))
+    parser.add_argument("--seed", type=int, help="the run seed (run.seed): split, initialisation, training, gossip, faults")
+    parser.add_argument("--method", choices=METHODS, help="p2prec (the default) or a baseline to compare with")
     parser.add_argument("--backbone", help="backbone folder (default: pre-train on public users, cached)")
     parser.add_argument("--processes", type=int, metavar="N",
                         help="run N data nodes as real p2prec-node processes on 127.0.0.1 instead of simulating")
-    parser.add_argument("--out", help="results folder (default: runs/<topology or baseline>)")
+    parser.add_argument("--out", help="results folder (default: runs/<topology or method>)")
     parser.add_argument("--save-states", action="store_true",
                         help="also save every node's adapters in OUT/state, for 'p2prec recommend --state OUT'")
     parser.set_defaults(func=guarded(cmd_sim))

@@ -51,9 +51,9 @@ from p2prec.gossip.mixing import Params, consensus_distance, mix
 from p2prec.gossip.robust import bound_mixing, bounded_names, robust_mix_named, state_norms
 from p2prec.gossip.rounds import exchange_key
 from p2prec.gossip.stack import GossipStack
-from p2prec.learn.baselines import adapter_model, federated_eval_set, selection_score
+from p2prec.learn.factories import adapter_model, configured_population, federated_eval_set, selection_score
 from p2prec.learn.evaluate import evaluate
-from p2prec.learn.population import configured_population, gossip_template
+from p2prec.learn.population import gossip_template
 from p2prec.model.backbone import SeqRecModel
 from p2prec.rng import Stream, torch_generator
 from p2prec.run.data import select_nodes
@@ -110,13 +110,13 @@ class Simulation:
         self.pop = configured_population(self.model, data, cfg, self.nodes,
                                          gossiped=graph is not None and not aggregators(graph))
         attackers = byzantine_count(cfg.sim.byzantine, n) if cfg.sim.attack != "none" else 0
-        self.byzantine = choose_byzantine(n, attackers, cfg.sim.seed)
+        self.byzantine = choose_byzantine(n, attackers, cfg.run.seed)
         self.honest = torch.from_numpy(np.flatnonzero(~self.byzantine.numpy()))
         self.eval_set = federated_eval_set(data, cfg, [self.nodes[i] for i in self.honest.tolist()])
-        self.plan = MixingPlan(graph, n, self.pop.counts, cfg.gossip)
-        self.faults = FaultPlan(cfg.sim, n)
+        self.plan = MixingPlan(graph, n, self.pop.counts, cfg.gossip, cfg.run.seed)
+        self.faults = FaultPlan(cfg.sim, n, cfg.run.seed)
         self.graph = graph
-        self.joins = JoinPlan(cfg.sim, n)
+        self.joins = JoinPlan(cfg.sim, n, cfg.run.seed)
         self.join_log: list[dict[str, Any]] = []
         self.join_sources: dict[int, dict[int, int]] = {}
         self._join_sets = {name: self._cohort(mask) for name, mask in
@@ -226,7 +226,7 @@ class Simulation:
         """
         sent = own
         if bool(self.byzantine.any()):
-            forgery = torch_generator(self.cfg.sim.seed, rnd, Stream.FORGERY, *exchange_key(exchange))
+            forgery = torch_generator(self.cfg.run.seed, rnd, Stream.FORGERY, *exchange_key(exchange))
             sent = inject(self.cfg.sim.attack, sent, self.byzantine, self.cfg.sim.attack_scale, forgery)
         sent = self._compress(sent, ~faults.down)
         received = sent
@@ -315,9 +315,9 @@ class Simulation:
 
     def measured_rate(self, skip: int = 5) -> float | None:
         """Per-round contraction of the consensus distance once training has stopped (log-linear fit)."""
-        start = self.cfg.sim.train_rounds + skip
+        start = self.cfg.run.train_rounds + skip
         tail = np.asarray(self.consensus[start:])
-        if not self.cfg.sim.train_rounds or len(tail) < 3 or (tail <= 0).any():
+        if not self.cfg.run.train_rounds or len(tail) < 3 or (tail <= 0).any():
             return None
         slope = np.polyfit(np.arange(len(tail)), np.log(tail), 1)[0]
         return float(np.exp(slope))
@@ -334,7 +334,7 @@ class Simulation:
         ``on_record`` receives the records so far after each evaluation, so a long run can be
         watched (and survives being stopped) while it is still going.
         """
-        rounds = rounds or self.cfg.sim.rounds
+        rounds = rounds or self.cfg.run.rounds
         start = time.perf_counter()
         records: list[dict] = []
         best = (float("-inf"), 0)

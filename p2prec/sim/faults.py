@@ -52,13 +52,14 @@ def parse_outage(text: str, n: int) -> Outage:
 class FaultPlan:
     """Draws each round's faults from the config; no faults at all when everything is zero."""
 
-    def __init__(self, cfg: SimConfig, n: int) -> None:
+    def __init__(self, cfg: SimConfig, n: int, seed: int) -> None:
         self.cfg = cfg
         self.n = n
+        self.seed = seed
         self.outages = [parse_outage(t, n) for t in cfg.down]
 
     def round(self, rnd: int) -> RoundFaults:
-        rng = seeded_rng(self.cfg.seed, rnd, Stream.FAULTS)
+        rng = seeded_rng(self.seed, rnd, Stream.FAULTS)
         down = rng.random(self.n) < self.cfg.churn
         for o in self.outages:
             if o.first <= rnd <= o.last:

@@ -86,7 +86,7 @@ def split_diagonal(w: sp.csr_matrix) -> RoundMixing:
 class MixingPlan:
     """Static structure of who mixes with whom; :meth:`round` applies one round's faults."""
 
-    def __init__(self, graph: nx.Graph | None, n: int, counts: np.ndarray, cfg: GossipConfig) -> None:
+    def __init__(self, graph: nx.Graph | None, n: int, counts: np.ndarray, cfg: GossipConfig, seed: int) -> None:
         self.n = n
         self.cfg = cfg
         self.counts = counts
@@ -98,7 +98,7 @@ class MixingPlan:
             self._init_hierarchy(graph)
         else:
             self.kind = "flat"
-            self.flat = FlatMixing(graph.subgraph(range(n)), cfg)
+            self.flat = FlatMixing(graph.subgraph(range(n)), cfg, seed)
 
     def _init_hierarchy(self, graph: nx.Graph) -> None:
         index = {a: k for k, a in enumerate(self.aggs)}
@@ -189,25 +189,25 @@ def parse_join(text: str, n: int) -> tuple[int, int]:
 
 
 class JoinPlan:
-    """Which nodes join late, and when; drawn once from ``sim.seed``, no node in two cohorts.
+    """Which nodes join late, and when; drawn once from the run seed, no node in two cohorts.
 
     Why from round 2: a node that joins at round 1 is simply a node of the network.
     """
 
-    def __init__(self, cfg: SimConfig, n: int) -> None:
+    def __init__(self, cfg: SimConfig, n: int, seed: int) -> None:
         self.mode = cfg.join_mode
         self.window = cfg.join_window
         parsed = [parse_join(text, n) for text in cfg.join]
         total = sum(count for _, count in parsed)
         if total >= n:
             raise ConfigError(f"sim.join: {total} joiners leave no node to start the network ({n} nodes)")
-        order = seeded_rng(cfg.seed, Stream.JOIN).permutation(n)
+        order = seeded_rng(seed, Stream.JOIN).permutation(n)
         self.cohorts: list[JoinCohort] = []
         start = 0
         for round_, count in parsed:
             self.cohorts.append(JoinCohort(round_, np.sort(order[start:start + count])))
             start += count
-        self.seed = cfg.seed
+        self.seed = seed
         self.n = n
 
     def absent(self, rnd: int) -> np.ndarray:

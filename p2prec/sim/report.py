@@ -125,7 +125,7 @@ def epsilon_plot(folders: list[Path], out: Path, protocol: str) -> None:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="compare results folders: table and overlay plot")
-    p.add_argument("dirs", nargs="+", help="results folders written by p2prec-sim or p2prec baseline")
+    p.add_argument("dirs", nargs="+", help="results folders written by p2prec-sim")
     p.add_argument("--protocol", choices=("sampled", "full"), default="sampled")
     p.add_argument("--plot", default="report.png", help="overlay plot to write (PNG)")
     p.add_argument("--epsilon-plot", default="", help="also plot test NDCG@10 against epsilon for private runs (PNG)")

@@ -1,6 +1,6 @@
 """Run one configured experiment end to end: topology, backbone, simulation or baseline, results.
 
-Why one runner: ``p2prec-sim`` and ``p2prec baseline`` must put every method through the
+Why one runner: ``p2prec-sim`` must put every method (``run.method``) through the
 same code, data and protocol, so both call :func:`run_simulation`.
 """
 
@@ -13,7 +13,8 @@ from pathlib import Path
 from p2prec.atomic import write_text_atomic
 from p2prec.config import Config
 from p2prec.data.split import Dataset
-from p2prec.learn.baselines import adapter_model, run_backbone_only, run_centralized
+from p2prec.learn.baselines import run_backbone_only, run_centralized
+from p2prec.learn.factories import adapter_model
 from p2prec.learn.pretrain import ensure_backbone
 from p2prec.run.data import select_nodes
 from p2prec.run.folder import make_record, summarize_run, write_metrics, write_run
@@ -25,10 +26,10 @@ from p2prec.topology import load, metropolis_hastings, predicted_rate, spectral_
 
 def build_topology(cfg: Config, n: int):  # noqa: ANN201 - networkx.Graph or None
     """The topology for ``n`` data nodes, validated; ``None`` for local-only."""
-    if cfg.sim.baseline == "local-only":
+    if cfg.run.method == "local-only":
         return None
-    spec = "star" if cfg.sim.baseline == "fedavg-server" else cfg.gossip.topology
-    graph = load(spec, n, cfg.gossip.seed)
+    spec = "star" if cfg.run.method == "fedavg-server" else cfg.gossip.topology
+    graph = load(spec, n, cfg.run.seed)
     validate(graph, n_data_nodes=n)
     return graph
 
@@ -37,7 +38,7 @@ def fix_baseline(cfg: Config) -> None:
     """Set what a baseline's protocol fixes, whatever the config says, so ``config.toml``
     records what ran: FedAvg-with-server exchanges once per round (one up, one down), since
     its server's average is exact after one and a second exchange would only repeat it."""
-    if cfg.sim.baseline == "fedavg-server":
+    if cfg.run.method == "fedavg-server":
         cfg.gossip.exchanges = 1
 
 
@@ -51,17 +52,17 @@ def run_simulation(cfg: Config, data: Dataset, out: Path, backbone_dir: str | No
     summary's ``join`` key compares them with the founders.
     """
     fix_baseline(cfg)
-    if save_states and cfg.sim.baseline in ("centralized", "backbone-only"):
-        raise ValueError(f"--save-states: the {cfg.sim.baseline} baseline has no nodes to save")
+    if save_states and cfg.run.method in ("centralized", "backbone-only"):
+        raise ValueError(f"--save-states: the {cfg.run.method} baseline has no nodes to save")
     n = len(select_nodes(data, cfg))
-    graph = build_topology(cfg, n) if cfg.sim.baseline not in ("centralized", "backbone-only") else None
+    graph = build_topology(cfg, n) if cfg.run.method not in ("centralized", "backbone-only") else None
     backbone = ensure_backbone(data, cfg, backbone_dir)
     label = out.name
     start = time.perf_counter()
     extra: dict = {"label": label, "topology": cfg.gossip.topology, "mixing": cfg.gossip.mixing}
-    if cfg.sim.baseline in ("centralized", "backbone-only"):
+    if cfg.run.method in ("centralized", "backbone-only"):
         model = adapter_model(backbone, cfg)
-        run = run_centralized(model, data, cfg) if cfg.sim.baseline == "centralized" else \
+        run = run_centralized(model, data, cfg) if cfg.run.method == "centralized" else \
             run_backbone_only(model, data, cfg)
         records = [make_record(r["round"], r, r.get("loss"), None, 0, run.wall_s) for r in run.records]
         bytes_per_node_round = 0.0
@@ -84,9 +85,9 @@ def run_simulation(cfg: Config, data: Dataset, out: Path, backbone_dir: str | No
         if save_states:
             save_states_to(out / SIM_FOLDER, cfg, data, sim.pop.params, sim.nodes, max(r["round"] for r in records),
                            backbone_dir, backbone_sha)
-        bytes_per_node_round = sim.bytes_sent_total / (n * (sim.diverged_at or cfg.sim.rounds))
+        bytes_per_node_round = sim.bytes_sent_total / (n * (sim.diverged_at or cfg.run.rounds))
     summary = summarize_run(records, cfg, nodes=n, rounds=max(r["round"] for r in records),
                             bytes_per_node_per_round=bytes_per_node_round,
-                            wall_s=time.perf_counter() - start, baseline=cfg.sim.baseline or None, **extra)
+                            wall_s=time.perf_counter() - start, method=cfg.run.method, **extra)
     write_run(out, cfg, records, summary)
     return summary
