@@ -255,6 +255,10 @@ class SimConfig:
     adapter (``join_mode = "neighbour"``) or from a fresh one (``"zero"``, for comparison);
     they are evaluated every round for ``join_window`` rounds after joining (``join.jsonl``,
     see :mod:`p2prec.sim.plan`).
+    ``backend`` picks the engine (:mod:`p2prec.sim.backend`): ``local`` (one process), or the
+    population split into ``shards`` blocks (0: two) run in this process (``shards``) or on
+    Ray actors (``ray``, at ``ray_address`` or on a local instance). ``device`` is where the
+    local engine's tensors live: ``auto`` (CUDA when present, else the CPU), ``cpu`` or ``cuda``.
     """
 
     rounds: int = _field(250, lo=1)
@@ -274,6 +278,10 @@ class SimConfig:
     join: list = _field([])
     join_mode: str = _field("neighbour", choices=("neighbour", "zero"))
     join_window: int = _field(20, lo=0)
+    backend: str = _field("local", choices=("local", "shards", "ray"))
+    shards: int = _field(0, lo=0)
+    ray_address: str = ""
+    device: str = _field("auto", choices=("auto", "cpu", "cuda"))
 
 
 @dataclass

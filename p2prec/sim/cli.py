@@ -48,7 +48,9 @@ def print_summary(summary: dict, out: Path) -> None:
 def cmd_sim(args: argparse.Namespace) -> int:
     overrides = []
     for flag, key in (("topology", "gossip.topology"), ("nodes", "sim.nodes"), ("rounds", "sim.rounds"),
-                      ("local_steps", "train.local_steps"), ("baseline", "sim.baseline")):
+                      ("local_steps", "train.local_steps"), ("baseline", "sim.baseline"),
+                      ("backend", "sim.backend"), ("shards", "sim.shards"), ("ray_address", "sim.ray_address"),
+                      ("device", "sim.device")):
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
     if args.seed is not None:
@@ -85,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backbone", help="backbone folder (default: pre-train on public users, cached)")
     parser.add_argument("--processes", type=int, metavar="N",
                         help="run N data nodes as real p2prec-node processes on 127.0.0.1 instead of simulating")
+    parser.add_argument("--backend", choices=("local", "shards", "ray"),
+                        help="engine: one process (default), shards in this process, or shards on Ray actors")
+    parser.add_argument("--shards", type=int, help="shards of the population for --backend shards|ray (default 2)")
+    parser.add_argument("--ray-address", help="Ray cluster to run on (default: start a local instance)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"),
+                        help="where the local engine's tensors live (default: cuda when present, else cpu)")
     parser.add_argument("--out", help="results folder (default: runs/<topology or baseline>)")
     parser.add_argument("--save-states", action="store_true",
                         help="also save every node's adapters in OUT/state, for 'p2prec recommend --state OUT'")

@@ -327,6 +327,10 @@ class Simulation:
         return evaluate(self.model, self._honest(self.pop.params), self.eval_set, tuple(self.cfg.eval.protocols),
                         stacked=True, k=self.cfg.eval.k)
 
+    def close(self) -> None:
+        """Release what the engine holds beyond this object: nothing in one process (a sharded
+        engine stops its workers)."""
+
     def run(self, rounds: int | None = None, progress: bool = True, label: str = "sim",
             on_record: Callable[[list[dict]], None] | None = None) -> list[dict]:
         """Run all rounds; evaluate every ``eval.every`` rounds and at the end; return the records.
