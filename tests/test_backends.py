@@ -15,11 +15,14 @@ from p2prec.model.backbone import build_backbone
 from p2prec.sim.backend import make_simulation
 from p2prec.sim.runner import build_topology
 from p2prec.sim.sharded import LocalPool, ShardedSimulation
+from p2prec.gossip.robust import bound_mixing
+from p2prec.sim import shard as shard_module
 from p2prec.sim.shard import shard_bounds
 from tests.conftest import TINY
 
 # Exact agreement needs the same dropout masks, which depend on who shares a chunk (see p2prec.sim.shard).
-SETTINGS = ["sim.nodes=8", "train.backbone_dropout=false", "gossip.exchanges=2", "gossip.topology=small-world:k=4"]
+SETTINGS = ["sim.nodes=8", "train.backbone_dropout=false", "gossip.exchanges=2", "gossip.topology=small-world:k=4",
+            "eval.protocols=sampled"]
 
 
 def _setup(synth_dir: Path, synth_data, extra: list[str]):  # noqa: ANN001, ANN202
@@ -46,13 +49,25 @@ def _agree(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tol: float) -
     assert worst <= tol, worst
 
 
-@pytest.mark.parametrize("faults", [[], ["sim.drop_prob=0.3", "sim.churn=0.2", "robust.norm_bound=1.0001"]])
-def test_shards_in_this_process_match_the_simulator(synth_dir, synth_data, faults: list[str]) -> None:  # noqa: ANN001
+def test_shards_in_this_process_match_the_simulator_under_faults(synth_dir, synth_data,  # noqa: ANN001
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # A norm bound this tight drops some honest messages: the shards must drop the same ones.
+    bounded: list[bool] = []
+
+    def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        out = bound_mixing(*args, **kwargs)
+        bounded.append(out is not None)
+        return out
+
+    monkeypatch.setattr(shard_module, "bound_mixing", counted)
+    faults = ["sim.drop_prob=0.3", "sim.churn=0.2", "sim.stragglers=0.2", "sim.straggler_mode=lost",
+              "robust.norm_bound=1.0001"]
     cfg, backbone, graph = _setup(synth_dir, synth_data, faults)
     reference, ref_stats, ref_eval = _run(cfg, synth_data, backbone, graph)
     cfg.sim.backend, cfg.sim.shards = "shards", 3
     sharded, stats, evaluation = _run(cfg, synth_data, backbone, graph)
     _agree(sharded, reference, 1e-5)
+    assert any(bounded)
     assert [s.messages for s in stats] == [s.messages for s in ref_stats]
     assert [s.consensus for s in stats] == pytest.approx([s.consensus for s in ref_stats], rel=1e-4)
     assert evaluation["test"]["sampled"]["ndcg@10"] == pytest.approx(ref_eval["test"]["sampled"]["ndcg@10"], abs=1e-6)
