@@ -51,7 +51,7 @@ class Population:
                  batch_size: int, max_len: int, negatives: int, seed: int, dropout: bool = False,
                  chunk: int = 128, ids: np.ndarray | None = None, tracking: bool = False,
                  tracking_fraction: float = 1.0, tracking_weight: str = "node", lr_schedule: str = "constant",
-                 rounds: int = 0) -> None:
+                 rounds: int = 0, moments_dtype: torch.dtype = torch.float32) -> None:
         self.model = model
         self.data = data
         self.sampler = sampler
@@ -71,6 +71,11 @@ class Population:
             raise ValueError(f"population: {len(self.ids)} ids for {len(nodes)} nodes")
         self.params = stack(model.trainable_state(), len(nodes))
         self.state = init_opt_state(self.params, batch_dims=1)
+        # Adam's moments may be held in a narrower dtype (``train.moments_dtype``): steps compute
+        # in float32 (:meth:`_read`) and round on the way back. Trackers and last gradients stay
+        # float32: a tracker adds and subtracts gradients for ever, and rounding would accumulate.
+        for k in [k for k in self.state if k.startswith(("m.", "v."))]:
+            self.state[k] = self.state[k].to(moments_dtype)
         self.shared_names = model.shared_names()
         self.tracking = tracking
         self.tracking_fraction = tracking_fraction
@@ -94,77 +99,96 @@ class Population:
                            self.negatives, rng)
 
     def train_round(self, round_: int, active: np.ndarray | None = None, vectorized: bool = True) -> float:
-        """Run ``local_steps`` local steps on every active node; return their mean loss."""
+        """Run ``local_steps`` local steps on every active node; return their mean loss.
+
+        With tracking, each chunk takes its tracked step right after its last local step: its
+        rows are its own, so the result is the same as stepping every node afterwards, and the
+        shared gradients summed over the steps are held for all nodes only when there are
+        several steps (one step's are the chunk's own gradients).
+        """
         active_ids = np.arange(self.size) if active is None else np.flatnonzero(active)
         losses = torch.zeros(self.size)
         settings = scaled(self.settings, lr_factor(self.lr_schedule, round_, self.rounds))
-        summed = {k: torch.zeros_like(v) for k, v in self._shared_params().items()} if self.tracking else {}
+        summed = {k: torch.zeros_like(v) for k, v in self._shared_params().items()} \
+            if self.tracking and self.local_steps > 1 else {}
         for step in range(self.local_steps):
             batches = [self.node_batch(int(i), round_, step) for i in active_ids]
             torch.manual_seed(int(seeded_rng(self.seed, round_, step).integers(2**62)))
             self.model.train(self.dropout)
+            track = round_ if self.tracking and step == self.local_steps - 1 else None
             try:
                 if vectorized:
-                    self._vectorized_step(active_ids, batches, losses, summed, settings)
+                    self._vectorized_step(active_ids, batches, losses, summed, settings, track)
                 else:
-                    self._looped_step(active_ids, batches, losses, summed, settings)
+                    self._looped_step(active_ids, batches, losses, summed, settings, track)
             finally:
                 self.model.eval()
-        if self.tracking and self.local_steps and len(active_ids):
-            self._track(active_ids, summed, round_, settings)
         return float(losses[active_ids].mean()) if len(active_ids) and self.local_steps else float("nan")
 
     @torch.no_grad()
     def _vectorized_step(self, ids: np.ndarray, batches: list[TrainBatch], losses: torch.Tensor,
-                         summed: Params, settings: StepSettings) -> None:
+                         summed: Params, settings: StepSettings, track: int | None) -> None:
         for start in range(0, len(ids), self.chunk):
-            rows = _rows(ids[start:start + self.chunk])
+            chunk = ids[start:start + self.chunk]
+            rows = _rows(chunk)
             part = batches[start:start + self.chunk]
             inputs = torch.stack([b.inputs for b in part])
             targets = torch.stack([b.targets for b in part])
             negatives = torch.stack([b.negatives for b in part])
             params = {k: v[rows] for k, v in self.params.items()}
             grads, loss = self._batched.loss_and_grads(params, inputs, targets, negatives, settings.loss)
-            self._apply(rows, params, grads, summed, settings)
+            self._apply(chunk, rows, params, grads, summed, settings, track)
             losses[rows] = loss
 
     @torch.no_grad()
     def _looped_step(self, ids: np.ndarray, batches: list[TrainBatch], losses: torch.Tensor,
-                     summed: Params, settings: StepSettings) -> None:
+                     summed: Params, settings: StepSettings, track: int | None) -> None:
         for i, batch in zip(ids, batches):
             params = {k: v[i] for k, v in self.params.items()}
             with torch.enable_grad():
                 grads, loss = local_grads(self.model, params, batch.inputs, batch.targets, batch.negatives,
                                           settings.loss)
-            self._apply(int(i), params, {k: g.detach() for k, g in grads.items()}, summed, settings)
+            self._apply(np.array([i]), int(i), params, {k: g.detach() for k, g in grads.items()}, summed, settings,
+                        track)
             losses[i] = loss.detach()
 
-    def _apply(self, rows: int | slice | torch.Tensor, params: Params, grads: Params, summed: Params,
-               settings: StepSettings) -> None:
-        """One local step for the nodes ``rows``: Adam on every tensor, or, with tracking, on
-        the private tensors only while the shared adapter's gradients add up in ``summed``."""
+    def _apply(self, ids: np.ndarray, rows: int | slice | torch.Tensor, params: Params, grads: Params,
+               summed: Params, settings: StepSettings, track: int | None) -> None:
+        """One local step for the nodes ``ids`` (indexed by ``rows``): Adam on every tensor, or, with
+        tracking, on the private tensors only while the shared adapter's gradients add up in
+        ``summed``; in round ``track``'s last step, the tracked step of the shared adapter follows."""
         if self.tracking:
-            for k in self.shared_names:
-                summed[k][rows] += grads[k]
-            params = {k: v for k, v in params.items() if k not in summed}
+            chunk_sum = {k: summed[k][rows] + grads[k] if summed else grads[k] for k in self.shared_names}
+            if track is None:
+                for k in self.shared_names:
+                    summed[k][rows] = chunk_sum[k]
+            params = {k: v for k, v in params.items() if k not in self.shared_names}
         keys = ["t", *(f"{moment}.{k}" for k in params for moment in ("m", "v"))]
-        new_params, new_state = adam_step(params, grads, {k: self.state[k][rows] for k in keys}, settings)
+        new_params, new_state = adam_step(params, grads, self._read(keys, rows), settings)
         for k, v in new_params.items():
             self.params[k][rows] = v
         for k, v in new_state.items():
             self.state[k][rows] = v
+        if track is not None:
+            self._track(ids, rows, chunk_sum, track, settings)
 
-    def _track(self, ids: np.ndarray, summed: Params, round_: int, settings: StepSettings) -> None:
+    def _read(self, keys: list[str], rows: int | slice | torch.Tensor) -> Params:
+        """The state ``keys`` of the nodes ``rows`` in float32, whatever dtype holds the moments."""
+        return {k: self.state[k][rows].float() for k in keys}
+
+    def _track(self, ids: np.ndarray, rows: int | slice | torch.Tensor, summed: Params, round_: int,
+               settings: StepSettings) -> None:
         """The round's tracked step of the shared adapter for the nodes ``ids``, on their mean
-        gradient over the local steps, times its weight; nodes outside this round's participating
-        share fold in zero."""
-        rows = _rows(ids)
+        gradient over the local steps (``summed``, one row per node of ``ids``), times its weight;
+        nodes outside this round's participating share fold in zero."""
         shared = {k: self.params[k][rows] for k in self.shared_names}
         keys = [STEPS, *(f"{p}{k}" for k in self.shared_names for p in (TRACKER, LAST_GRAD, "m.", "v."))]
         take = torch.from_numpy(participation(self.seed, round_, self.ids[ids], self.tracking_fraction))
-        scale = take.to(torch.float32) * self.weights[rows] / self.local_steps
-        grads = {k: summed[k][rows] * scale.view(-1, *[1] * (summed[k].dim() - 1)) for k in self.shared_names}
-        stepped, new_state = tracked_step(shared, grads, {k: self.state[k][rows] for k in keys}, settings)
+        scale = (take.to(torch.float32) * self.weights[rows] / self.local_steps).reshape(-1)
+        scale = scale[0] if isinstance(rows, int) else scale  # one node's own (unstacked) tensors
+        grads = {k: summed[k] * scale.reshape(*scale.shape, *[1] * (summed[k].dim() - scale.dim()))
+                 for k in self.shared_names}
+        stepped, new_state = tracked_step(shared, grads, self._read(keys, rows), settings)
         for k, v in stepped.items():
             self.params[k][rows] = v
         for k, v in new_state.items():
@@ -215,4 +239,5 @@ def configured_population(model: DualAdapterModel, data: Dataset, cfg: Config, n
                       local_steps=t.local_steps, batch_size=t.batch_size, max_len=cfg.model.max_len,
                       negatives=t.negatives, seed=t.seed, dropout=t.backbone_dropout, chunk=cfg.sim.chunk,
                       ids=ids, tracking=cfg.gossip.tracking, tracking_fraction=cfg.gossip.tracking_fraction,
-                      tracking_weight=weight, lr_schedule=t.lr_schedule, rounds=cfg.sim.rounds)
+                      tracking_weight=weight, lr_schedule=t.lr_schedule, rounds=cfg.sim.rounds,
+                      moments_dtype=getattr(torch, t.moments_dtype))
