@@ -134,7 +134,9 @@ def rank_users(model: nn.Module, params: Params, es: EvalSet, protocols: tuple[s
                     cands = torch.cat([target.unsqueeze(-1), es.negatives[split][sl]], dim=-1)
                 else:
                     cands = torch.cat([target.unsqueeze(-1), all_items.expand(*target.shape, -1)], dim=-1)
-                scores = _scores(model, p, es.inputs[split][sl], cands, stacked).reshape(-1, cols)
+                device = next(iter(p.values())).device
+                scores = _scores(model, p, es.inputs[split][sl].to(device), cands.to(device),
+                                 stacked).reshape(-1, cols).cpu()
                 valid = None
                 if protocol == "full":
                     valid = _full_mask(es, sl, width)

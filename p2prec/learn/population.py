@@ -89,6 +89,11 @@ class Population:
         self._batched = BatchedAdapterModel(model)
 
     @property
+    def device(self) -> torch.device:
+        """Where the stacked states live: the model's device, from which they were copied."""
+        return next(iter(self.params.values())).device
+
+    @property
     def size(self) -> int:
         return len(self.nodes)
 
@@ -132,13 +137,12 @@ class Population:
             chunk = ids[start:start + self.chunk]
             rows = _rows(chunk)
             part = batches[start:start + self.chunk]
-            inputs = torch.stack([b.inputs for b in part])
-            targets = torch.stack([b.targets for b in part])
-            negatives = torch.stack([b.negatives for b in part])
+            inputs, targets, negatives = (torch.stack([getattr(b, name) for b in part]).to(self.device)
+                                          for name in ("inputs", "targets", "negatives"))
             params = {k: v[rows] for k, v in self.params.items()}
             grads, loss = self._batched.loss_and_grads(params, inputs, targets, negatives, settings.loss)
             self._apply(chunk, rows, params, grads, summed, settings, track)
-            losses[rows] = loss
+            losses[rows] = loss.cpu()
 
     @torch.no_grad()
     def _looped_step(self, ids: np.ndarray, batches: list[TrainBatch], losses: torch.Tensor,
@@ -146,11 +150,12 @@ class Population:
         for i, batch in zip(ids, batches):
             params = {k: v[i] for k, v in self.params.items()}
             with torch.enable_grad():
-                grads, loss = local_grads(self.model, params, batch.inputs, batch.targets, batch.negatives,
+                grads, loss = local_grads(self.model, params, batch.inputs.to(self.device),
+                                          batch.targets.to(self.device), batch.negatives.to(self.device),
                                           settings.loss)
             self._apply(np.array([i]), int(i), params, {k: g.detach() for k, g in grads.items()}, summed, settings,
                         track)
-            losses[i] = loss.detach()
+            losses[i] = loss.detach().cpu()
 
     def _apply(self, ids: np.ndarray, rows: int | slice | torch.Tensor, params: Params, grads: Params,
                summed: Params, settings: StepSettings, track: int | None) -> None:
@@ -184,7 +189,7 @@ class Population:
         shared = {k: self.params[k][rows] for k in self.shared_names}
         keys = [STEPS, *(f"{p}{k}" for k in self.shared_names for p in (TRACKER, LAST_GRAD, "m.", "v."))]
         take = torch.from_numpy(participation(self.seed, round_, self.ids[ids], self.tracking_fraction))
-        scale = (take.to(torch.float32) * self.weights[rows] / self.local_steps).reshape(-1)
+        scale = (take.to(torch.float32) * self.weights[rows] / self.local_steps).reshape(-1).to(self.device)
         scale = scale[0] if isinstance(rows, int) else scale  # one node's own (unstacked) tensors
         grads = {k: summed[k] * scale.reshape(*scale.shape, *[1] * (summed[k].dim() - scale.dim()))
                  for k in self.shared_names}

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from p2prec.cli import add_config_options, config_from_args, guarded, run_cli
 from p2prec.run.data import load_data
+from p2prec.sim.device import resolve_device
 from p2prec.sim.runner import run_simulation
 from p2prec.topology import TopologyError
 
@@ -57,6 +58,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
         overrides += [f"sim.seed={args.seed}", f"gossip.seed={args.seed}", f"train.seed={args.seed}"]
     args.overrides = overrides + list(args.overrides)
     cfg = config_from_args(args)
+    resolve_device(cfg.sim.device)  # a missing CUDA device is one line now, not after data and backbone
     out = Path(args.out or f"runs/{cfg.sim.baseline or cfg.gossip.topology.split(':')[0].split('/')[-1]}")
     try:
         if args.processes:

@@ -29,7 +29,7 @@ import torch
 
 from p2prec.config import Config
 from p2prec.data.split import Dataset
-from p2prec.gossip.mixing import Params, mix
+from p2prec.gossip.mixing import Params, mix_into
 from p2prec.gossip.robust import bound_mixing, bounded_names, state_norms
 from p2prec.gossip.stack import GossipStack
 from p2prec.learn.baselines import adapter_model, federated_eval_set
@@ -138,10 +138,7 @@ class Shard:
             raise RuntimeError(f"shard {self.index}: a neighbour's state was not received")
         take = torch.from_numpy(order)
         stacked = {k: torch.cat([own[k], *(p.states[k] for p in received)])[take] for k in names}
-        mixed = mix(sp.csr_matrix(a[:, cols]), stacked, names)
-        scale = torch.from_numpy(d).to(torch.float32)
-        for k in names:
-            own[k].mul_(scale.view(-1, *([1] * (own[k].dim() - 1)))).add_(mixed[k])
+        mix_into(sp.csr_matrix(a[:, cols]), stacked, own, d, names)
         return self._messages
 
     def sums(self) -> dict[str, np.ndarray]:
