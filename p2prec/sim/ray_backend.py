@@ -20,7 +20,6 @@ from typing import Any
 
 import networkx as nx
 
-import p2prec
 from p2prec.config import Config
 from p2prec.data.split import Dataset
 from p2prec.model.backbone import SeqRecModel
@@ -54,7 +53,7 @@ class RayPool(ShardPool):
         if self.started and address:
             ray.init(address=address, logging_level="ERROR", log_to_driver=False)
         elif self.started:
-            root = str(Path(p2prec.__file__).resolve().parent.parent)
+            root = str(Path(__file__).resolve().parents[2])  # the folder holding this p2prec package
             ray.init(num_cpus=max(2, shards), object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False,
                      logging_level="ERROR", log_to_driver=False,
                      runtime_env={"env_vars": {"PYTHONPATH": root, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}})
