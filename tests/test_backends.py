@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
 import sys
 from pathlib import Path
 
@@ -115,4 +114,3 @@ def test_ray_with_two_shards_matches_the_simulator(synth_dir, synth_data) -> Non
     _agree(on_ray, reference, 1e-5)
     assert [s.messages for s in stats] == [s.messages for s in ref_stats]
     assert evaluation["val"]["sampled"]["ndcg@10"] == pytest.approx(ref_eval["val"]["sampled"]["ndcg@10"], abs=1e-6)
-    assert os.environ.get("RAY_ADDRESS") is None
