@@ -150,9 +150,9 @@ class TrainConfig:
     regularises the adapters. Set it false for bit-for-bit comparisons between code paths.
 
     ``moments_dtype`` holds Adam's moments in ``bfloat16`` instead of ``float32`` (steps still
-    compute in float32): a node's state shrinks by a fifth (2.0 to 1.6 MB per node on an
-    ML-1M-sized catalogue), which is what lets 10,000 simulated nodes fit in 20 GB
-    (``benchmarks/bench_sim.py``). Its effect on quality has not been measured yet.
+    compute in float32): a node's adapters and optimizer state shrink by a fifth (1,946 to
+    1,551 KiB on a catalogue of ML-1M's 3,706 items; ``benchmarks/bench_sim.py --nodes``).
+    Its effect on quality has not been measured yet, so float32 stays the default.
     """
 
     local_steps: int = _field(1, lo=0)
