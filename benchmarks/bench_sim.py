@@ -13,7 +13,17 @@ Measured side by side in one run:
 4. memory growth per extra simulated node (resident memory of two child processes at two node
    counts) against the bytes of one node's adapters plus optimizer state (the bar is at most 3x).
 
-Run: ``python benchmarks/bench_sim.py [--data-dir DIR] [--set k=v] [--threads N] [--chunks 32,64,128,256]``.
+With ``--nodes N`` it measures scale instead, in this one process: ``N`` nodes of the
+configured data (``--synthetic USERS`` first writes the generator's data set of that many
+users, shaped like ML-1M: 3,706 items, 20 to 60 interactions each; 12,500 users give 10,000
+federated nodes), ``--rounds`` rounds and one evaluation. It reports CPU milliseconds per
+node-round, resident memory before the simulation, after the rounds and at its peak
+(sampled every 10 ms), the round's and the evaluation's scratch memory above the resident
+state, and memory per node against its adapters plus optimizer state (the bars: peak under
+20 GB at 10,000 nodes; at most 3x per node).
+
+Run: ``python benchmarks/bench_sim.py [--data-dir DIR] [--set k=v] [--threads N] [--chunks 32,64,128,256]``, or
+``python benchmarks/bench_sim.py --nodes 10000 --synthetic 12500 --data-dir runs/synth1m --set data.name=synthetic``.
 """
 
 from __future__ import annotations
@@ -22,6 +32,8 @@ import json
 import resource
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -86,11 +98,87 @@ def child() -> None:
     print(pages * resource.getpagesize())
 
 
+def rss() -> int:
+    """This process's resident memory now, in bytes."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+
+
+class PeakSampler:
+    """The highest resident memory seen while a ``with`` block runs (sampled every 10 ms)."""
+
+    def __enter__(self) -> PeakSampler:
+        self.peak = rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, rss())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss())
+
+
+def scale(args) -> None:  # noqa: ANN001
+    """The ``--nodes`` measurement (see the module docstring)."""
+    if args.synthetic:
+        from p2prec.data.synthetic import generate
+
+        folder = Path(args.data_dir) / "synthetic"
+        if not (folder / "u.data").is_file():
+            generate(folder, users=args.synthetic, items=3706, communities=20, min_len=20, max_len=60, seed=0)
+    args.overrides.append(f"sim.nodes={args.nodes}")
+    cfg, data, backbone = setup(args)
+    n = len(select_nodes(data, cfg))
+    graph = build_topology(cfg, n)
+    before = rss()
+    with PeakSampler() as built:
+        sim = Simulation(cfg, data, backbone, graph)
+    state = per_node_state_bytes(sim)
+    sim.step(1)  # warm-up: first-touch of every page and the allocator's pools
+    resident = rss()
+    cpu = time.process_time()
+    with PeakSampler() as rounds:
+        for rnd in range(2, args.rounds + 2):
+            sim.step(rnd)
+    per_node_round = (time.process_time() - cpu) / (n * args.rounds) * 1000
+    after = rss()
+    with PeakSampler() as evaluation:
+        sim.evaluate()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    gib = 2**30
+    print(f"workload: {n} nodes, {data.n_items} items, {cfg.train.local_steps} local step(s), {cfg.gossip.exchanges} "
+          f"exchanges, tracking {cfg.gossip.tracking}, moments {cfg.train.moments_dtype}, chunk {cfg.sim.chunk}, "
+          f"{args.threads} thread(s), {args.rounds} timed rounds")
+    print(f"CPU per node-round: {per_node_round:.2f} ms")
+    print(f"resident: {before / gib:.2f} GiB before the simulation, {resident / gib:.2f} GiB after building it and "
+          f"one round, {after / gib:.2f} GiB after the timed rounds; peak {peak / gib:.2f} GiB "
+          + (f"[{'PASS' if peak < 20e9 else 'FAIL'}: bar < 20 GB at 10,000 nodes]" if n >= 10_000 else
+             "(the bar, < 20 GB, is for 10,000 nodes)"))
+    print(f"scratch above the resident state: building {(built.peak - resident) / gib:+.2f} GiB, rounds "
+          f"{(rounds.peak - resident) / gib:+.2f} GiB, evaluation {(evaluation.peak - after) / gib:+.2f} GiB")
+    growth = (after - before) / n
+    print(f"per node: {growth / 1024:.0f} KiB resident (everything the simulation added, over {n} nodes); "
+          f"adapters + optimizer state {state / 1024:.0f} KiB; ratio {growth / state:.2f}  "
+          f"[{'PASS' if growth <= 3 * state else 'FAIL'}: bar <= 3x]")
+
+
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--loop-rounds", type=int, default=2, help="timed rounds of the slow per-node loop")
     p.add_argument("--chunks", default="32,64,128,256", help="chunk sizes to time local training at")
+    p.add_argument("--nodes", type=int, default=0, help="measure scale at this many nodes instead (see above)")
+    p.add_argument("--synthetic", type=int, default=0, help="with --nodes: first write a synthetic set of this "
+                                                            "many users under DATA_DIR/synthetic")
+    p.add_argument("--rounds", type=int, default=3, help="with --nodes: timed rounds")
     args = p.parse_args()
+    if args.nodes:
+        scale(args)
+        return
     cfg, data, backbone = setup(args)
     n = len(select_nodes(data, cfg))
     sim = Simulation(cfg, data, backbone, build_topology(cfg, n))

@@ -176,6 +176,11 @@ class TrainConfig:
 
     ``backbone_dropout`` keeps the frozen backbone's dropout active during local steps: it
     regularises the adapters. Set it false for bit-for-bit comparisons between code paths.
+
+    ``moments_dtype`` holds Adam's moments in ``bfloat16`` instead of ``float32`` (steps still
+    compute in float32): a node's adapters and optimizer state shrink by a fifth (1,946 to
+    1,551 KiB on a catalogue of ML-1M's 3,706 items; ``benchmarks/bench_sim.py --nodes``).
+    Its effect on quality has not been measured yet, so float32 stays the default.
     """
 
     local_steps: int = _field(1, lo=0)
@@ -189,6 +194,7 @@ class TrainConfig:
     shared_lr: float = _field(1e-3, lo=0.0)
     momentum: float = _field(0.9, lo=0.0, hi=0.999)
     backbone_dropout: bool = True
+    moments_dtype: str = _field("float32", choices=("float32", "bfloat16"))
 
 
 @dataclass
@@ -279,6 +285,10 @@ class SimConfig:
     adapter (``join_mode = "neighbour"``) or from a fresh one (``"zero"``, for comparison);
     they are evaluated every round for ``join_window`` rounds after joining (``join.jsonl``,
     see :mod:`p2prec.sim.plan`).
+    ``backend`` picks the engine (:mod:`p2prec.sim.backend`): ``local`` (one process), or the
+    population split into ``shards`` blocks (0: two) run in this process (``shards``) or on
+    Ray actors (``ray``, at ``ray_address`` or on a local instance). ``device`` is where the
+    local engine's tensors live: ``auto`` (CUDA when present, else the CPU), ``cpu`` or ``cuda``.
     """
 
     nodes: int = _field(0, lo=0)
@@ -294,6 +304,10 @@ class SimConfig:
     join: list = _field([])
     join_mode: str = _field("neighbour", choices=("neighbour", "zero"))
     join_window: int = _field(20, lo=0)
+    backend: str = _field("local", choices=("local", "shards", "ray"))
+    shards: int = _field(0, lo=0)
+    ray_address: str = ""
+    device: str = _field("auto", choices=("auto", "cpu", "cuda"))
 
 
 @dataclass

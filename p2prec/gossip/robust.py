@@ -328,7 +328,7 @@ def state_norms(states: Mapping[str, torch.Tensor], names: Sequence[str] | None 
     names = list(states) if names is None else list(names)
     squares = sum(torch.linalg.vector_norm(states[k].reshape(states[k].shape[0], -1), dim=1).double().pow(2)
                   for k in names)
-    return torch.as_tensor(squares).sqrt()
+    return torch.as_tensor(squares).sqrt().cpu()
 
 
 def within_norm_bound(own: float, received: Sequence[float], bound: float) -> np.ndarray:

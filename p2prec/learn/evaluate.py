@@ -96,14 +96,28 @@ def _chunks(total: int, per_item: int) -> list[slice]:
     return [slice(i, min(i + step, total)) for i in range(0, total, step)]
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, params: Params, es: EvalSet, protocols: tuple[str, ...] = ("sampled", "full"),
-             stacked: bool = False, k: int = 10, node_slice: slice | None = None) -> dict[str, dict]:
-    """Metrics for every split and protocol: ``{"val": {"sampled": {...}, "full": {...}}, "test": ...}``.
+@dataclass
+class UserRanks:
+    """Every genuine user's 0-based rank of the held-out item, per ``(split, protocol)``.
 
-    With ``stacked=True``, ``params`` holds one set of adapters per node ``[N, ...]``, in
-    the order of ``es.users``. ``model`` must be in eval mode.
+    Why apart from the summary: a population split into shards ranks its users shard by
+    shard, and :func:`summarize_ranks` of the concatenated ranks (:func:`concat_ranks`) is
+    exactly the summary of one evaluation over all of them. ``tops`` holds each user's
+    top-k items under the full protocol (test split) for the coverage, ``None`` without it.
     """
+
+    ranks: dict[tuple[str, str], np.ndarray]
+    node_of_user: np.ndarray
+    cold: np.ndarray
+    tops: np.ndarray | None
+    n_items: int
+    nodes: int
+
+
+@torch.no_grad()
+def rank_users(model: nn.Module, params: Params, es: EvalSet, protocols: tuple[str, ...] = ("sampled", "full"),
+               stacked: bool = False, k: int = 10) -> UserRanks:
+    """The ranks :func:`evaluate` summarizes (same arguments)."""
     n_nodes, width = es.users.shape
     hidden = (model.config if isinstance(model, SeqRecModel) else model.backbone.config).hidden
     ranks: dict[tuple[str, str], list[np.ndarray]] = {}
@@ -120,7 +134,9 @@ def evaluate(model: nn.Module, params: Params, es: EvalSet, protocols: tuple[str
                     cands = torch.cat([target.unsqueeze(-1), es.negatives[split][sl]], dim=-1)
                 else:
                     cands = torch.cat([target.unsqueeze(-1), all_items.expand(*target.shape, -1)], dim=-1)
-                scores = _scores(model, p, es.inputs[split][sl], cands, stacked).reshape(-1, cols)
+                device = next(iter(p.values())).device
+                scores = _scores(model, p, es.inputs[split][sl].to(device), cands.to(device),
+                                 stacked).reshape(-1, cols).cpu()
                 valid = None
                 if protocol == "full":
                     valid = _full_mask(es, sl, width)
@@ -130,18 +146,42 @@ def evaluate(model: nn.Module, params: Params, es: EvalSet, protocols: tuple[str
                 out.append(rank_of_first(scores, valid).numpy())
             ranks[(split, protocol)] = np.concatenate(out)
     real = es.real.reshape(-1)
-    node_of_user = np.repeat(np.arange(n_nodes), width)[real]
+    return UserRanks({key: r[real] for key, r in ranks.items()}, np.repeat(np.arange(n_nodes), width)[real],
+                     es.cold[real], np.concatenate(tops)[real] if tops else None, es.n_items, n_nodes)
+
+
+def concat_ranks(parts: list[UserRanks]) -> UserRanks:
+    """The ranks of several disjoint groups of nodes as one population, nodes in ``parts`` order."""
+    offsets = np.cumsum([0] + [p.nodes for p in parts])
+    tops = [p.tops for p in parts if p.tops is not None]
+    return UserRanks({key: np.concatenate([p.ranks[key] for p in parts]) for key in parts[0].ranks},
+                     np.concatenate([p.node_of_user + off for p, off in zip(parts, offsets)]),
+                     np.concatenate([p.cold for p in parts]), np.concatenate(tops) if tops else None,
+                     parts[0].n_items, int(offsets[-1]))
+
+
+def summarize_ranks(r: UserRanks, protocols: tuple[str, ...], k: int = 10) -> dict[str, dict]:
+    """The metrics of :func:`evaluate` from ranks: means over users, spread over nodes, coverage, cold items."""
     result: dict[str, dict] = {split: {} for split in SPLITS}
-    for (split, protocol), r in ranks.items():
-        result[split][protocol] = summarize(metrics_from_ranks(r[real], k), node_of_user)
-    if tops:
-        result["test"]["full"][f"coverage@{k}"] = item_coverage(np.concatenate(tops)[real], es.n_items)
-    cold = real & es.cold
-    if cold.any():
+    for (split, protocol), ranks in r.ranks.items():
+        result[split][protocol] = summarize(metrics_from_ranks(ranks, k), r.node_of_user)
+    if r.tops is not None:
+        result["test"]["full"][f"coverage@{k}"] = item_coverage(r.tops, r.n_items)
+    if r.cold.any():
         result["test"][COLD] = {protocol: {name: float(v.mean()) for name, v in
-                                           metrics_from_ranks(ranks[("test", protocol)][cold], k).items()}
-                                | {"users": int(cold.sum())} for protocol in protocols}
+                                           metrics_from_ranks(r.ranks[("test", protocol)][r.cold], k).items()}
+                                | {"users": int(r.cold.sum())} for protocol in protocols}
     return result
+
+
+def evaluate(model: nn.Module, params: Params, es: EvalSet, protocols: tuple[str, ...] = ("sampled", "full"),
+             stacked: bool = False, k: int = 10) -> dict[str, dict]:
+    """Metrics for every split and protocol: ``{"val": {"sampled": {...}, "full": {...}}, "test": ...}``.
+
+    With ``stacked=True``, ``params`` holds one set of adapters per node ``[N, ...]``, in
+    the order of ``es.users``. ``model`` must be in eval mode.
+    """
+    return summarize_ranks(rank_users(model, params, es, protocols, stacked, k), protocols, k)
 
 
 def _full_mask(es: EvalSet, sl: slice, width: int) -> torch.Tensor:

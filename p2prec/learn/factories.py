@@ -10,6 +10,7 @@ config meets them.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from p2prec.config import Config
 from p2prec.data.split import Dataset
@@ -59,6 +60,6 @@ def configured_population(model: DualAdapterModel, data: Dataset, cfg: Config, n
     t, g = cfg.train, cfg.gossip
     plan = LocalPlan(steps=t.local_steps, batch_size=t.batch_size, max_len=cfg.model.max_len, negatives=t.negatives,
                      seed=cfg.run.seed, dropout=t.backbone_dropout, chunk=cfg.sim.chunk, lr_schedule=t.lr_schedule,
-                     rounds=cfg.run.rounds)
+                     rounds=cfg.run.rounds, moments_dtype=getattr(torch, t.moments_dtype))
     tracking = TrackingPlan(g.tracking, g.tracking_fraction, g.tracking_weight if gossiped else "node")
     return Population(model, data, nodes, step_settings(cfg, model.shared_names()), plan, tracking, ids)

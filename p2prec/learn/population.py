@@ -43,7 +43,8 @@ class LocalPlan:
     ``steps`` local steps of ``batch_size`` sequences (cut to ``max_len``, ``negatives``
     sampled negatives each), drawn from (``seed``, round, global node id, step) alone;
     ``dropout`` keeps the backbone's dropout on; ``chunk`` nodes go through one batched
-    forward; ``lr_schedule`` scales the learning rates over ``rounds``.
+    forward; ``lr_schedule`` scales the learning rates over ``rounds``; ``moments_dtype`` holds
+    Adam's moments (``train.moments_dtype``).
     """
 
     steps: int
@@ -55,6 +56,7 @@ class LocalPlan:
     chunk: int = 128
     lr_schedule: str = "constant"
     rounds: int = 0
+    moments_dtype: torch.dtype = torch.float32
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,7 @@ class Population:
 
     Invariant: ``params[name][i]`` is node i's tensor ``name`` (the model's parameter
     names); ``state`` holds the matching Adam moments and per-node step counts ``t`` and,
-    with tracking, each node's tracker and last gradient of the shared adapter.
+    with ``tracking``, each node's tracker and last gradient of the shared adapter.
     ``counts[i]`` is node i's number of training interactions (FedAvg's and the tracked
     average's weight).
     """
@@ -94,6 +96,11 @@ class Population:
             raise ValueError(f"population: {len(self.ids)} ids for {len(nodes)} nodes")
         self.params = stack(model.trainable_state(), len(nodes))
         self.state = init_opt_state(self.params, batch_dims=1)
+        # Adam's moments may be held in a narrower dtype (``train.moments_dtype``): steps compute
+        # in float32 (:meth:`_read`) and round on the way back. Trackers and last gradients stay
+        # float32: a tracker adds and subtracts gradients for ever, and rounding would accumulate.
+        for k in [k for k in self.state if k.startswith(("m.", "v."))]:
+            self.state[k] = self.state[k].to(plan.moments_dtype)
         self.shared_names = model.shared_names()
         self.tracking = tracking.enabled
         self.tracking_fraction = tracking.fraction
@@ -103,6 +110,11 @@ class Population:
         if self.tracking:
             self.state.update(init_tracking_state(self._shared_params(), self.state["t"]))
         self._batched = BatchedAdapterModel(model)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the stacked states live: the model's device, from which they were copied."""
+        return next(iter(self.params.values())).device
 
     @property
     def size(self) -> int:
@@ -115,78 +127,97 @@ class Population:
         return train_batch(self.data, self.sampler, self.nodes[node], p.batch_size, p.max_len, p.negatives, rng)
 
     def train_round(self, round_: int, active: np.ndarray | None = None, vectorized: bool = True) -> float:
-        """Run the plan's local steps on every active node; return their mean loss."""
+        """Run the plan's local steps on every active node; return their mean loss.
+
+        With tracking, each chunk takes its tracked step right after its last local step: its
+        rows are its own, so the result is the same as stepping every node afterwards, and the
+        shared gradients summed over the steps are held for all nodes only when there are
+        several steps (one step's are the chunk's own gradients).
+        """
         active_ids = np.arange(self.size) if active is None else np.flatnonzero(active)
         losses = torch.zeros(self.size)
         plan = self.plan
         settings = scaled(self.settings, lr_factor(plan.lr_schedule, round_, plan.rounds))
-        summed = {k: torch.zeros_like(v) for k, v in self._shared_params().items()} if self.tracking else {}
+        summed = {k: torch.zeros_like(v) for k, v in self._shared_params().items()} \
+            if self.tracking and plan.steps > 1 else {}
         for step in range(plan.steps):
             batches = [self.node_batch(int(i), round_, step) for i in active_ids]
             torch.manual_seed(int(seeded_rng(plan.seed, round_, step).integers(2**62)))
             self.model.train(plan.dropout)
+            track = round_ if self.tracking and step == plan.steps - 1 else None
             try:
                 if vectorized:
-                    self._vectorized_step(active_ids, batches, losses, summed, settings)
+                    self._vectorized_step(active_ids, batches, losses, summed, settings, track)
                 else:
-                    self._looped_step(active_ids, batches, losses, summed, settings)
+                    self._looped_step(active_ids, batches, losses, summed, settings, track)
             finally:
                 self.model.eval()
-        if self.tracking and plan.steps and len(active_ids):
-            self._track(active_ids, summed, round_, settings)
         return float(losses[active_ids].mean()) if len(active_ids) and plan.steps else float("nan")
 
     @torch.no_grad()
     def _vectorized_step(self, ids: np.ndarray, batches: list[TrainBatch], losses: torch.Tensor,
-                         summed: Params, settings: StepSettings) -> None:
+                         summed: Params, settings: StepSettings, track: int | None) -> None:
         for start in range(0, len(ids), self.chunk):
-            rows = _rows(ids[start:start + self.chunk])
+            chunk = ids[start:start + self.chunk]
+            rows = _rows(chunk)
             part = batches[start:start + self.chunk]
-            inputs = torch.stack([b.inputs for b in part])
-            targets = torch.stack([b.targets for b in part])
-            negatives = torch.stack([b.negatives for b in part])
+            inputs, targets, negatives = (torch.stack([getattr(b, name) for b in part]).to(self.device)
+                                          for name in ("inputs", "targets", "negatives"))
             params = {k: v[rows] for k, v in self.params.items()}
             grads, loss = self._batched.loss_and_grads(params, inputs, targets, negatives, settings.loss)
-            self._apply(rows, params, grads, summed, settings)
-            losses[rows] = loss
+            self._apply(chunk, rows, params, grads, summed, settings, track)
+            losses[rows] = loss.cpu()
 
     @torch.no_grad()
     def _looped_step(self, ids: np.ndarray, batches: list[TrainBatch], losses: torch.Tensor,
-                     summed: Params, settings: StepSettings) -> None:
+                     summed: Params, settings: StepSettings, track: int | None) -> None:
         for i, batch in zip(ids, batches):
             params = {k: v[i] for k, v in self.params.items()}
             with torch.enable_grad():
-                grads, loss = local_grads(self.model, params, batch.inputs, batch.targets, batch.negatives,
+                grads, loss = local_grads(self.model, params, batch.inputs.to(self.device),
+                                          batch.targets.to(self.device), batch.negatives.to(self.device),
                                           settings.loss)
-            self._apply(int(i), params, {k: g.detach() for k, g in grads.items()}, summed, settings)
-            losses[i] = loss.detach()
+            self._apply(np.array([i]), int(i), params, {k: g.detach() for k, g in grads.items()}, summed, settings,
+                        track)
+            losses[i] = loss.detach().cpu()
 
-    def _apply(self, rows: int | slice | torch.Tensor, params: Params, grads: Params, summed: Params,
-               settings: StepSettings) -> None:
-        """One local step for the nodes ``rows``: Adam on every tensor, or, with tracking, on
-        the private tensors only while the shared adapter's gradients add up in ``summed``."""
+    def _apply(self, ids: np.ndarray, rows: int | slice | torch.Tensor, params: Params, grads: Params,
+               summed: Params, settings: StepSettings, track: int | None) -> None:
+        """One local step for the nodes ``ids`` (indexed by ``rows``): Adam on every tensor, or, with
+        tracking, on the private tensors only while the shared adapter's gradients add up in
+        ``summed``; in round ``track``'s last step, the tracked step of the shared adapter follows."""
         if self.tracking:
-            for k in self.shared_names:
-                summed[k][rows] += grads[k]
-            params = {k: v for k, v in params.items() if k not in summed}
+            chunk_sum = {k: summed[k][rows] + grads[k] if summed else grads[k] for k in self.shared_names}
+            if track is None:
+                for k in self.shared_names:
+                    summed[k][rows] = chunk_sum[k]
+            params = {k: v for k, v in params.items() if k not in self.shared_names}
         keys = ["t", *(f"{moment}.{k}" for k in params for moment in ("m", "v"))]
-        new_params, new_state = adam_step(params, grads, {k: self.state[k][rows] for k in keys}, settings)
+        new_params, new_state = adam_step(params, grads, self._read(keys, rows), settings)
         for k, v in new_params.items():
             self.params[k][rows] = v
         for k, v in new_state.items():
             self.state[k][rows] = v
+        if track is not None:
+            self._track(ids, rows, chunk_sum, track, settings)
 
-    def _track(self, ids: np.ndarray, summed: Params, round_: int, settings: StepSettings) -> None:
+    def _read(self, keys: list[str], rows: int | slice | torch.Tensor) -> Params:
+        """The state ``keys`` of the nodes ``rows`` in float32, whatever dtype holds the moments."""
+        return {k: self.state[k][rows].float() for k in keys}
+
+    def _track(self, ids: np.ndarray, rows: int | slice | torch.Tensor, summed: Params, round_: int,
+               settings: StepSettings) -> None:
         """The round's tracked step of the shared adapter for the nodes ``ids``, on their mean
-        gradient over the local steps, times its weight; nodes outside this round's participating
-        share fold in zero."""
-        rows = _rows(ids)
+        gradient over the local steps (``summed``, one row per node of ``ids``), times its weight;
+        nodes outside this round's participating share fold in zero."""
         shared = {k: self.params[k][rows] for k in self.shared_names}
         keys = [STEPS, *(f"{p}{k}" for k in self.shared_names for p in (TRACKER, LAST_GRAD, "m.", "v."))]
         take = torch.from_numpy(participation(self.plan.seed, round_, self.ids[ids], self.tracking_fraction))
-        scale = take.to(torch.float32) * self.weights[rows] / self.plan.steps
-        grads = {k: summed[k][rows] * scale.view(-1, *[1] * (summed[k].dim() - 1)) for k in self.shared_names}
-        stepped, new_state = tracked_step(shared, grads, {k: self.state[k][rows] for k in keys}, settings)
+        scale = (take.to(torch.float32) * self.weights[rows] / self.plan.steps).reshape(-1).to(self.device)
+        scale = scale[0] if isinstance(rows, int) else scale  # one node's own (unstacked) tensors
+        grads = {k: summed[k] * scale.reshape(*scale.shape, *[1] * (summed[k].dim() - scale.dim()))
+                 for k in self.shared_names}
+        stepped, new_state = tracked_step(shared, grads, self._read(keys, rows), settings)
         for k, v in stepped.items():
             self.params[k][rows] = v
         for k, v in new_state.items():

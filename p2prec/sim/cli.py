@@ -14,6 +14,7 @@ from pathlib import Path
 from p2prec.cli import add_config_options, config_from_args, guarded, run_cli
 from p2prec.config import METHODS
 from p2prec.run.data import load_data
+from p2prec.sim.device import resolve_device
 from p2prec.sim.runner import run_simulation
 from p2prec.topology import TopologyError
 
@@ -49,11 +50,14 @@ def print_summary(summary: dict, out: Path) -> None:
 def cmd_sim(args: argparse.Namespace) -> int:
     overrides = []
     for flag, key in (("topology", "gossip.topology"), ("nodes", "sim.nodes"), ("rounds", "run.rounds"),
-                      ("local_steps", "train.local_steps"), ("method", "run.method"), ("seed", "run.seed")):
+                      ("local_steps", "train.local_steps"), ("method", "run.method"), ("seed", "run.seed"),
+                      ("backend", "sim.backend"), ("shards", "sim.shards"), ("ray_address", "sim.ray_address"),
+                      ("device", "sim.device")):
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
     args.overrides = overrides + list(args.overrides)
     cfg = config_from_args(args)
+    resolve_device(cfg.sim.device)  # a missing CUDA device is one line now, not after data and backbone
     default_name = cfg.gossip.topology.split(':')[0].split('/')[-1] if cfg.run.method == "p2prec" else cfg.run.method
     out = Path(args.out or f"runs/{default_name}")
     try:
@@ -85,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backbone", help="backbone folder (default: pre-train on public users, cached)")
     parser.add_argument("--processes", type=int, metavar="N",
                         help="run N data nodes as real p2prec-node processes on 127.0.0.1 instead of simulating")
+    parser.add_argument("--backend", choices=("local", "shards", "ray"),
+                        help="engine: one process (default), shards in this process, or shards on Ray actors")
+    parser.add_argument("--shards", type=int, help="shards of the population for --backend shards|ray (default 2)")
+    parser.add_argument("--ray-address", help="Ray cluster to run on (default: start a local instance)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"),
+                        help="where the local engine's tensors live (default: cuda when present, else cpu)")
     parser.add_argument("--out", help="results folder (default: runs/<topology or method>)")
     parser.add_argument("--save-states", action="store_true",
                         help="also save every node's adapters in OUT/state, for 'p2prec recommend --state OUT'")

@@ -47,7 +47,7 @@ from tqdm import tqdm
 from p2prec.config import Config
 from p2prec.data.split import Dataset
 from p2prec.gossip.codecs import Codec, get_codec
-from p2prec.gossip.mixing import Params, consensus_distance, mix
+from p2prec.gossip.mixing import Params, consensus_distance, mix_into
 from p2prec.gossip.robust import bound_mixing, bounded_names, robust_mix_named, state_norms
 from p2prec.gossip.rounds import exchange_key
 from p2prec.gossip.stack import GossipStack
@@ -58,6 +58,7 @@ from p2prec.model.backbone import SeqRecModel
 from p2prec.rng import Stream, torch_generator
 from p2prec.run.data import select_nodes
 from p2prec.run.folder import make_record
+from p2prec.sim.device import resolve_device
 from p2prec.sim.attacks import byzantine_count, choose_byzantine, inject
 from p2prec.sim.faults import FaultPlan, RoundFaults
 from p2prec.sim.plan import JoinPlan, MixingPlan, RoundMixing, split_diagonal
@@ -80,8 +81,8 @@ def message_bytes(shared: Mapping[str, torch.Tensor], codec: Codec = PLAIN, roun
 
 
 def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A per-node vector ``[N]`` shaped to broadcast over a stacked tensor ``[N, ...]``."""
-    return mask.view(-1, *([1] * (like.dim() - 1)))
+    """A per-node vector ``[N]`` shaped to broadcast over a stacked tensor ``[N, ...]`` (on its device)."""
+    return mask.to(like.device).view(-1, *([1] * (like.dim() - 1)))
 
 
 @dataclass
@@ -104,7 +105,8 @@ class Simulation:
     def __init__(self, cfg: Config, data: Dataset, backbone: SeqRecModel, graph: nx.Graph | None) -> None:
         self.cfg = cfg
         self.data = data
-        self.model = adapter_model(backbone, cfg)
+        self.device = resolve_device(cfg.sim.device)
+        self.model = adapter_model(backbone.to(self.device), cfg)
         self.nodes = select_nodes(data, cfg)
         n = len(self.nodes)
         self.pop = configured_population(self.model, data, cfg, self.nodes,
@@ -258,9 +260,10 @@ class Simulation:
         beyond ``robust.norm_bound`` (:func:`p2prec.gossip.robust.bound_mixing`, a real node's
         own check); when none is dropped, ``A`` stands bit for bit.
 
-        Why in place: at 754 nodes of 130k floats one stacked state is 392 MB, and mixing is
-        bound by memory traffic, so scaling ``own`` where it lies and adding the product to it
-        saves two full-size temporaries per exchange. The sums are the same IEEE additions as
+        Why in place (:func:`p2prec.gossip.mixing.mix_into`): at 754 nodes of 130k floats one
+        stacked state is 392 MB, and mixing is bound by memory traffic, so scaling ``own`` where
+        it lies and adding the product to it, a block of columns at a time, saves full-size
+        temporaries per exchange. The sums are the same IEEE additions as
         ``A @ received + d * own``, so the results are bit for bit those of the plain form.
         """
         if self.plan.kind == "flat":  # as real nodes: flat gossip only (clients take their aggregator's state)
@@ -275,14 +278,7 @@ class Simulation:
                                          names).items():
                 own[k].copy_(v)
             return
-        mixed = mix(mixing.factors, received, names)
-        if mixing.echo is not None:
-            echo = torch.from_numpy(mixing.echo).to(torch.float32)
-            for k in names:
-                mixed[k].add_(_rows(echo, received[k]) * received[k])
-        d = torch.from_numpy(mixing.d).to(torch.float32)
-        for k in names:
-            own[k].mul_(_rows(d, own[k])).add_(mixed[k])
+        mix_into(mixing.factors, received, own, mixing.d, names, mixing.echo)
 
     def _honest(self, params: Params, present: np.ndarray | None = None) -> Params:
         """The honest nodes' rows (of those ``present``): what metrics and the consensus distance are
@@ -326,6 +322,10 @@ class Simulation:
         """Validation and test metrics of the honest nodes' current adapters."""
         return evaluate(self.model, self._honest(self.pop.params), self.eval_set, tuple(self.cfg.eval.protocols),
                         stacked=True, k=self.cfg.eval.k)
+
+    def close(self) -> None:
+        """Release what the engine holds beyond this object: nothing in one process (a sharded
+        engine stops its workers)."""
 
     def run(self, rounds: int | None = None, progress: bool = True, label: str = "sim",
             on_record: Callable[[list[dict]], None] | None = None) -> list[dict]:

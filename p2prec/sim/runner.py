@@ -18,7 +18,7 @@ from p2prec.learn.factories import adapter_model
 from p2prec.learn.pretrain import ensure_backbone
 from p2prec.run.data import select_nodes
 from p2prec.run.folder import make_record, summarize_run, write_metrics, write_run
-from p2prec.sim.engine import Simulation
+from p2prec.sim.backend import make_simulation
 from p2prec.serve.state import SIM_FOLDER, fingerprint
 from p2prec.serve.state import save_states as save_states_to
 from p2prec.topology import load, metropolis_hastings, predicted_rate, spectral_gap, validate
@@ -54,6 +54,9 @@ def run_simulation(cfg: Config, data: Dataset, out: Path, backbone_dir: str | No
     fix_baseline(cfg)
     if save_states and cfg.run.method in ("centralized", "backbone-only"):
         raise ValueError(f"--save-states: the {cfg.run.method} baseline has no nodes to save")
+    if save_states and cfg.sim.backend != "local":
+        raise ValueError(f"--save-states: the {cfg.sim.backend} backend keeps its nodes' adapters in its shards; "
+                         "use sim.backend = 'local'")
     n = len(select_nodes(data, cfg))
     graph = build_topology(cfg, n) if cfg.run.method not in ("centralized", "backbone-only") else None
     backbone = ensure_backbone(data, cfg, backbone_dir)
@@ -72,9 +75,12 @@ def run_simulation(cfg: Config, data: Dataset, out: Path, backbone_dir: str | No
             extra["spectral_gap"] = spectral_gap(w)
             extra["consensus_rate_predicted"] = predicted_rate(w) ** cfg.gossip.exchanges
         backbone_sha = fingerprint(backbone) if save_states else ""  # before the adapters wrap it
-        sim = Simulation(cfg, data, backbone, graph)
+        sim = make_simulation(cfg, data, backbone, graph)
         extra["message_bytes"] = sim.msg_bytes
-        records = sim.run(progress=progress, label=label, on_record=lambda so_far: write_metrics(out, so_far))
+        try:
+            records = sim.run(progress=progress, label=label, on_record=lambda so_far: write_metrics(out, so_far))
+        finally:
+            sim.close()
         extra.update(sim.trust_summary())
         extra["consensus_by_round"] = sim.consensus
         extra["consensus_rate_measured"] = sim.measured_rate()
