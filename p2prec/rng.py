@@ -43,6 +43,8 @@ class Stream(IntEnum):
     """What the simulator's Byzantine nodes send in a round and exchange (simulator seed, round)."""
     JOIN = 0x70111
     """The simulator's late joiners: who joins, and which neighbour each one asks (simulator seed, round)."""
+    CLOCK = 0xC10C
+    """Simulated time: each node's compute speed and each link's latency (simulator seed)."""
 
 
 def seeded_rng(*keys: int) -> np.random.Generator:

@@ -93,14 +93,20 @@ class Population:
         return train_batch(self.data, self.sampler, self.nodes[node], self.batch_size, self.max_len,
                            self.negatives, rng)
 
-    def train_round(self, round_: int, active: np.ndarray | None = None, vectorized: bool = True) -> float:
-        """Run ``local_steps`` local steps on every active node; return their mean loss."""
+    def train_round(self, round_: int, active: np.ndarray | None = None, vectorized: bool = True,
+                    node_rounds: np.ndarray | None = None) -> float:
+        """Run ``local_steps`` local steps on every active node; return their mean loss.
+
+        ``node_rounds`` (asynchronous gossip, where each node counts its own updates): node
+        ``i`` draws its batches for its own update ``node_rounds[i]``, as a real node of one
+        does with ``round_`` = that index, so the two agree batch for batch."""
         active_ids = np.arange(self.size) if active is None else np.flatnonzero(active)
+        draws = np.full(self.size, round_, dtype=np.int64) if node_rounds is None else node_rounds
         losses = torch.zeros(self.size)
         settings = scaled(self.settings, lr_factor(self.lr_schedule, round_, self.rounds))
         summed = {k: torch.zeros_like(v) for k, v in self._shared_params().items()} if self.tracking else {}
         for step in range(self.local_steps):
-            batches = [self.node_batch(int(i), round_, step) for i in active_ids]
+            batches = [self.node_batch(int(i), int(draws[i]), step) for i in active_ids]
             torch.manual_seed(int(seeded_rng(self.seed, round_, step).integers(2**62)))
             self.model.train(self.dropout)
             try:

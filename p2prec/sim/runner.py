@@ -17,7 +17,7 @@ from p2prec.learn.baselines import adapter_model, run_backbone_only, run_central
 from p2prec.learn.pretrain import ensure_backbone
 from p2prec.run.data import select_nodes
 from p2prec.run.folder import make_record, summarize_run, write_metrics, write_run
-from p2prec.sim.engine import Simulation
+from p2prec.sim.events import build_simulation
 from p2prec.serve.state import SIM_FOLDER, fingerprint
 from p2prec.serve.state import save_states as save_states_to
 from p2prec.topology import load, metropolis_hastings, predicted_rate, spectral_gap, validate
@@ -71,7 +71,7 @@ def run_simulation(cfg: Config, data: Dataset, out: Path, backbone_dir: str | No
             extra["spectral_gap"] = spectral_gap(w)
             extra["consensus_rate_predicted"] = predicted_rate(w) ** cfg.gossip.exchanges
         backbone_sha = fingerprint(backbone) if save_states else ""  # before the adapters wrap it
-        sim = Simulation(cfg, data, backbone, graph)
+        sim = build_simulation(cfg, data, backbone, graph)
         extra["message_bytes"] = sim.msg_bytes
         records = sim.run(progress=progress, label=label, on_record=lambda so_far: write_metrics(out, so_far))
         extra.update(sim.trust_summary())

@@ -1,0 +1,154 @@
+"""Asynchronous gossip: the rule's bookkeeping, the simulated clock, the event-driven simulator,
+and real async nodes (the same math as the simulator, no barrier, crash, hostile input)."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+from pathlib import Path
+
+import networkx as nx
+import numpy as np
+import pytest
+import torch
+import zmq
+
+from p2prec.config import ConfigError, load
+from p2prec.gossip.async_rule import Freshest, check_async, mixing_row
+from p2prec.model.store import load_backbone
+from p2prec.run import checkpoint
+from p2prec.run.checkpoint import PARAM
+from p2prec.sim.clock import SLOW_FACTOR, NodeClock
+from p2prec.sim.events import AsyncSimulation, Update
+from p2prec.topology import build, metropolis_hastings
+from p2prec.topology import load as load_topology
+from p2prec.wire import Message, MessageType, encode
+from tests.conftest import TINY
+from tests.node_support import Procs, make_backbone, node_config, node_params, rounds_done, shared_hash, wait_for
+from tests.test_node_net import _address, _hostile
+
+ASYNC = ["gossip.mode=async", "gossip.tracking=false"]
+
+
+def _lines(folder: Path, node: int) -> list[dict]:
+    return [json.loads(x) for x in (folder / f"node-{node}" / "rounds.jsonl").read_text().splitlines()]
+
+
+def test_a_held_state_is_mixed_for_max_staleness_updates_then_dropped() -> None:
+    fresh: Freshest[str] = Freshest(max_staleness=2)
+    fresh.arrive(3, 7, "a")
+    assert {j: h.update for j, h in fresh.fresh().items()} == {3: 7}
+    fresh.advance()
+    assert list(fresh.fresh()) == [3]
+    fresh.arrive(4, 1, "b")
+    fresh.advance()
+    assert list(fresh.fresh()) == [4]           # 3's state is two of this node's updates old
+    fresh.arrive(4, 1, "c")                      # a restarted sender repeats an index: the latest arrival wins
+    assert fresh.fresh()[4].item == "c"
+
+
+def test_the_async_row_renormalises_over_the_fresh_neighbours() -> None:
+    w = metropolis_hastings(build("ring", 5))
+    row = mixing_row(w, 0, [1])
+    assert set(row.indices) == {0, 1} and row.sum() == pytest.approx(1.0)
+    assert row[0, 0] == pytest.approx(w[0, 0] / (w[0, 0] + w[0, 1]))
+    alone = mixing_row(w, 0, [])
+    assert alone[0, 0] == 1.0 and alone.nnz == 1
+
+
+def test_async_mode_refuses_what_it_does_not_implement(tiny_cfg) -> None:  # noqa: ANN001
+    with pytest.raises(ConfigError, match="gossip.tracking"):
+        check_async(load(None, TINY + ["gossip.mode=async"]))
+    with pytest.raises(ConfigError, match="gossip.codec"):
+        check_async(load(None, TINY + ASYNC + ["gossip.codec=int8"]))
+    check_async(load(None, TINY + ASYNC))
+
+
+def test_the_clock_is_seeded_and_slow_nodes_are_ten_times_slower() -> None:
+    cfg = load(None, ["sim.slow=0.2", "sim.speed_sigma=0"]).sim
+    graph = build("small-world", 50)
+    a, b = NodeClock(cfg, graph, 50), NodeClock(cfg, graph, 50)
+    assert np.array_equal(a.compute, b.compute) and (a.latency != b.latency).nnz == 0
+    assert a.slow.sum() == 10 and np.allclose(a.compute[a.slow], SLOW_FACTOR) and np.allclose(a.compute[~a.slow], 1)
+    senders = a.latency.tocoo().col
+    assert (a.latency.tocoo().data <= 0.5 * a.compute[senders] + 1e-12).all()
+    assert a.sync_round(2, 0) == pytest.approx(SLOW_FACTOR + 2 * a.max_latency)
+    assert list(a.period(3.0)[a.slow][:1]) == [4] and (a.period(3.0)[~a.slow] == 1).all()
+
+
+def _async_sim(cfg_sets: list[str], synth_dir: Path, synth_data, tiny_cfg, tmp: Path) -> AsyncSimulation:  # noqa: ANN001
+    cfg = load(None, TINY + ASYNC + [f"data.dir={synth_dir}", "train.backbone_dropout=false"] + cfg_sets)
+    backbone = load_backbone(make_backbone(synth_data, tiny_cfg, tmp), synth_data)
+    from p2prec.run.data import select_nodes
+    return AsyncSimulation(cfg, synth_data, backbone,
+                           load_topology(cfg.gossip.topology, len(select_nodes(synth_data, cfg)), cfg.gossip.seed))
+
+
+def test_the_event_driven_simulation_is_reproducible_and_fast_nodes_do_more(tmp_path: Path, synth_dir: Path,  # noqa: ANN001
+                                                                           synth_data, tiny_cfg) -> None:
+    sets = ["sim.nodes=16", "sim.slow=0.25", "sim.rounds=6", "eval.every=3", "eval.protocols=sampled",
+            "eval.select_protocol=sampled"]
+    runs = [_async_sim(sets, synth_dir, synth_data, tiny_cfg, tmp_path / f"bb{i}") for i in range(2)]
+    records = [sim.run(progress=False) for sim in runs]
+    assert [r["sim_time"] for r in records[0]] == [3.0, 6.0]
+    assert records[0][-1]["updates"] == records[1][-1]["updates"] > 0
+    assert [r["val"] for r in records[0]] == [r["val"] for r in records[1]]
+    sim = runs[0]
+    assert sim.freshest[int(np.flatnonzero(sim.clock.slow)[0])].updates < \
+        min(f.updates for i, f in enumerate(sim.freshest) if sim.clock.compute[i] < 1.5)
+
+
+def test_real_async_nodes_compute_what_the_simulator_computes_on_their_schedule(  # noqa: ANN001
+        tmp_path: Path, synth_dir: Path, synth_data, tiny_cfg) -> None:
+    """Four real async nodes run freely; their logs name every neighbour version each update
+    mixed. Replayed through the event-driven simulator, that schedule gives the same adapters."""
+    rounds = 8
+    config = node_config(tmp_path, synth_dir, build("ring", 4),
+                         ["sim.nodes=4", f"sim.rounds={rounds}", "eval.every=1000", *ASYNC])
+    backbone = make_backbone(synth_data, tiny_cfg, tmp_path / "bb")
+    procs = Procs(config, backbone)
+    try:
+        for i in range(4):
+            procs.start(i)
+        codes = procs.wait_all(240)
+    finally:
+        procs.close()
+    assert codes == {0: 0, 1: 0, 2: 0, 3: 0}
+    folder = tmp_path / "nodes"
+    schedule = [Update(i, r["round"], {int(j): v for j, v in r["mixed"].items()})
+                for i in range(4) for r in _lines(folder, i)]
+    assert any(u.mixed for u in schedule)
+    cfg = load(config)
+    sim = AsyncSimulation(cfg, synth_data, load_backbone(backbone, synth_data), load_topology(cfg.gossip.topology),
+                          keep=rounds + 1)
+    sim.replay(schedule)
+    for i in range(4):
+        params = node_params(folder, i)
+        for k, v in params.items():
+            assert torch.allclose(v[0], sim.pop.params[k][i], atol=1e-5), (i, k)
+
+
+@pytest.mark.slow
+def test_eight_async_processes_do_not_wait_for_one_slowed_five_times(  # noqa: ANN001
+        tmp_path: Path, synth_dir: Path, synth_data, tiny_cfg) -> None:
+    rounds = 20
+    config = node_config(tmp_path, synth_dir, build("ring", 8),
+                         ["sim.nodes=8", f"sim.rounds={rounds}", "eval.every=1000", *ASYNC])
+    procs = Procs(config, make_backbone(synth_data, tiny_cfg, tmp_path / "bb"))
+    folder = tmp_path / "nodes"
+    try:
+        for i in range(8):
+            procs.start(i, *(["--set", "node.slowdown=5"] if i == 0 else []))
+        wait_for(lambda: all(rounds_done(folder, i) >= rounds for i in range(1, 8)), 200, "the fast nodes")
+        procs.procs[0].send_signal(signal.SIGTERM)
+        codes = procs.wait_all(60)
+    finally:
+        procs.close()
+    assert codes == {i: 0 for i in range(8)}
+    times = {i: [r["time"] for r in _lines(folder, i)] for i in range(8)}
+    start = max(t[0] for t in times.values())
+    end = min(t[-1] for i, t in times.items() if i)
+    done = {i: sum(start <= x <= end for x in t) for i, t in times.items()}
+    assert end - start > 2 and done[0] >= 1, done
+    assert min(done[i] for i in range(1, 8)) >= 3 * done[0], done
