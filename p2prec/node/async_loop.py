@@ -20,19 +20,36 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from p2prec.config import ConfigError
+from p2prec.config import Config, ConfigError
 from p2prec.gossip.aggregate import combine
 from p2prec.gossip.async_rule import Freshest, mixing_row
+from p2prec.gossip.stack import GossipStack
 from p2prec.node.inbox import Abandoned
-from p2prec.node.place import FLAT
+from p2prec.node.learner import Learner
+from p2prec.node.place import FLAT, Place
 from p2prec.node.protocol import RoundResult
 from p2prec.node.transport import Transport
 from p2prec.wire import Message, MessageType, encode
 
-if TYPE_CHECKING:
-    from p2prec.node.runtime import Node
+
+class Counted(Protocol):
+    round: int
+
+
+class Updates(Protocol):
+    """What the loop needs of the node running it (:class:`p2prec.node.runtime.Node`, which
+    imports this module): its parts, its update count and its commit point."""
+
+    cfg: Config
+    place: Place
+    learner: Learner | None
+    stack: GossipStack
+
+    progress: Counted
+
+    def _finish_round(self, round_: int, result: RoundResult, started: float, extra: dict | None = None) -> None: ...
 
 
 class AsyncInbox:
@@ -72,7 +89,7 @@ class AsyncInbox:
         raise Abandoned
 
 
-async def run_async(node: Node, inbox: AsyncInbox, transport: Transport) -> None:
+async def run_async(node: Updates, inbox: AsyncInbox, transport: Transport) -> None:
     """Run ``node``'s remaining local updates up to ``sim.rounds`` (see the module docstring)."""
     learner, place = node.learner, node.place
     if learner is None or place.kind != FLAT:
