@@ -257,6 +257,10 @@ class GossipConfig:
     produced, so ``k`` exchanges mix with about the ``k``-th power of the round's matrix and
     cost ``k`` times the bytes. Measured on ML-100K small-world (``sim/tracking/``): validation NDCG@10
     0.481 with one exchange, 0.487 with two (the default), 0.487 with three.
+    ``mode``: ``sync`` (rounds with a barrier or a deadline) or ``async`` (no rounds: each node
+    trains, sends and mixes the freshest state it holds from each neighbour on its own clock;
+    :mod:`p2prec.gossip.async_rule`, which also says what async mode requires). A held state
+    is mixed in at most ``max_staleness`` of the receiver's own updates after it arrived.
     """
 
     topology: str = "small-world"
@@ -269,6 +273,8 @@ class GossipConfig:
     tracking_fraction: float = _field(1.0, lo=1e-3, hi=1.0)
     tracking_weight: str = _field("samples", choices=("node", "samples"))
     exchanges: int = _field(2, lo=1, hi=MAX_EXCHANGES)
+    mode: str = _field("sync", choices=("sync", "async"))
+    max_staleness: int = _field(16, lo=1)
 
 
 @dataclass
@@ -289,6 +295,11 @@ class SimConfig:
     population split into ``shards`` blocks (0: two) run in this process (``shards``) or on
     Ray actors (``ray``, at ``ray_address`` or on a local instance). ``device`` is where the
     local engine's tensors live: ``auto`` (CUDA when present, else the CPU), ``cpu`` or ``cuda``.
+    Simulated time (:mod:`p2prec.sim.clock`), in units of a median node's local update: node
+    speeds are log-normal with ``speed_sigma``, a ``slow`` fraction of nodes is 10x slower, each
+    link's latency is about ``latency``. A sync round waits for everyone, or with ``deadline``
+    > 0 lasts that long and a node whose update takes longer trains only in the rounds its
+    update completes. With ``gossip.mode = "async"``, ``rounds`` is the simulated time to run.
     """
 
     nodes: int = _field(0, lo=0)
@@ -308,6 +319,10 @@ class SimConfig:
     shards: int = _field(0, lo=0)
     ray_address: str = ""
     device: str = _field("auto", choices=("auto", "cpu", "cuda"))
+    slow: float = _field(0.0, lo=0.0, hi=1.0)
+    speed_sigma: float = _field(0.25, lo=0.0, hi=3.0)
+    latency: float = _field(0.2, lo=0.0)
+    deadline: float = _field(0.0, lo=0.0)
 
 
 @dataclass
@@ -328,6 +343,8 @@ class NodeConfig:
     every ``summary_s`` seconds (:mod:`p2prec.node.rejections`). Relative paths in a node's
     config file (``dir``, ``gossip.topology``, ``data.dir``, the security keys) are read
     from the config file's folder.
+    ``slowdown`` (a test knob, 1 = off) makes the node that many times slower: after each local
+    update it idles (slowdown - 1) times the update's duration.
     """
 
     dir: str = "node-state"
@@ -338,6 +355,7 @@ class NodeConfig:
     hwm: int = _field(64, lo=1)
     linger_ms: int = _field(1000, lo=0)
     summary_s: float = _field(30.0, lo=0.01)
+    slowdown: float = _field(1.0, lo=1.0)
 
 
 @dataclass

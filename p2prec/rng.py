@@ -45,6 +45,8 @@ class Stream(IntEnum):
     """The simulator's late joiners: who joins, and which neighbour each one asks (run seed, round)."""
     BYZANTINE = 0xB12
     """Which of the simulator's nodes are Byzantine, drawn once (run seed)."""
+    CLOCK = 0xC10C
+    """Simulated time: each node's compute speed and each link's latency (run seed)."""
 
 
 def seeded_rng(*keys: int) -> np.random.Generator:

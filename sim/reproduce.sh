@@ -2,12 +2,12 @@
 # Rerun the experiments behind the README and docs/experiments.md, one group (folder of sim/) at a time,
 # and print each group's comparison table (runs/report-GROUP.png holds its overlay plot).
 # Usage: sim/reproduce.sh DATA_DIR [GROUP ...]     (DATA_DIR: a folder holding ml-100k/; default $P2PREC_DATA)
-# Groups: topologies tracking spectral faults codecs privacy robust foundation (default: all of them).
+# Groups: topologies tracking spectral faults codecs privacy robust foundation async (default: all of them).
 # Every spec is parsed before anything runs: one that no longer loads stops the script with its error.
 # A figure measured at an older commit is reproduced at that commit (docs/experiments.md names it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-all="topologies tracking spectral faults codecs privacy robust foundation"
+all="topologies tracking spectral faults codecs privacy robust foundation async"
 data="${1:-${P2PREC_DATA:-}}"
 if [ -z "$data" ]; then
   echo "sim/reproduce.sh: give DATA_DIR or set \$P2PREC_DATA" >&2

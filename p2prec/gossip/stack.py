@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from p2prec.config import Config
+from p2prec.gossip.async_rule import check_async
 from p2prec.gossip.codecs import Codec, ErrorFeedback, codec_from_config
 from p2prec.gossip.privacy import LocalPrivacy
 from p2prec.gossip.robust import Aggregation, aggregation_from_config
@@ -69,6 +70,7 @@ class GossipStack:
         privacy noise from the operating system instead of the seeded streams
         (:class:`LocalPrivacy`); only a real node's noise can be secret.
         """
+        check_async(cfg)
         codec = codec_from_config(cfg.gossip)
         stack = cls(codec, codec.keeps_residual(cfg.gossip.tracking), aggregation_from_config(cfg.robust),
                     cfg.robust.norm_bound, cfg.gossip.exchanges, cfg.run.train_rounds)

@@ -126,22 +126,28 @@ class Population:
         rng = seeded_rng(p.seed, round_, int(self.ids[node]), step)
         return train_batch(self.data, self.sampler, self.nodes[node], p.batch_size, p.max_len, p.negatives, rng)
 
-    def train_round(self, round_: int, active: np.ndarray | None = None, vectorized: bool = True) -> float:
+    def train_round(self, round_: int, active: np.ndarray | None = None, vectorized: bool = True,
+                    node_rounds: np.ndarray | None = None) -> float:
         """Run the plan's local steps on every active node; return their mean loss.
 
         With tracking, each chunk takes its tracked step right after its last local step: its
         rows are its own, so the result is the same as stepping every node afterwards, and the
         shared gradients summed over the steps are held for all nodes only when there are
         several steps (one step's are the chunk's own gradients).
+
+        ``node_rounds`` (asynchronous gossip, where each node counts its own updates): node
+        ``i`` draws its batches for its own update ``node_rounds[i]``, as a real node of one
+        does with ``round_`` = that index, so the two agree batch for batch.
         """
         active_ids = np.arange(self.size) if active is None else np.flatnonzero(active)
+        draws = np.full(self.size, round_, dtype=np.int64) if node_rounds is None else node_rounds
         losses = torch.zeros(self.size)
         plan = self.plan
         settings = scaled(self.settings, lr_factor(plan.lr_schedule, round_, plan.rounds))
         summed = {k: torch.zeros_like(v) for k, v in self._shared_params().items()} \
             if self.tracking and plan.steps > 1 else {}
         for step in range(plan.steps):
-            batches = [self.node_batch(int(i), round_, step) for i in active_ids]
+            batches = [self.node_batch(int(i), int(draws[i]), step) for i in active_ids]
             torch.manual_seed(int(seeded_rng(plan.seed, round_, step).integers(2**62)))
             self.model.train(plan.dropout)
             track = round_ if self.tracking and step == plan.steps - 1 else None

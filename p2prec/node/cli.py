@@ -96,6 +96,9 @@ def _interrupt(_sig: int, _frame: FrameType | None) -> None:
 
 def cmd_node(args: argparse.Namespace) -> int:
     cfg = resolve_paths(config_from_args(args), args.config)
+    if args.join and cfg.gossip.mode == "async":
+        raise ConfigError("--join: an async node needs no join; it starts at once and mixes its neighbours' "
+                          "states as they arrive (gossip.mode = 'async')")
     try:
         node = build_node(cfg, args.id, args.backbone)
         node.resume(fresh=args.fresh)

@@ -26,6 +26,7 @@ import zmq
 from p2prec.atomic import write_text_atomic
 from p2prec.config import Config, ConfigError
 from p2prec.gossip.stack import GossipStack
+from p2prec.node.async_loop import AsyncInbox, run_async
 from p2prec.node.inbox import Abandoned, Inbox
 from p2prec.node.join import JOIN_TYPES, JoinDesk, adopt
 from p2prec.node.learner import Learner
@@ -294,8 +295,8 @@ class Node:
         """Seconds this node has run, summed over its restarts."""
         return self._wall_base + time.perf_counter() - self._wall_start
 
-    def _finish_round(self, round_: int, result: RoundResult, started: float) -> None:
-        """Metrics (on evaluation rounds), checkpoint, the ``rounds.jsonl`` line and the log line."""
+    def _finish_round(self, round_: int, result: RoundResult, started: float, extra: dict | None = None) -> None:
+        """Metrics (on evaluation rounds), checkpoint, the ``rounds.jsonl`` line (with ``extra``) and the log line."""
         p = self.progress
         p.round = round_
         p.bytes_sent_total += result.bytes_sent
@@ -320,7 +321,7 @@ class Node:
         round_s = time.perf_counter() - started
         self._append(ROUNDS, {"round": round_, "heard": result.heard, "expected": result.expected,
                               "local_s": result.local_s, "eval_s": eval_s, "checkpoint_s": checkpoint_s,
-                              "round_s": round_s, "bytes_sent": result.bytes_sent, "loss": loss})
+                              "round_s": round_s, "bytes_sent": result.bytes_sent, "loss": loss, **(extra or {})})
         log.info("%s round %d/%d: loss %.4f, heard %d/%d, %.2f s (local %.2f s)%s", self.name, round_, rounds,
                  result.loss, result.heard, result.expected, round_s, result.local_s, note)
 
@@ -343,13 +344,29 @@ class Node:
         self._save()
         log.info("%s: joined from node %d's shared state after round %d", self.name, answer.sender, answer.round)
 
+    async def _rounds(self, transport: Transport, inbox: Inbox, protocol: Protocol, join: bool) -> None:
+        """The synchronous rounds, after joining (if asked) and greeting the neighbours."""
+        if join:
+            await self._join(transport, inbox, protocol)
+        await self._greet(transport, inbox)
+        for round_ in range(self.progress.round + 1, self.cfg.run.rounds + 1):
+            inbox.advance(round_)
+            started = time.perf_counter()
+            result = await protocol.run(round_)
+            self._finish_round(round_, result, started)
+            if self.learner is not None:
+                await self.joins.answer(transport, self.learner, self.stack.codec, round_)
+
     async def run(self, join: bool = False) -> int:
         """Run the remaining rounds; return the last complete round. Never raises on SIGINT/SIGTERM.
 
-        ``join``: first ask the neighbours for their shared state (flat topologies only)."""
+        ``join``: first ask the neighbours for their shared state (flat topologies, sync mode only;
+        an async node needs no join, :mod:`p2prec.node.async_loop`)."""
         loop = asyncio.get_running_loop()
         self._wall_base, self._wall_start = self.progress.wall_s, time.perf_counter()
-        inbox = Inbox(self.place.node, self.cfg.node.future_rounds, self.progress.round + 1)
+        asynchronous = self.cfg.gossip.mode == "async"
+        inbox = AsyncInbox(self.cfg.gossip.max_staleness, self.progress.round) if asynchronous else \
+            Inbox(self.place.node, self.cfg.node.future_rounds, self.progress.round + 1)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal, sig, inbox)
         n = self.cfg.node
@@ -364,16 +381,10 @@ class Node:
                             stack=self.stack, feedback=self.feedback, on_reject=self.rejections.count)
         try:
             inbox.check_open()
-            if join:
-                await self._join(transport, inbox, protocol)
-            await self._greet(transport, inbox)
-            for round_ in range(self.progress.round + 1, self.cfg.run.rounds + 1):
-                inbox.advance(round_)
-                started = time.perf_counter()
-                result = await protocol.run(round_)
-                self._finish_round(round_, result, started)
-                if self.learner is not None:
-                    await self.joins.answer(transport, self.learner, self.stack.codec, round_)
+            if asynchronous:  # no join, no greeting: it starts at once and mixes what arrives
+                await run_async(self, inbox, transport)
+            else:
+                await self._rounds(transport, inbox, protocol, join)
             await self._farewell(transport)
         except Abandoned:
             log.info("%s: stopping; round %d abandoned, the checkpoint of round %d stands", self.name,

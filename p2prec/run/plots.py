@@ -18,11 +18,12 @@ from p2prec.atomic import write_bytes_atomic  # noqa: E402
 
 
 def plot_convergence(runs: dict[str, list[dict]], out: Path, protocol: str = "sampled",
-                     best_rounds: dict[str, int] | None = None) -> Path:
-    """Write a two-panel PNG (NDCG@10, HR@10 against round) for one or more runs."""
+                     best_rounds: dict[str, float] | None = None, x: str = "round") -> Path:
+    """Write a two-panel PNG (NDCG@10, HR@10 against ``x``, a record key: ``round`` or
+    ``sim_time``) for one or more runs; ``best_rounds`` are marked in the same unit."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
     for label, records in runs.items():
-        rounds = [r["round"] for r in records]
+        rounds = [r[x] for r in records]
         for ax, metric in zip(axes, ("ndcg@10", "hr@10")):
             val = [r["val"][protocol][metric] for r in records]
             test = [r["test"][protocol][metric] for r in records]
@@ -32,11 +33,11 @@ def plot_convergence(runs: dict[str, list[dict]], out: Path, protocol: str = "sa
             if best is not None:
                 ax.axvline(best, color=line.get_color(), linestyle=":", alpha=0.6)
     for ax, metric in zip(axes, ("NDCG@10", "HR@10")):
-        ax.set_xlabel("round")
+        ax.set_xlabel("simulated time (median local updates)" if x == "sim_time" else x)
         ax.set_ylabel(f"{metric} ({protocol} protocol)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, loc="lower right")
-    fig.suptitle("dotted: best-validation round (test read there)", fontsize=9)
+    fig.suptitle(f"dotted: best-validation {'round' if x == 'round' else 'time'} (test read there)", fontsize=9)
     return _save(fig, out)
 
 

@@ -5,7 +5,8 @@ ask for "the configured simulation" and get a :class:`p2prec.sim.engine.Simulati
 whatever runs it, and an engine with optional dependencies (Ray) is imported only when
 chosen, so the core package never needs it.
 
-- ``local``: every node in this process (:class:`Simulation`), the default and the full feature set;
+- ``local``: every node in this process (:class:`Simulation`, or on the simulated clock, or asynchronous:
+  :func:`p2prec.sim.events.build_simulation`), the default and the full feature set;
 - ``shards``: the sharded path in this process (:class:`p2prec.sim.sharded.LocalPool`), for checking it;
 - ``ray``: the sharded path on Ray actors (:class:`p2prec.sim.ray_backend.RayPool`), at ``sim.ray_address``
   or on a local instance.
@@ -29,7 +30,9 @@ DEFAULT_SHARDS = 2
 
 
 def _local(cfg: Config, data: Dataset, backbone: SeqRecModel, graph: nx.Graph | None) -> Simulation:
-    return Simulation(cfg, data, backbone, graph)
+    from p2prec.sim.events import build_simulation
+
+    return build_simulation(cfg, data, backbone, graph)
 
 
 def _shards(cfg: Config, data: Dataset, backbone: SeqRecModel, graph: nx.Graph | None) -> Simulation:

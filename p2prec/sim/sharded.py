@@ -47,6 +47,8 @@ def check_sharded(cfg: Config, graph: nx.Graph | None) -> None:
                                                      "no baseline)"),
         (aggregation_from_config(cfg.robust) is not None, "robust.rule and robust.tracker_rule: 'mean' only"),
         (cfg.gossip.codec != "none", "gossip.codec: 'none' only"),
+        (cfg.gossip.mode != "sync", "gossip.mode: 'sync' only"),
+        (bool(cfg.sim.slow or cfg.sim.deadline), "sim.slow and sim.deadline: the simulated clock runs locally only"),
         (cfg.privacy.enabled, "privacy.enabled: not supported"),
         (cfg.sim.attack != "none", "sim.attack: not supported"),
         (bool(cfg.sim.join), "sim.join: not supported"),
