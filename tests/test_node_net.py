@@ -97,6 +97,28 @@ def test_eight_processes_on_a_ring_match_the_simulator(tmp_path: Path, synth_dir
         else sim.bytes_sent_total == every_edge
 
 
+@pytest.mark.parametrize("settings", [["gossip.topology=ring"],
+                                      ["gossip.topology=complete", "gossip.mixing=matching", "gossip.codec=int4",
+                                       "gossip.int8_block=64"]])
+def test_four_processes_report_the_simulators_bytes(tmp_path: Path, synth_dir: Path, synth_data,  # noqa: ANN001
+                                                    tiny_cfg, settings: list[str]) -> None:
+    """The rehearsal's ``summary.json`` and ``metrics.jsonl`` give, within 1%, the bytes the
+    simulator counts for the same run, sent and sent plus received: real nodes count the
+    frames they queued and the frames of the messages they collected, the simulator counts
+    the real encoder's frames of one message per delivered entry of its mixing matrices."""
+    backbone = make_backbone(synth_data, tiny_cfg, tmp_path / "bb")
+    out = _launch(tmp_path, synth_dir, backbone, 4, settings)
+    sim = simulate(out / "config.toml", synth_data, backbone)
+    summary = json.loads((out / "summary.json").read_text())
+    expected = sim.traffic(3)
+    assert expected["bytes_sent_received_per_node_per_round"] > expected["bytes_per_node_per_round"] > 0
+    for key in ("bytes_per_node_per_round", "bytes_sent_received_per_node_per_round"):
+        assert summary[key] == pytest.approx(expected[key], rel=0.01), key
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["bytes_sent_received_per_node_per_round"] == pytest.approx(
+        summary["bytes_sent_received_per_node_per_round"])
+
+
 def test_secured_processes_match_the_simulator(tmp_path: Path, synth_dir: Path, synth_data,  # noqa: ANN001
                                                tiny_cfg) -> None:
     """``security.enabled``: the launcher keys three nodes, which gossip over CurveZMQ only."""
@@ -162,6 +184,10 @@ def test_edge_hierarchy_processes_match_the_simulator(tmp_path: Path, synth_dir:
     assert max_diff(sim, out / "nodes", list(range(7)), sim.pop.shared_names) < 1e-5
     assert not (out / "nodes" / "node-7" / "metrics.jsonl").exists()
     assert rounds_done(out / "nodes", 7) == 3
+    summary = json.loads((out / "summary.json").read_text())
+    for key, value in sim.traffic(3).items():
+        if key.endswith("per_node_per_round"):
+            assert summary[key] == pytest.approx(value, rel=0.01), key
 
 
 def _ring_nodes(tmp_path: Path, synth_dir: Path, synth_data, tiny_cfg, extra: list[str]) -> Procs:  # noqa: ANN001
