@@ -198,7 +198,9 @@ class GossipConfig:
     ``topology`` is a spec (``small-world``, ``ring:...``, ``edge-hierarchy:m=30``) or a
     topology file. ``mixing``: ``metropolis`` (static Metropolis-Hastings weights on the
     topology), ``peers`` (each round every node pushes to ``peers`` random nodes, as in
-    Epidemic Learning) or ``matching`` (a random matching over the topology's edges).
+    Epidemic Learning), ``matching`` (a random matching over the topology's edges) or
+    ``hypercube`` (one partner per exchange, the pairs of a hypercube's dimension in turn,
+    :class:`p2prec.gossip.rounds.FlatMixing`).
 
     ``codec`` compresses what is sent: ``none`` (float32), ``fp16``, ``bf16``, ``int8``,
     ``int4``, ``topk`` or a pipeline such as ``topk+int8`` (see :mod:`p2prec.gossip.codecs`,
@@ -228,7 +230,7 @@ class GossipConfig:
     """
 
     topology: str = "small-world"
-    mixing: str = _field("metropolis", choices=("metropolis", "peers", "matching"))
+    mixing: str = _field("metropolis", choices=("metropolis", "peers", "matching", "hypercube"))
     peers: int = _field(2, lo=1)
     seed: int = 0
     codec: str = "none"
