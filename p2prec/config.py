@@ -206,7 +206,9 @@ class GossipConfig:
     ``int4``, ``topk`` or a pipeline such as ``topk+int8`` (see :mod:`p2prec.gossip.codecs`,
     which checks the name: the schema names codecs without importing them, since gossip sits above it);
     ``topk_fraction`` is the share of entries top-k keeps and ``int8_block`` the block size
-    of the integer quantisers, int8 and int4 (0: one scale per tensor).
+    of the integer quantisers, int8 and int4 (0: one scale per tensor). ``wire_names``: payload
+    tensors travel under their ``peft`` names or, with ``index``, numbered with a digest of the
+    layout (4.4 KB less per message of the default adapter; :mod:`p2prec.gossip.codecs`).
 
     ``tracking`` (the default) gossips, with the shared adapter, each node's tracker of the
     network's average gradient, and steps the shared adapter along it
@@ -240,6 +242,7 @@ class GossipConfig:
     tracking_fraction: float = _field(1.0, lo=1e-3, hi=1.0)
     tracking_weight: str = _field("samples", choices=("node", "samples"))
     exchanges: int = _field(2, lo=1, hi=MAX_EXCHANGES)
+    wire_names: str = _field("peft", choices=("peft", "index"))
 
 
 @dataclass

@@ -61,9 +61,9 @@ def _launch(tmp_path: Path, synth_dir: Path, backbone: Path, processes: int, ext
                                       ["gossip.codec=int8", "gossip.exchanges=1"],
                                       ["gossip.tracking_fraction=0.5", "gossip.tracking_weight=samples"],
                                       ["gossip.mixing=matching"], ["gossip.mixing=matching", "gossip.exchanges=2"],
-                                      ["gossip.topology=complete", "gossip.mixing=hypercube"],
+                                      ["gossip.topology=complete", "gossip.mixing=hypercube", "gossip.wire_names=index"],
                                       ["gossip.topology=complete", "gossip.mixing=hypercube", "gossip.codec=int4",
-                                       "gossip.int8_block=64", "gossip.exchanges=1"]])
+                                       "gossip.int8_block=64", "gossip.exchanges=1", "gossip.wire_names=index"]])
 def test_eight_processes_on_a_ring_match_the_simulator(tmp_path: Path, synth_dir: Path, synth_data,  # noqa: ANN001
                                                        tiny_cfg, settings: list[str]) -> None:
     """Gradient tracking is on (the default): the trackers travel and are mixed with the shared
@@ -76,7 +76,7 @@ def test_eight_processes_on_a_ring_match_the_simulator(tmp_path: Path, synth_dir
     ``mixing=matching``, each draws the round's matching and talks to its partner only; with
     ``exchanges=2`` too, a second matching per round, whose messages name their exchange; with
     ``mixing=hypercube`` (on the complete topology), each exchange's partner differs in the
-    next bit of the seeded labels, in float32 and in int4."""
+    next bit of the seeded labels, in float32 and in int4, both under numbered wire names."""
     backbone = make_backbone(synth_data, tiny_cfg, tmp_path / "bb")
     out = _launch(tmp_path, synth_dir, backbone, 8, ["gossip.topology=ring", *settings])
     assert {"config.toml", "metrics.jsonl", "summary.json", "convergence.png"} <= {p.name for p in out.iterdir()}
@@ -104,7 +104,7 @@ def test_eight_processes_on_a_ring_match_the_simulator(tmp_path: Path, synth_dir
 
 @pytest.mark.parametrize("settings", [["gossip.topology=ring"],
                                       ["gossip.topology=complete", "gossip.mixing=matching", "gossip.codec=int4",
-                                       "gossip.int8_block=64"]])
+                                       "gossip.int8_block=64", "gossip.wire_names=index"]])
 def test_four_processes_report_the_simulators_bytes(tmp_path: Path, synth_dir: Path, synth_data,  # noqa: ANN001
                                                     tiny_cfg, settings: list[str]) -> None:
     """The rehearsal's ``summary.json`` and ``metrics.jsonl`` give, within 1%, the bytes the

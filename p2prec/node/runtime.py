@@ -235,8 +235,8 @@ class Node:
                 if exchange >= self.stack.exchanges:
                     raise _Refused("an exchange beyond gossip.exchanges",
                                    f"exchange {exchange}, gossip.exchanges = {self.stack.exchanges}")
-                if codec.stages and msg.type is not MessageType.JOIN_REQUEST:
-                    # plain float32 is mixed as received; ``combine`` copies it once
+                if not codec.passthrough and msg.type is not MessageType.JOIN_REQUEST:
+                    # plain float32 under its own names is mixed as received; ``combine`` copies it once
                     decoded = codec.decode(msg.tensors, self.shapes)
                     msg = replace(msg, tensors={k: v.numpy() for k, v in decoded.items()})
             if msg.type in JOIN_TYPES:
