@@ -53,7 +53,7 @@ from p2prec.node.security import PUBLIC_SUFFIX, SECRET_SUFFIX, generate_keys, ke
 from p2prec.run import checkpoint
 from p2prec.run.checkpoint import PARAM
 from p2prec.run.data import select_nodes
-from p2prec.run.folder import summarize_run, write_run
+from p2prec.run.folder import summarize_run, traffic, write_run
 from p2prec.sim.runner import build_topology, fix_baseline
 from p2prec.topology import write
 
@@ -209,10 +209,14 @@ def _merge_metrics(results: list[dict], users: list[int]) -> dict:
     return merged
 
 
-def merge_records(folder: Path, ids: list[int]) -> list[dict]:
-    """One simulator-style record per evaluated round, from every node's ``metrics.jsonl`` and ``rounds.jsonl``."""
+def merge_records(folder: Path, ids: list[int], data_nodes: int) -> list[dict]:
+    """One simulator-style record per evaluated round, from every node's ``metrics.jsonl`` and ``rounds.jsonl``;
+    rates per node count the ``data_nodes``, as the simulator's do (an aggregator-only node's traffic counts,
+    the node does not)."""
     per_node = {i: {r["round"]: r for r in _read_jsonl(folder / f"node-{i}" / METRICS)} for i in ids}
-    sent = {i: {r["round"]: r["bytes_sent"] for r in _read_jsonl(folder / f"node-{i}" / ROUNDS)} for i in ids}
+    rounds = {i: _read_jsonl(folder / f"node-{i}" / ROUNDS) for i in ids}
+    sent = {i: {r["round"]: r["bytes_sent"] for r in by} for i, by in rounds.items()}
+    got = {i: {r["round"]: r.get("bytes_received", 0) for r in by} for i, by in rounds.items()}
     records = []
     for rnd in sorted({r for recs in per_node.values() for r in recs}):
         here = [recs[rnd] for recs in per_node.values() if rnd in recs]
@@ -223,12 +227,18 @@ def merge_records(folder: Path, ids: list[int]) -> list[dict]:
             **_merge_metrics(here, [r["users"] for r in here]),
             "loss": float(np.mean(losses)) if losses else None,
             "consensus_distance": None,
-            "bytes_sent_total": int(sum(b for by in sent.values() for r, b in by.items() if r <= rnd)),
+            "bytes_sent_total": _total(sent, rnd),
+            **traffic(_total(sent, rnd), _total(got, rnd), data_nodes, rnd),
             "wall_s": max(r["wall_s"] for r in here),
             "nodes_reporting": len(here),
             "epsilon": max(epsilons) if epsilons else None,
         })
     return records
+
+
+def _total(per_node: dict[int, dict[int, int]], through: int) -> int:
+    """Bytes over all nodes in rounds ``1..through``, from per-node ``{round: bytes}``."""
+    return int(sum(b for by in per_node.values() for r, b in by.items() if r <= through))
 
 
 def final_consensus(folder: Path, data_ids: list[int], shared_names: list[str]) -> float:
@@ -247,14 +257,16 @@ def run_processes(cfg: Config, data: Dataset, out: Path, processes: int, backbon
     model = adapter_model(ensure_backbone(data, cfg, backbone_dir), cfg)
     run_nodes(out, ids, cfg.run.rounds, backbone_dir, progress, out.name)
     folder = out / "nodes"
-    records = merge_records(folder, ids)
+    records = merge_records(folder, ids, processes)
     if not records:
         raise LaunchError(f"the nodes wrote no metrics; see the logs in {folder}")
     data_ids = list(range(processes))
     records[-1]["consensus_distance"] = final_consensus(folder, data_ids, model.shared_names())
-    total = records[-1]["bytes_sent_total"]
+    last = records[-1]
+    rates = traffic(last["bytes_sent_total"], last["bytes_received_total"], processes, cfg.run.rounds)
     summary = summarize_run(records, cfg, nodes=processes, rounds=max(r["round"] for r in records),
-                            bytes_per_node_per_round=total / (processes * cfg.run.rounds),
+                            bytes_per_node_per_round=rates["bytes_per_node_per_round"],
+                            bytes_sent_received_per_node_per_round=rates["bytes_sent_received_per_node_per_round"],
                             wall_s=time.perf_counter() - start, method=cfg.run.method,
                             label=out.name, topology=spec, mixing=cfg.gossip.mixing,
                             processes=len(ids))

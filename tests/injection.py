@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         lines = (folder / f"node-{i}" / "metrics.jsonl").read_text().splitlines()
         last = json.loads(lines[-1])
         per_node[i] = last["val"][cfg.eval.select_protocol][cfg.eval.select_metric]
-    records = merge_records(folder, honest)
+    records = merge_records(folder, honest, len(honest))
     result = {"label": out.name, "clean": args.clean, "nodes": args.nodes, "rounds": args.rounds,
               "topology": args.topology, "attacker": args.attacker, "fill": args.fill,
               "attack_rounds": args.attack_rounds, "overrides": args.overrides,

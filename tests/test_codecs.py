@@ -279,3 +279,45 @@ def test_config_names_the_key_of_an_unknown_codec() -> None:
         codec_from_config(load(None, ["gossip.codec=int9"]).gossip)
     with pytest.raises(ConfigError, match=r"^gossip.codec: .*topk first"):
         codec_from_config(load(None, ["gossip.codec=int8+topk"]).gossip)
+
+
+@pytest.mark.parametrize("name", ["none", "int4", "topk+int8"])
+def test_numbered_names_carry_the_same_message_in_fewer_bytes(name: str) -> None:
+    """``gossip.wire_names = "index"``: the payload travels as ``"0:<digest>", "1", ...`` and
+    decodes to exactly what the named payload decodes to, through the real wire and its spec."""
+    options = CodecOptions(topk_fraction=0.05, quant_block=64)
+    named, numbered = get_codec(name, options), get_codec(name, CodecOptions(0.05, 64, indexed=True))
+    payload = numbered.encode(adapter())
+    first, *rest = payload
+    assert first.startswith("0:") and len(first) == 10 and rest == [str(i) for i in range(1, len(payload))]
+    frames = encode(Message(MessageType.GOSSIP, 1, 3, name, payload))
+    received = validate_and_decode([bytes(f) for f in frames], numbered.wire_spec(SHAPES))
+    expected = named.decode(named.encode(adapter()), SHAPES)
+    for k, v in numbered.decode(received.tensors, SHAPES).items():
+        assert torch.equal(v, expected[k])
+    long = named.encode(adapter())
+    saved = wire_bytes(long, name) - wire_bytes(payload, name)
+    assert saved >= sum(map(len, long)) - sum(map(len, payload)) - 2 * len(payload) > 0  # msgpack string heads
+    assert not numbered.passthrough and (named.passthrough == (name == "none"))
+
+
+def test_numbered_names_refuse_another_layout_and_named_payloads() -> None:
+    """A sender whose adapter differs only in a name (same shapes) sends another digest; a
+    named payload is not a numbered one (its long names overrun the header bounds the numbered
+    spec sets); both fail the receiver's wire spec and its decode."""
+    receiver = get_codec("int4", CodecOptions(quant_block=64, indexed=True))
+    renamed = {k.replace("query", "key"): v for k, v in adapter().items()}
+    for payload in (receiver.encode(renamed), get_codec("int4", CodecOptions(quant_block=64)).encode(adapter())):
+        with pytest.raises(CodecError, match="payload names wrong") as info:
+            receiver.decode(payload, SHAPES)
+        assert "\n" not in str(info.value)
+        frames = [bytes(f) for f in encode(Message(MessageType.GOSSIP, 1, 0, "int4", payload))]
+        with pytest.raises(WireError, match="unexpected tensor name|max_str_len"):
+            validate_and_decode(frames, receiver.wire_spec(SHAPES))
+
+
+def test_wire_names_come_from_the_config() -> None:
+    assert codec_from_config(load(None, ["gossip.wire_names=index"]).gossip).indexed
+    assert not codec_from_config(load(None).gossip).indexed
+    with pytest.raises(ConfigError, match="wire_names"):
+        load(None, ["gossip.wire_names=short"])

@@ -11,12 +11,15 @@ from p2prec.gossip.mixing import (
     count_weighted_rows,
     drop_messages,
     freeze_rows,
+    hypercube_matrix,
     matching_matrix,
     mix,
     row_normalise,
     silence_senders,
     uniform_peer_matrix,
 )
+from p2prec.config import GossipConfig
+from p2prec.gossip.rounds import FlatMixing
 from p2prec.topology import build, metropolis_hastings
 
 
@@ -62,6 +65,36 @@ def test_peer_sampling_and_matching_are_stochastic() -> None:
     edges = np.asarray(list(build("ring", 10).edges))
     m = matching_matrix(edges, 10, rng)
     assert np.allclose(m.toarray(), m.toarray().T) and np.allclose(np.asarray(m.sum(axis=1)).ravel(), 1.0)
+
+
+def test_hypercube_gossip_averages_exactly_in_log2_n_exchanges() -> None:
+    """16 nodes, two exchanges a round: after two rounds (four bits) every node holds the exact
+    mean; each exchange is a symmetric perfect matching, and the draw is the same wherever made."""
+    mixing = FlatMixing(build("complete", 16), GossipConfig(mixing="hypercube", exchanges=2), 3)
+    assert mixing.bits == 4
+    x = np.random.default_rng(0).normal(size=(16, 5))
+    y = x.copy()
+    for rnd in (1, 2):
+        for exchange in (0, 1):
+            w = mixing.round(rnd, exchange)
+            assert np.allclose(w.toarray(), w.toarray().T) and np.allclose(w.sum(axis=1), 1.0)
+            assert np.allclose(w.diagonal(), 0.5)  # every node has a partner
+            assert (w != FlatMixing(build("complete", 16), mixing.cfg, 3).round(rnd, exchange)).nnz == 0
+            y = w @ y
+    assert np.allclose(y, x.mean(0), atol=1e-12)
+    assert (mixing.round(1, 0) != mixing.round(3, 0)).nnz  # fresh labels in the next cycle
+
+
+def test_hypercube_pairs_only_neighbours_and_existing_labels() -> None:
+    """Six nodes on a ring: labels 6 and 7 do not exist and non-adjacent pairs stay apart."""
+    ring = build("ring", 6)
+    labels = np.arange(6)
+    adjacency = sp.csr_matrix(np.asarray([[1.0 if ring.has_edge(i, j) else 0.0 for j in range(6)] for i in range(6)]))
+    w = hypercube_matrix(labels, 0, adjacency).toarray()   # pairs (0,1), (2,3), (4,5): all ring edges
+    assert np.allclose(w.diagonal(), 0.5)
+    labels = np.array([0, 1, 2, 3, 5, 4])
+    w = hypercube_matrix(labels, 2, adjacency).toarray()   # labels 0-4: nodes 0-5, an edge; 1-5: nodes 1-4, none
+    assert np.allclose(w.diagonal(), [0.5, 1.0, 1.0, 1.0, 1.0, 0.5]) and w[0, 5] == w[5, 0] == 0.5
 
 
 def test_count_weighted_rows_are_fedavg_weights() -> None:

@@ -60,7 +60,10 @@ def _launch(tmp_path: Path, synth_dir: Path, backbone: Path, processes: int, ext
 @pytest.mark.parametrize("settings", [["gossip.codec=none", "gossip.exchanges=2"],
                                       ["gossip.codec=int8", "gossip.exchanges=1"],
                                       ["gossip.tracking_fraction=0.5", "gossip.tracking_weight=samples"],
-                                      ["gossip.mixing=matching"], ["gossip.mixing=matching", "gossip.exchanges=2"]])
+                                      ["gossip.mixing=matching"], ["gossip.mixing=matching", "gossip.exchanges=2"],
+                                      ["gossip.topology=complete", "gossip.mixing=hypercube", "gossip.wire_names=index"],
+                                      ["gossip.topology=complete", "gossip.mixing=hypercube", "gossip.codec=int4",
+                                       "gossip.quant_block=64", "gossip.exchanges=1", "gossip.wire_names=index"]])
 def test_eight_processes_on_a_ring_match_the_simulator(tmp_path: Path, synth_dir: Path, synth_data,  # noqa: ANN001
                                                        tiny_cfg, settings: list[str]) -> None:
     """Gradient tracking is on (the default): the trackers travel and are mixed with the shared
@@ -71,7 +74,9 @@ def test_eight_processes_on_a_ring_match_the_simulator(tmp_path: Path, synth_dir
     difference can round to the next of 255 levels). With ``tracking_fraction``, each node draws its own participation; with
     ``tracking_weight=samples``, each weighs its gradient by its own interaction count; with
     ``mixing=matching``, each draws the round's matching and talks to its partner only; with
-    ``exchanges=2`` too, a second matching per round, whose messages name their exchange."""
+    ``exchanges=2`` too, a second matching per round, whose messages name their exchange; with
+    ``mixing=hypercube`` (on the complete topology), each exchange's partner differs in the
+    next bit of the seeded labels, in float32 and in int4, both under numbered wire names."""
     backbone = make_backbone(synth_data, tiny_cfg, tmp_path / "bb")
     out = _launch(tmp_path, synth_dir, backbone, 8, ["gossip.topology=ring", *settings])
     assert {"config.toml", "metrics.jsonl", "summary.json", "convergence.png"} <= {p.name for p in out.iterdir()}
@@ -93,8 +98,30 @@ def test_eight_processes_on_a_ring_match_the_simulator(tmp_path: Path, synth_dir
     assert summary["bytes_per_node_per_round"] == pytest.approx(sim.bytes_sent_total / (8 * 3))
     exchanges = sim.cfg.gossip.exchanges
     every_edge = 8 * 3 * 2 * (sim.msg_bytes + (exchanges - 1) * sim.later_msg_bytes)  # two neighbours on a ring
-    assert sim.bytes_sent_total < every_edge if "gossip.mixing=matching" in settings \
-        else sim.bytes_sent_total == every_edge
+    one_partner = any(s in settings for s in ("gossip.mixing=matching", "gossip.mixing=hypercube"))
+    assert sim.bytes_sent_total < every_edge if one_partner else sim.bytes_sent_total == every_edge
+
+
+@pytest.mark.parametrize("settings", [["gossip.topology=ring"],
+                                      ["gossip.topology=complete", "gossip.mixing=matching", "gossip.codec=int4",
+                                       "gossip.quant_block=64", "gossip.wire_names=index"]])
+def test_four_processes_report_the_simulators_bytes(tmp_path: Path, synth_dir: Path, synth_data,  # noqa: ANN001
+                                                    tiny_cfg, settings: list[str]) -> None:
+    """The rehearsal's ``summary.json`` and ``metrics.jsonl`` give, within 1%, the bytes the
+    simulator counts for the same run, sent and sent plus received: real nodes count the
+    frames they queued and the frames of the messages they collected, the simulator counts
+    the real encoder's frames of one message per delivered entry of its mixing matrices."""
+    backbone = make_backbone(synth_data, tiny_cfg, tmp_path / "bb")
+    out = _launch(tmp_path, synth_dir, backbone, 4, settings)
+    sim = simulate(out / "config.toml", synth_data, backbone)
+    summary = json.loads((out / "summary.json").read_text())
+    expected = sim.traffic(3)
+    assert expected["bytes_sent_received_per_node_per_round"] > expected["bytes_per_node_per_round"] > 0
+    for key in ("bytes_per_node_per_round", "bytes_sent_received_per_node_per_round"):
+        assert summary[key] == pytest.approx(expected[key], rel=0.01), key
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["bytes_sent_received_per_node_per_round"] == pytest.approx(
+        summary["bytes_sent_received_per_node_per_round"])
 
 
 def test_secured_processes_match_the_simulator(tmp_path: Path, synth_dir: Path, synth_data,  # noqa: ANN001
@@ -162,6 +189,10 @@ def test_edge_hierarchy_processes_match_the_simulator(tmp_path: Path, synth_dir:
     assert max_diff(sim, out / "nodes", list(range(7)), sim.pop.shared_names) < 1e-5
     assert not (out / "nodes" / "node-7" / "metrics.jsonl").exists()
     assert rounds_done(out / "nodes", 7) == 3
+    summary = json.loads((out / "summary.json").read_text())
+    for key, value in sim.traffic(3).items():
+        if key.endswith("per_node_per_round"):
+            assert summary[key] == pytest.approx(value, rel=0.01), key
 
 
 def _ring_nodes(tmp_path: Path, synth_dir: Path, synth_data, tiny_cfg, extra: list[str]) -> Procs:  # noqa: ANN001

@@ -243,8 +243,10 @@ def test_faults_are_seeded_and_down_nodes_do_not_train(synth_dir, synth_data) ->
     a, b = _sim(synth_dir, synth_data, extra), _sim(synth_dir, synth_data, extra)
     before = {k: v[0].clone() for k, v in a.pop.params.items()}
     for r in (1, 2):
-        a.step(r)
+        stats = a.step(r)
         b.step(r)
+        # lost messages, dropped ones and those sent to a node that is down were sent, never received
+        assert 0 < stats.bytes_received < stats.bytes_sent
     for k, v in a.pop.params.items():
         assert torch.equal(v, b.pop.params[k])
         assert torch.equal(v[0], before[k])
@@ -265,6 +267,9 @@ def test_sim_cli_writes_the_output_contract(tmp_path: Path, synth_dir: Path, cac
     summary = json.loads((out / "summary.json").read_text())
     assert summary["best_round"] == max(records, key=lambda r: r["val"]["sampled"]["ndcg@10"])["round"]
     assert summary["bytes_per_node_per_round"] > 0 and summary["nodes"] == 10
+    # every message on a ring without faults reaches a node that is up: received equals sent
+    assert summary["bytes_sent_received_per_node_per_round"] == 2 * summary["bytes_per_node_per_round"]
+    assert records[-1]["bytes_sent_received_per_node_per_round"] == summary["bytes_sent_received_per_node_per_round"]
     assert load(out / "config.toml").gossip.topology == "ring"
 
 
@@ -277,7 +282,9 @@ def test_fedavg_with_a_server_exchanges_once_whatever_the_config_says(tmp_path: 
         args = ["--dataset", "synthetic", "--data-dir", str(synth_dir), "--rounds", "1", "--nodes", "5",
                 "--method", "fedavg-server", "--out", str(out), "--set", f"gossip.exchanges={exchanges}"]
         assert main(args + [a for o in TINY for a in ("--set", o)]) == 0
-        runs[exchanges] = json.loads((out / "summary.json").read_text())["bytes_per_node_per_round"]
+        summary = json.loads((out / "summary.json").read_text())
+        runs[exchanges] = summary["bytes_per_node_per_round"]
+        assert summary["bytes_sent_received_per_node_per_round"] == 2 * runs[exchanges]  # up and down both arrive
         assert load(out / "config.toml").gossip.exchanges == 1
     assert runs[3] == runs[1] > 0
 

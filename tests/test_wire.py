@@ -104,7 +104,9 @@ def test_round_trip_realistic_adapter_and_non_contiguous_input() -> None:
     assert len(frames) == 1 + 3  # header, two packed frames under 64 KiB, the wide tensor
     wire_bytes = sum(len(f) for f in frames)
     assert wire_bytes / sum(a.nbytes for a in tensors.values()) < 1.01
-    assert_same(validate_and_decode(as_bytes(frames), spec_for(tensors)), msg)
+    received = validate_and_decode(as_bytes(frames), spec_for(tensors))
+    assert_same(received, msg)
+    assert received.wire_bytes == wire_bytes and msg.wire_bytes == 0  # what a receiver counts as received traffic
 
 
 @pytest.mark.parametrize(

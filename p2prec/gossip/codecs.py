@@ -27,6 +27,16 @@ Stages, and what they put on the wire:
   ``topk.indices`` (int32, strictly increasing). ``k`` depends only on ``D`` and the
   fraction, so payload shapes are fixed and the receiver checks them exactly.
 
+Names on the wire: by default each payload tensor travels under its own name (the peft
+names of the adapter, ``track.`` before a tracker's, and the stages' own). With
+``gossip.wire_names = "index"`` it travels under its position in the payload instead, and the
+first name also carries a digest of the whole payload layout (every name, dtype and shape, in
+order): ``"0:1f2e3d4c", "1", "2", ...``. Why: the peft names are 4.4 KB of a 78 KB int4
+message of the default adapter; a layout both ends derive from one config says the same in 11
+bytes. The receiver's wire spec holds the numbered names, so a message is checked exactly as
+before (every name, dtype and shape), and a sender whose layout differs anywhere, even in a
+name alone (another target with the same shapes), sends another digest and is rejected.
+
 A pipeline is at most one ``topk`` followed by at most one quantiser (``fp16``, ``bf16``,
 ``int8`` or ``int4``), named by joining stage names with ``+`` (``"topk+int8"``); ``"none"`` is
 the empty pipeline, plain float32 under the adapter's own names. Receiver and sender must
@@ -51,6 +61,7 @@ checked finite. Every failure is a one-line :class:`CodecError`.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -131,6 +142,8 @@ class CodecOptions:
 
     topk_fraction: float = 0.1
     quant_block: int = 0
+    indexed: bool = False
+    """Payload tensors travel under numbered names with a layout digest (module docstring)."""
 
 
 def _floats(spec: PayloadSpec) -> list[str]:
@@ -409,10 +422,26 @@ NONE = "none"
 class Codec:
     """A pipeline of stages; :attr:`name` is what a message's ``codec`` header field carries."""
 
-    def __init__(self, stages: Sequence[Stage]) -> None:
+    def __init__(self, stages: Sequence[Stage], indexed: bool = False) -> None:
         self.stages = list(stages)
+        self.indexed = indexed
         self.name = "+".join(stage.name for stage in self.stages) or NONE
         self._specs: dict[tuple[tuple[str, tuple[int, ...]], ...], list[PayloadSpec]] = {}
+
+    @property
+    def passthrough(self) -> bool:
+        """Whether a received payload is already the tensors, under their own names (no stage,
+        no numbered names), so a receiver may mix it without decoding."""
+        return not self.stages and not self.indexed
+
+    def wire_names(self, shapes: Shapes) -> dict[str, str]:
+        """Payload name -> the name it travels under (itself, or its number; module docstring)."""
+        spec = self._chain(shapes)[-1]
+        if not self.indexed:
+            return {name: name for name in spec}
+        layout = repr([(name, t.dtype, t.shape) for name, t in spec.items()]).encode()
+        digest = hashlib.blake2s(layout, digest_size=4).hexdigest()
+        return {name: f"{i}:{digest}" if i == 0 else str(i) for i, name in enumerate(spec)}
 
     def keeps_residual(self, tracking: bool = False) -> bool:
         """Whether a sender should keep an :class:`ErrorFeedback` residual with this codec.
@@ -440,8 +469,10 @@ class Codec:
         return self._specs[key]
 
     def payload_spec(self, shapes: Shapes) -> PayloadSpec:
-        """What a message from this codec carries for an adapter of these tensor shapes."""
-        return self._chain(shapes)[-1]
+        """What a message from this codec carries for an adapter of these tensor shapes, under
+        the names it travels under."""
+        names = self.wire_names(shapes)
+        return {names[name]: t for name, t in self._chain(shapes)[-1].items()}
 
     def wire_spec(self, shapes: Shapes, known_senders: frozenset[int] | None = None,
                   max_round: int = 2**31) -> WireSpec:
@@ -465,18 +496,20 @@ class Codec:
         """
         batch = {name: torch.as_tensor(tensors[name]).detach().float().cpu().unsqueeze(0) for name in sorted(tensors)}
         payload, _ = self._encode(batch, feedback, stacked=False)
-        return {name: _to_numpy(v[0]) for name, v in payload.items()}
+        names = self.wire_names({name: v.shape[1:] for name, v in batch.items()})
+        return {names[name]: _to_numpy(v[0]) for name, v in payload.items()}
 
     def decode(self, payload: Mapping[str, np.ndarray], shapes: Shapes) -> dict[str, torch.Tensor]:
         """A received payload back to float32 tensors of ``shapes``; :class:`CodecError` if it
         cannot be this codec's output for them."""
-        spec = self.payload_spec(shapes)
-        if payload.keys() != spec.keys():
-            extra, missing = sorted(payload.keys() - spec.keys()), sorted(spec.keys() - payload.keys())
+        spec = self._chain(shapes)[-1]
+        names = self.wire_names(shapes)
+        if payload.keys() != set(names.values()):
+            extra, missing = sorted(payload.keys() - names.values()), sorted(names.values() - payload.keys())
             raise CodecError(f"codec {self.name}: payload names wrong: extra {extra[:3]}, missing {missing[:3]}")
         batch: Batch = {}
         for name, t in spec.items():
-            arr = payload[name]
+            arr = payload[names[name]]
             if arr.dtype != WIRE_DTYPES[t.dtype] or arr.shape != t.shape:
                 raise CodecError(f"codec {self.name}: tensor {name!r} is {arr.dtype}{list(arr.shape)}, "
                                  f"expected {t.dtype}{list(t.shape)}")
@@ -553,11 +586,12 @@ def parse(name: str | Sequence[str]) -> list[str]:
 
 def get_codec(name: str | Sequence[str], options: CodecOptions = CodecOptions()) -> Codec:
     """The codec for a pipeline name or list of stage names, e.g. ``get_codec("topk+int8")``."""
-    return Codec([STAGES[part].from_options(options) for part in parse(name)])
+    return Codec([STAGES[part].from_options(options) for part in parse(name)], options.indexed)
 
 
 def codec_from_config(gossip: GossipConfig) -> Codec:
-    """The codec that ``gossip.codec``, ``gossip.topk_fraction`` and ``gossip.quant_block`` select.
+    """The codec that ``gossip.codec``, ``gossip.topk_fraction``, ``gossip.quant_block`` and
+    ``gossip.wire_names`` select.
 
     Why the name is checked here and not by :func:`p2prec.config.load`: the registry is this
     module's, and the config sits below gossip. A bad name is a :class:`~p2prec.config.ConfigError`
@@ -565,6 +599,7 @@ def codec_from_config(gossip: GossipConfig) -> Codec:
     the config, so a run still stops before it loads data.
     """
     try:
-        return get_codec(gossip.codec, CodecOptions(gossip.topk_fraction, gossip.quant_block))
+        return get_codec(gossip.codec, CodecOptions(gossip.topk_fraction, gossip.quant_block,
+                                                    gossip.wire_names == "index"))
     except CodecError as exc:
         raise ConfigError(f"gossip.codec: {exc}") from None

@@ -117,6 +117,30 @@ def matching_matrix(edges: np.ndarray, n: int, rng: np.random.Generator) -> sp.c
     return sp.csr_matrix(w + sp.diags(~np.asarray(taken) * 1.0))
 
 
+def hypercube_matrix(labels: np.ndarray, bit: int, adjacency: sp.csr_matrix) -> sp.csr_matrix:
+    """One step of hypercube gossip: the node labelled ``l`` averages with the node labelled
+    ``l XOR 2**bit`` when that label exists and the two are neighbours in ``adjacency``;
+    the others keep their state.
+
+    Why this matching: over ``ceil(log2 n)`` consecutive steps, one per bit, every node's
+    state becomes the exact average of all ``n`` when ``n`` is a power of two (each step
+    halves what remains of the disagreement, and no pair meets twice), while a fresh random
+    matching keeps pairing nodes whose states already share most of their history. Each
+    step is still a perfect-or-partial matching, so a node sends one message and receives one.
+    """
+    n = len(labels)
+    node_of = np.full(1 << max(int(n - 1).bit_length(), 1), -1, dtype=np.int64)
+    node_of[labels] = np.arange(n)
+    partner = node_of[labels ^ (1 << bit)]
+    paired = partner >= 0
+    rows = np.flatnonzero(paired)
+    paired[rows] = np.asarray(adjacency[rows, partner[rows]]).ravel() != 0
+    rows = np.flatnonzero(paired)
+    w = sp.coo_matrix((np.full(2 * len(rows), 0.5), (np.concatenate([rows, rows]),
+                                                     np.concatenate([partner[rows], rows]))), shape=(n, n))
+    return sp.csr_matrix(w + sp.diags(~paired * 1.0))
+
+
 def count_weighted_rows(members: list[np.ndarray], counts: np.ndarray, n: int) -> sp.csr_matrix:
     """One row per aggregator: its members weighted by their sample counts (FedAvg weights)."""
     rows = np.concatenate([np.full(len(m), r) for r, m in enumerate(members)]) if members else np.zeros(0, int)

@@ -54,11 +54,13 @@ CLIENT_EXCHANGES = 3
 
 @dataclass
 class Exchanged:
-    """What one exchange did: messages heard, messages expected, bytes sent."""
+    """What one exchange did: messages heard, messages expected, bytes sent and received
+    (the frames of the messages it collected, as the simulator counts those that arrive)."""
 
     heard: int
     expected: int
     bytes_sent: int
+    bytes_received: int = 0
 
 
 @dataclass
@@ -70,6 +72,7 @@ class RoundResult:
     expected: int
     local_s: float
     bytes_sent: int
+    bytes_received: int = 0
 
 
 class Protocol:
@@ -106,7 +109,7 @@ class Protocol:
         step = {FLAT: self._flat, CLIENT: self._client}.get(self.place.kind, self._aggregator)
         done = [await step(round_, exchange) for exchange in range(self.stack.exchanges)]
         return RoundResult(loss, sum(d.heard for d in done), sum(d.expected for d in done), local_s,
-                           sum(d.bytes_sent for d in done))
+                           sum(d.bytes_sent for d in done), sum(d.bytes_received for d in done))
 
     async def _train(self, round_: int) -> tuple[float, float]:
         """The local update, off the event loop so messages keep arriving; (loss, seconds).
@@ -147,7 +150,7 @@ class Protocol:
         partners = [int(j) for j in w[me].indices if j != me]
         sent = await self._send(partners, MessageType.GOSSIP, round_, exchange, own, self.feedback)
         got = await self.inbox.collect(round_, MessageType.GOSSIP, partners, self._deadline(round_), exchange)
-        row, heard = heard_row(w, me, got), len(got)
+        row, heard, size = heard_row(w, me, got), len(got), _wire_bytes(got)
         if got:
             row, got = self._bounded(row, own, got, round_, exchange)
         received = {j: m.tensors for j, m in got.items()}
@@ -155,7 +158,7 @@ class Protocol:
             self.learner.set_shared(combine(row, {me: own, **received}))
         else:
             self.learner.set_shared(robust_combine(self.stack.aggregation, row, me, own, received))
-        return Exchanged(heard, len(partners), sent)
+        return Exchanged(heard, len(partners), sent, size)
 
     def _bounded(self, row: sp.csr_matrix, own: Mapping[str, np.ndarray], got: dict[int, Message], round_: int,
                  exchange: int) -> tuple[sp.csr_matrix, dict[int, Message]]:
@@ -186,7 +189,7 @@ class Protocol:
                                        self._deadline(round_, CLIENT_EXCHANGES), exchange)
         if hub in got:
             self.learner.set_shared(got[hub].tensors)
-        return Exchanged(len(got), 1, sent)
+        return Exchanged(len(got), 1, sent, _wire_bytes(got))
 
     async def _aggregator(self, round_: int, exchange: int) -> Exchanged:
         place, me = self.place, self.place.node
@@ -201,7 +204,7 @@ class Protocol:
         if not states:
             # Nothing to average: stay silent, as the simulator does; neighbours renormalise
             # without it and its clients keep their own adapters.
-            return Exchanged(0, expected, 0)
+            return Exchanged(0, expected, 0, _wire_bytes(ups))
         ids = sorted(states)
         up = combine(count_weighted_row(ids, [counts[j] for j in ids], place.n_nodes), states)
         up_arrays = {k: v.numpy() for k, v in up.items()}
@@ -215,5 +218,10 @@ class Protocol:
         sent += await self._send(place.members, MessageType.AGGREGATE_DOWN, round_, exchange, mixed_arrays)
         if self.learner is not None:
             self.learner.set_shared(mixed_arrays)
-        return Exchanged(len(ups) + len(across), expected, sent)
+        return Exchanged(len(ups) + len(across), expected, sent, _wire_bytes(ups) + _wire_bytes(across))
+
+
+def _wire_bytes(got: Mapping[int, Message]) -> int:
+    """Bytes received in ``got``'s messages, counted from the frames they arrived in."""
+    return sum(m.wire_bytes for m in got.values())
 

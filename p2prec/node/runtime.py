@@ -36,7 +36,7 @@ from p2prec.node.rejections import UNKNOWN, Rejections
 from p2prec.node.security import NodeKeys, SecurityError
 from p2prec.node.transport import Transport, routing_id
 from p2prec.run import checkpoint
-from p2prec.run.folder import make_record
+from p2prec.run.folder import make_record, traffic
 from p2prec.wire import Message, MessageType, WireError, encode, validate_and_decode
 from p2prec.wire.message import exchange_of
 
@@ -57,6 +57,7 @@ class Progress:
     round: int = 0
     bytes_sent_total: int = 0
     wall_s: float = 0.0
+    bytes_received_total: int = 0
 
 
 class _Refused(Exception):
@@ -147,7 +148,8 @@ class Node:
         if rng is not None:
             torch.set_rng_state(rng)
         info = ckpt.info
-        self.progress = Progress(ckpt.round, int(info.get("bytes_sent_total", 0)), float(info.get("wall_s", 0.0)))
+        self.progress = Progress(ckpt.round, int(info.get("bytes_sent_total", 0)), float(info.get("wall_s", 0.0)),
+                                 int(info.get("bytes_received_total", 0)))
         if self.stack.privacy is not None:  # a node releases in every round it trains, so this is its count
             self.stack.privacy.releases = self.stack.training_rounds(ckpt.round)
         for name in (METRICS, ROUNDS):
@@ -175,7 +177,8 @@ class Node:
             tensors.update(self.learner.state())
         p = self.progress
         checkpoint.save(self.ckpt_path, checkpoint.Checkpoint(
-            self.place.node, p.round, tensors, {"bytes_sent_total": p.bytes_sent_total, "wall_s": p.wall_s}))
+            self.place.node, p.round, tensors, {"bytes_sent_total": p.bytes_sent_total, "wall_s": p.wall_s,
+                                                "bytes_received_total": p.bytes_received_total}))
 
     def _append(self, name: str, record: dict) -> None:
         with (self.state_dir / name).open("a", encoding="utf-8") as fh:
@@ -233,8 +236,8 @@ class Node:
                 if exchange >= self.stack.exchanges:
                     raise _Refused("an exchange beyond gossip.exchanges",
                                    f"exchange {exchange}, gossip.exchanges = {self.stack.exchanges}")
-                if codec.stages and msg.type is not MessageType.JOIN_REQUEST:
-                    # plain float32 is mixed as received; ``combine`` copies it once
+                if not codec.passthrough and msg.type is not MessageType.JOIN_REQUEST:
+                    # plain float32 under its own names is mixed as received; ``combine`` copies it once
                     decoded = codec.decode(msg.tensors, self.shapes)
                     msg = replace(msg, tensors={k: v.numpy() for k, v in decoded.items()})
             if msg.type in JOIN_TYPES:
@@ -300,6 +303,7 @@ class Node:
         p = self.progress
         p.round = round_
         p.bytes_sent_total += result.bytes_sent
+        p.bytes_received_total += result.bytes_received
         rounds = self.cfg.run.rounds
         loss = None if math.isnan(result.loss) else result.loss
         eval_s, note = 0.0, ""
@@ -309,7 +313,8 @@ class Node:
             eval_s = time.perf_counter() - t0
             eps = self.stack.epsilon()
             self._append(METRICS, make_record(round_, metrics, loss, None, p.bytes_sent_total, self._wall(),
-                                              node=self.place.node, users=len(self.learner.users), epsilon=eps))
+                                              node=self.place.node, users=len(self.learner.users), epsilon=eps,
+                                              **traffic(p.bytes_sent_total, p.bytes_received_total, 1, round_)))
             val = metrics["val"][self.cfg.eval.select_protocol][self.cfg.eval.select_metric]
             note = f", val {self.cfg.eval.select_metric} {val:.4f}"
             if eps is not None:
@@ -321,7 +326,8 @@ class Node:
         round_s = time.perf_counter() - started
         self._append(ROUNDS, {"round": round_, "heard": result.heard, "expected": result.expected,
                               "local_s": result.local_s, "eval_s": eval_s, "checkpoint_s": checkpoint_s,
-                              "round_s": round_s, "bytes_sent": result.bytes_sent, "loss": loss, **(extra or {})})
+                              "round_s": round_s, "bytes_sent": result.bytes_sent,
+                              "bytes_received": result.bytes_received, "loss": loss, **(extra or {})})
         log.info("%s round %d/%d: loss %.4f, heard %d/%d, %.2f s (local %.2f s)%s", self.name, round_, rounds,
                  result.loss, result.heard, result.expected, round_s, result.local_s, note)
 

@@ -11,7 +11,10 @@ loss so far at the configured delta; null without privacy), and its summary carr
 ``codec``, ``epsilon``, ``delta``, ``noise_multiplier``, ``robust_rule``, ``attack``,
 ``byzantine`` (how many nodes attack) and ``evaluated_nodes`` (the honest nodes, over
 which every metric is computed). ``bytes_sent_total`` and ``bytes_per_node_per_round``
-count messages at the size the real encoder gives the configured codec's payload.
+count messages at the size the real encoder gives the configured codec's payload;
+``bytes_received_total`` counts the messages that reached a node that was up, and
+``bytes_sent_received_per_node_per_round`` is a node's whole traffic, both directions
+(:func:`traffic`). Records carry both rates so far; the summary carries them over the run.
 """
 
 from __future__ import annotations
@@ -34,14 +37,23 @@ def make_record(round_: int, result: dict, loss: float | None, consensus: float 
             "wall_s": wall_s, **extra}
 
 
+def traffic(sent_total: int, received_total: int, nodes: int, rounds: int) -> dict[str, Any]:
+    """The byte keys of a record or summary: totals, and per node per round sent and sent
+    plus received. Why both: a node's link carries what it receives as well as what it
+    sends, and the byte budget (PFedRec's ~430 KB a client a round, up and down) counts both."""
+    per = max(nodes * rounds, 1)
+    return {"bytes_received_total": int(received_total), "bytes_per_node_per_round": sent_total / per,
+            "bytes_sent_received_per_node_per_round": (sent_total + received_total) / per}
+
+
 def best_record(records: list[dict], protocol: str, metric: str) -> dict:
     """The record with the best *validation* score (earliest on ties); never chosen by test."""
     return max(records, key=lambda r: (r["val"][protocol][metric], -r["round"]))
 
 
 def summarize_run(records: list[dict], cfg: Config, nodes: int, rounds: int,
-                  bytes_per_node_per_round: float, wall_s: float, method: str,
-                  **extra: Any) -> dict[str, Any]:
+                  bytes_per_node_per_round: float, bytes_sent_received_per_node_per_round: float, wall_s: float,
+                  method: str, **extra: Any) -> dict[str, Any]:
     """The ``summary.json`` object: the round validation chose, what it scored, the run's costs and ``extra``."""
     best = best_record(records, cfg.eval.select_protocol, cfg.eval.select_metric)
     return {
@@ -52,6 +64,7 @@ def summarize_run(records: list[dict], cfg: Config, nodes: int, rounds: int,
         "val_at_best": best["val"],
         "test_at_best": best["test"],
         "bytes_per_node_per_round": bytes_per_node_per_round,
+        "bytes_sent_received_per_node_per_round": bytes_sent_received_per_node_per_round,
         "wall_s": wall_s,
         "method": method,
         **extra,

@@ -28,7 +28,8 @@ def print_summary(summary: dict, out: Path) -> None:
     rows += [(f"{p}, cold items ({m['users']} users)", m) for p, m in test.get("cold", {}).items()]
     for protocol, m in rows:
         print(f"| {protocol} | {m['hr@10']:.4f} | {m['ndcg@10']:.4f} | {m['mrr']:.4f} |")
-    print(f"bytes sent per node per round: {summary['bytes_per_node_per_round']:.0f}")
+    print(f"bytes sent per node per round: {summary['bytes_per_node_per_round']:.0f}; sent plus received: "
+          f"{summary['bytes_sent_received_per_node_per_round']:.0f}")
     print(f"results: {out}/ (config.toml, metrics.jsonl, summary.json, convergence.png)")
     join = summary.get("join") or {}
     for c in join.get("cohorts", []):

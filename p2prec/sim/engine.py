@@ -57,7 +57,7 @@ from p2prec.learn.population import gossip_template
 from p2prec.model.backbone import SeqRecModel
 from p2prec.rng import Stream, torch_generator
 from p2prec.run.data import select_nodes
-from p2prec.run.folder import make_record
+from p2prec.run.folder import make_record, traffic
 from p2prec.sim.device import resolve_device
 from p2prec.sim.attacks import byzantine_count, choose_byzantine, inject
 from p2prec.sim.faults import FaultPlan, RoundFaults
@@ -93,6 +93,7 @@ class RoundStats:
     consensus: float
     messages: int
     bytes_sent: int
+    bytes_received: int = 0
 
 
 class Simulation:
@@ -136,6 +137,7 @@ class Simulation:
         # Later exchanges name their index (one small int: the same size for every index allowed).
         self.later_msg_bytes = message_bytes(template, self.stack.codec, exchange=1)
         self.bytes_sent_total = 0
+        self.bytes_received_total = 0
         self.diverged_at: int | None = None
         self.consensus: list[float] = []
         self._previous_sent: Params | None = None
@@ -154,16 +156,19 @@ class Simulation:
         own = self.pop.shared()
         names = list(own)
         self.stack.release(own, rnd, ~faults.down)
-        messages = sent_bytes = 0
+        messages = sent_bytes = received_bytes = 0
         for exchange in range(self.stack.exchanges):
             received = self._received(own, rnd, exchange, faults)
             mixing = self.plan.round(rnd, faults, exchange)
             self._mix_into(mixing, received, own, names)
             messages += mixing.messages
-            sent_bytes += mixing.messages * (self.later_msg_bytes if exchange else self.msg_bytes)
+            size = self.later_msg_bytes if exchange else self.msg_bytes
+            sent_bytes += mixing.messages * size
+            received_bytes += mixing.received * size
         self.bytes_sent_total += sent_bytes
+        self.bytes_received_total += received_bytes
         self.consensus.append(consensus_distance(self._honest(self.pop.shared(), ~absent), self.pop.shared_names))
-        return RoundStats(loss, self.consensus[-1], messages, sent_bytes)
+        return RoundStats(loss, self.consensus[-1], messages, sent_bytes, received_bytes)
 
     def _join(self, rnd: int, down: np.ndarray) -> None:
         """Start round ``rnd``'s joiners from a present neighbour's shared adapter (see the module
@@ -348,12 +353,18 @@ class Simulation:
             if diverged or rnd % self.cfg.eval.every == 0 or rnd == rounds:
                 result = self.evaluate()
                 records.append(make_record(rnd, result, stats.loss, stats.consensus, self.bytes_sent_total,
-                                           time.perf_counter() - start, epsilon=self.epsilon()))
+                                           time.perf_counter() - start, epsilon=self.epsilon(),
+                                           **self.traffic(rnd)))
                 best = max(best, (selection_score(result, self.cfg), -rnd))
                 if on_record is not None:
                     on_record(records)
             if diverged:
                 self.diverged_at = rnd
                 break
-            bar.set_postfix(loss=f"{stats.loss:.4f}", val=f"{best[0]:.4f}", best=-best[1])
+            kb = self.traffic(rnd)["bytes_sent_received_per_node_per_round"] / 1000
+            bar.set_postfix(loss=f"{stats.loss:.4f}", val=f"{best[0]:.4f}", best=-best[1], kb_node_round=f"{kb:.1f}")
         return records
+
+    def traffic(self, rounds: int) -> dict[str, Any]:
+        """The byte keys (:func:`p2prec.run.folder.traffic`) over the first ``rounds`` rounds."""
+        return traffic(self.bytes_sent_total, self.bytes_received_total, len(self.nodes), rounds)

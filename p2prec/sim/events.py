@@ -43,7 +43,7 @@ from p2prec.gossip.async_rule import Freshest, mixing_row
 from p2prec.gossip.mixing import consensus_distance, mix
 from p2prec.learn.factories import selection_score
 from p2prec.model.backbone import SeqRecModel
-from p2prec.run.folder import make_record
+from p2prec.run.folder import make_record, traffic
 from p2prec.sim.clock import NodeClock
 from p2prec.sim.engine import Simulation
 from p2prec.sim.timed import TimedSimulation
@@ -187,7 +187,9 @@ class AsyncSimulation(Simulation):
         for k, v in own.items():
             v[rows] = v[rows] * scale.view(-1, *([1] * (v.dim() - 1))) + received[k]
         self.updates += len(batch)
-        self.bytes_sent_total += int(self.degree[ids].sum()) * self.msg_bytes
+        sent = int(self.degree[ids].sum()) * self.msg_bytes
+        self.bytes_sent_total += sent
+        self.bytes_received_total += sent  # no faults in async mode: every message arrives
         return loss
 
     def replay(self, schedule: Iterable[Update]) -> None:
@@ -228,7 +230,9 @@ class AsyncSimulation(Simulation):
             result = self.evaluate()
             loss = float(np.nanmean(losses)) if losses else None
             records.append(make_record(int(round(at)), result, loss, consensus, self.bytes_sent_total,
-                                       time.perf_counter() - start, sim_time=float(at), updates=self.updates))
+                                       time.perf_counter() - start, sim_time=float(at), updates=self.updates,
+                                       **traffic(self.bytes_sent_total, self.bytes_received_total, len(self.nodes),
+                                                 max(int(round(at)), 1))))
             best = max(best, selection_score(result, self.cfg))
             if on_record is not None:
                 on_record(records)

@@ -41,7 +41,8 @@ from p2prec.topology.roles import AGGREGATOR_ONLY
 
 @dataclass
 class RoundMixing:
-    """``new = A @ sent + d * own``, plus how many messages were sent this round.
+    """``new = A @ sent + d * own``, plus how many messages were sent this round and how many
+    of them reached a node that was up (``received``: lost and dropped ones were sent only).
 
     ``factors`` multiply to ``A`` (one matrix for flat topologies; down, across and up for a
     hierarchy, which :func:`p2prec.gossip.mixing.mix` applies one after the other), plus
@@ -53,6 +54,7 @@ class RoundMixing:
     d: np.ndarray
     messages: int
     echo: np.ndarray | None = None
+    received: int = 0
 
     @property
     def a(self) -> sp.csr_matrix:
@@ -134,9 +136,11 @@ class MixingPlan:
         messages = _count_sent(w, ~f.down)
         w = silence_senders(w, f.down | f.lost)
         w = drop_messages(w, f.drop_prob, f.rng) if f.drop_prob else w
-        w = row_normalise(freeze_rows(w, f.down))
-        mixing = split_diagonal(w)
-        mixing.messages = messages
+        w = freeze_rows(w, f.down)
+        w.eliminate_zeros()
+        received = _count_sent(w, np.ones(self.n, dtype=bool))
+        mixing = split_diagonal(row_normalise(w))
+        mixing.messages, mixing.received = messages, received
         return mixing
 
     def _hierarchy(self, f: RoundFaults) -> RoundMixing:
@@ -158,10 +162,13 @@ class MixingPlan:
                              shape=(self.n, m))
         messages = int((~f.down & ~is_own_agg).sum()) + int(across.nnz - (across.diagonal() != 0).sum()) \
             + int((~f.down & ~silent[self.home] & ~is_own_agg).sum())
-        return RoundMixing((pick, across, up), (~delivered).astype(np.float64), messages)
+        received = int((heard & ~self.own_entry).sum()) + int(across.nnz - (across.diagonal() != 0).sum()) \
+            + int((delivered & ~is_own_agg).sum())
+        return RoundMixing((pick, across, up), (~delivered).astype(np.float64), messages, received=received)
 
 
 def _count_sent(w: sp.csr_matrix, sending: np.ndarray) -> int:
+    """Off-diagonal entries of ``w`` whose sender (column) is ``sending``: one message each."""
     rows = np.repeat(np.arange(w.shape[0]), np.diff(w.indptr))
     return int(((rows != w.indices) & sending[w.indices]).sum())
 

@@ -64,7 +64,7 @@ class RayPool(ShardPool):
     def map(self, method: str, *args: Any) -> list[Any]:
         return self.ray.get([getattr(a, method).remote(*args) for a in self.members])
 
-    def exchange(self, rnd: int, exchange: int) -> int:
+    def exchange(self, rnd: int, exchange: int) -> tuple[int, int]:
         outs = [a.outbox.options(num_returns=self.shards).remote(rnd, exchange) for a in self.members]
         outs = outs if self.shards > 1 else [[ref] for ref in outs]
         done = [a.mix.remote(*(outs[u][t] for u in range(self.shards) if u != t)) for t, a in enumerate(self.members)]

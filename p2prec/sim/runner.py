@@ -17,7 +17,7 @@ from p2prec.learn.baselines import run_backbone_only, run_centralized
 from p2prec.learn.factories import adapter_model
 from p2prec.learn.pretrain import ensure_backbone
 from p2prec.run.data import select_nodes
-from p2prec.run.folder import make_record, summarize_run, write_metrics, write_run
+from p2prec.run.folder import make_record, summarize_run, traffic, write_metrics, write_run
 from p2prec.sim.backend import make_simulation
 from p2prec.serve.state import SIM_FOLDER, fingerprint
 from p2prec.serve.state import save_states as save_states_to
@@ -68,7 +68,7 @@ def run_simulation(cfg: Config, data: Dataset, out: Path, backbone_dir: str | No
         run = run_centralized(model, data, cfg) if cfg.run.method == "centralized" else \
             run_backbone_only(model, data, cfg)
         records = [make_record(r["round"], r, r.get("loss"), None, 0, run.wall_s) for r in run.records]
-        bytes_per_node_round = 0.0
+        rates = traffic(0, 0, n, 1)
     else:
         if graph is not None and graph.number_of_nodes() == n and cfg.gossip.mixing == "metropolis":
             w = metropolis_hastings(graph)
@@ -91,9 +91,10 @@ def run_simulation(cfg: Config, data: Dataset, out: Path, backbone_dir: str | No
         if save_states:
             save_states_to(out / SIM_FOLDER, cfg, data, sim.pop.params, sim.nodes, max(r["round"] for r in records),
                            backbone_dir, backbone_sha)
-        bytes_per_node_round = sim.bytes_sent_total / (n * (sim.diverged_at or cfg.run.rounds))
+        rates = sim.traffic(sim.diverged_at or cfg.run.rounds)
     summary = summarize_run(records, cfg, nodes=n, rounds=max(r["round"] for r in records),
-                            bytes_per_node_per_round=bytes_per_node_round,
+                            bytes_per_node_per_round=rates["bytes_per_node_per_round"],
+                            bytes_sent_received_per_node_per_round=rates["bytes_sent_received_per_node_per_round"],
                             wall_s=time.perf_counter() - start, method=cfg.run.method, **extra)
     write_run(out, cfg, records, summary)
     return summary

@@ -82,7 +82,7 @@ class Shard:
         self.stack = GossipStack.from_config(cfg)
         self._round: RoundFaults | None = None
         self._mixing: sp.csr_matrix | None = None
-        self._messages = 0
+        self._messages = (0, 0)
         self._eval_set: EvalSet | None = None
 
     def train(self, rnd: int) -> tuple[float, int]:
@@ -100,7 +100,7 @@ class Shard:
         mixing = self.plan.round(rnd, self._round, exchange)
         w = sp.csr_matrix(mixing.a + sp.diags(mixing.d))
         self._mixing = w
-        self._messages = mixing.messages
+        self._messages = (mixing.messages, mixing.received)
         coo = w.tocoo()
         crossing = (self.owner[coo.col] == self.index) & (self.owner[coo.row] != self.index) & (coo.data != 0)
         shared = self.pop.shared()
@@ -112,10 +112,10 @@ class Shard:
             out[int(dest)] = Packet(senders, norms[senders - self.start], {k: v[local] for k, v in shared.items()})
         return out
 
-    def mix(self, *packets: Packet | None) -> int:
+    def mix(self, *packets: Packet | None) -> tuple[int, int]:
         """Replace this shard's shared states by their mixing with its own and the ``packets``' rows,
         as :meth:`p2prec.sim.engine.Simulation._mix_into` does on flat gossip; return the messages
-        the whole network sent in this exchange (every shard draws the same)."""
+        the whole network sent in this exchange and those that arrived (every shard draws the same)."""
         own = self.pop.shared()
         names = list(own)
         received = [p for p in packets if p is not None]

@@ -71,9 +71,9 @@ class ShardPool(ABC):
         """``Shard.method(*args)`` on every shard; the results in shard order."""
 
     @abstractmethod
-    def exchange(self, rnd: int, exchange: int) -> int:
+    def exchange(self, rnd: int, exchange: int) -> tuple[int, int]:
         """One gossip exchange: every shard's :meth:`Shard.outbox`, each packet delivered to its
-        shard's :meth:`Shard.mix`; the messages the network sent."""
+        shard's :meth:`Shard.mix`; the messages the network sent, and those that arrived."""
 
     def close(self) -> None:
         """Release what the pool holds (nothing in-process)."""
@@ -91,7 +91,7 @@ class LocalPool(ShardPool):
     def map(self, method: str, *args: Any) -> list[Any]:
         return [getattr(s, method)(*args) for s in self.members]
 
-    def exchange(self, rnd: int, exchange: int) -> int:
+    def exchange(self, rnd: int, exchange: int) -> tuple[int, int]:
         out = [s.outbox(rnd, exchange) for s in self.members]
         return [s.mix(*(out[u][t] for u in range(self.shards) if u != t)) for t, s in enumerate(self.members)][0]
 
@@ -118,6 +118,7 @@ class ShardedSimulation(Simulation):
         self.msg_bytes = message_bytes(template, self.stack.codec)
         self.later_msg_bytes = message_bytes(template, self.stack.codec, exchange=1)
         self.bytes_sent_total = 0
+        self.bytes_received_total = 0
         self.diverged_at: int | None = None
         self.consensus: list[float] = []
 
@@ -128,14 +129,17 @@ class ShardedSimulation(Simulation):
         trained = self.pool.map("train", rnd)
         active = sum(count for _, count in trained)
         loss = sum(value * count for value, count in trained if count) / active if active else float("nan")
-        messages = sent_bytes = 0
+        messages = sent_bytes = received_bytes = 0
         for exchange in range(self.stack.exchanges):
-            sent = self.pool.exchange(rnd, exchange)
+            sent, received = self.pool.exchange(rnd, exchange)
+            size = self.later_msg_bytes if exchange else self.msg_bytes
             messages += sent
-            sent_bytes += sent * (self.later_msg_bytes if exchange else self.msg_bytes)
+            sent_bytes += sent * size
+            received_bytes += received * size
         self.bytes_sent_total += sent_bytes
+        self.bytes_received_total += received_bytes
         self.consensus.append(self._consensus())
-        return RoundStats(loss, self.consensus[-1], messages, sent_bytes)
+        return RoundStats(loss, self.consensus[-1], messages, sent_bytes, received_bytes)
 
     def _consensus(self) -> float:
         """:func:`p2prec.gossip.mixing.consensus_distance` over every shard: the mean from the

@@ -93,6 +93,9 @@ class Message:
     codec: str
     tensors: dict[str, np.ndarray]
     meta: dict[str, Scalar] = field(default_factory=dict)
+    wire_bytes: int = field(default=0, compare=False)
+    """Bytes of the frames it arrived in (0 for a message not received): what a receiver
+    counts as received traffic, the same count a sender makes of what it queued."""
 
 
 MAX_EXCHANGES = 16

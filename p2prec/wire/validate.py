@@ -183,7 +183,8 @@ def validate_and_decode(frames: Sequence[Frame], spec: WireSpec) -> Message:
     tensors = {
         name: np.ndarray(shape, dtype, payload[frame], offset) for name, dtype, shape, frame, offset in table.views
     }
-    return Message(type=msg_type, sender=sender, round=round_, codec=codec, tensors=tensors, meta=meta)
+    return Message(type=msg_type, sender=sender, round=round_, codec=codec, tensors=tensors, meta=meta,
+                   wire_bytes=sum(view.nbytes for view in payload) + _byte_view(frames[0]).nbytes)
 
 
 _Entry = tuple[str, str, tuple[int, ...], int]
