@@ -154,13 +154,13 @@ def test_the_norm_bound_drops_outrageous_states_and_leaves_a_clean_round_alone()
     w = sp.csr_matrix(metropolis_hastings(nx.cycle_graph(6)))
     states = {"a": torch.randn(6, 5, generator=gen), "b": torch.randn(6, 3, 2, generator=gen)}
     norms = state_norms(states)
-    assert bound_mixing(w, norms, norms, 3.0) is None
+    assert bound_mixing(w, norms, norms, 3.0) == (None, 0)
     forged = {k: v.clone() for k, v in states.items()}
     for v in forged.values():
         v[2] = 50.0
     sent = state_norms(forged)
-    bounded = bound_mixing(w, sent, norms, 3.0)
-    assert bounded is not None
+    bounded, dropped = bound_mixing(w, sent, norms, 3.0)
+    assert bounded is not None and dropped == 2   # node 2's two neighbours each drop its state
     dense, before = bounded.toarray(), w.toarray()
     assert np.allclose(dense.sum(axis=1), 1.0)
     for i in range(6):
@@ -171,9 +171,9 @@ def test_the_norm_bound_drops_outrageous_states_and_leaves_a_clean_round_alone()
     assert np.allclose(dense[1], np.where(np.arange(6) == 2, 0, before[1]) + before[1, 2] * (np.arange(6) == 1))
     honest = [0, 1, 3, 4, 5]
     assert np.allclose(dense[np.ix_(honest, honest)].sum(axis=0), 1.0)   # the honest sums are kept
-    assert bound_mixing(w, sent, norms, 0.0) is None   # 0 turns the check off
+    assert bound_mixing(w, sent, norms, 0.0) == (None, 0)   # 0 turns the check off
     sent[4] = float("nan")
-    assert bound_mixing(w, sent, norms, 0.0)[3, 4] == 0   # never a non-finite state
+    assert bound_mixing(w, sent, norms, 0.0).w[3, 4] == 0   # never a non-finite state
 
 
 def test_the_norm_bound_is_measured_against_the_lower_median() -> None:

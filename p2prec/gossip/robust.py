@@ -57,7 +57,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -355,11 +355,23 @@ def within_norm_bound(own: float, received: Sequence[float], bound: float) -> np
     return finite & (norms <= bound * scale)
 
 
+class Bounded(NamedTuple):
+    """What :func:`bound_mixing` made of a round: the mixing matrix to use (``None`` when every
+    message passed, so the caller's matrix stands bit for bit) and how many messages it dropped.
+
+    Why the count travels with the matrix: the claim that the bound costs a clean run nothing
+    rests on it dropping nothing there, and a count taken where the rule is applied shows that
+    instead of assuming it (the simulator sums it into ``metrics.jsonl`` and ``summary.json``)."""
+
+    w: sp.csr_matrix | None
+    dropped: int
+
+
 def bound_mixing(w: sp.csr_matrix, sent: torch.Tensor | np.ndarray, own: torch.Tensor | np.ndarray, bound: float,
-                 row_nodes: Sequence[int] | None = None) -> sp.csr_matrix | None:
+                 row_nodes: Sequence[int] | None = None) -> Bounded:
     """The mixing matrix ``w`` with every message that fails :func:`within_norm_bound` at its
-    receiver dropped, its weight moved to the receiver's own state; ``None`` when every
-    message passes (then ``w`` stands, bit for bit).
+    receiver dropped, its weight moved to the receiver's own state, and the number dropped
+    (:class:`Bounded`; its matrix is ``None`` when every message passes: then ``w`` stands, bit for bit).
 
     Why the weight goes to the own state rather than being renormalised over the rest:
     Metropolis weights are symmetric, so moving ``w_ij`` to ``w_ii`` keeps every honest
@@ -399,11 +411,11 @@ def bound_mixing(w: sp.csr_matrix, sent: torch.Tensor | np.ndarray, own: torch.T
     keep = np.ones(len(w.data), dtype=bool)
     keep[off] = finite & ((bound <= 0) | (norms <= bound * scale[r]))
     if keep.all():
-        return None
+        return Bounded(None, 0)
     dropped = np.zeros(w.shape[0])
     np.add.at(dropped, rows[~keep], w.data[~keep])
     out = sp.csr_matrix(w, copy=True)
     out.data = np.where(keep, out.data, 0.0)
     out.eliminate_zeros()
     own_cols = sp.csr_matrix((dropped, (np.arange(w.shape[0]), nodes)), shape=w.shape)
-    return sp.csr_matrix(out + own_cols)
+    return Bounded(sp.csr_matrix(out + own_cols), int((~keep).sum()))

@@ -168,7 +168,7 @@ class Protocol:
         for j, m in got.items():
             sent[j] = float(state_norms({k: torch.as_tensor(np.asarray(m.tensors[k]))[None] for k in measured}))
         mine = float(state_norms({k: torch.as_tensor(np.asarray(own[k]))[None] for k in measured}))
-        bounded = bound_mixing(row, sent, np.array([mine]), self.stack.norm_bound, row_nodes=[me])
+        bounded = bound_mixing(row, sent, np.array([mine]), self.stack.norm_bound, row_nodes=[me]).w
         if bounded is None:
             return row, got
         kept = {int(j) for j in bounded.indices}

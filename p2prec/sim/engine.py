@@ -136,6 +136,7 @@ class Simulation:
         # Later exchanges name their index (one small int: the same size for every index allowed).
         self.later_msg_bytes = message_bytes(template, self.stack.codec, exchange=1)
         self.bytes_sent_total = 0
+        self.bound_dropped_total = 0   # messages the norm bound dropped, all rounds so far
         self.diverged_at: int | None = None
         self.consensus: list[float] = []
         self._previous_sent: Params | None = None
@@ -271,8 +272,9 @@ class Simulation:
             own_norms = state_norms(own, measured)
             sent_norms = own_norms if received is own else state_norms(received, measured)
             bounded = bound_mixing(mixing.a + sp.diags(mixing.d), sent_norms, own_norms, self.stack.norm_bound)
-            if bounded is not None:
-                mixing = replace(split_diagonal(bounded), messages=mixing.messages)
+            self.bound_dropped_total += bounded.dropped
+            if bounded.w is not None:
+                mixing = replace(split_diagonal(bounded.w), messages=mixing.messages)
         if self.stack.aggregation is not None:
             for k, v in robust_mix_named(self.stack.aggregation, mixing.a + sp.diags(mixing.d), received, own,
                                          names).items():
@@ -307,6 +309,8 @@ class Simulation:
             "attack": self.cfg.sim.attack,
             "byzantine": int(self.byzantine.sum()),
             "evaluated_nodes": len(self.honest),
+            "norm_bound": self.stack.norm_bound,
+            "bound_dropped": self.bound_dropped_total,
         }
 
     def measured_rate(self, skip: int = 5) -> float | None:
@@ -348,7 +352,8 @@ class Simulation:
             if diverged or rnd % self.cfg.eval.every == 0 or rnd == rounds:
                 result = self.evaluate()
                 records.append(make_record(rnd, result, stats.loss, stats.consensus, self.bytes_sent_total,
-                                           time.perf_counter() - start, epsilon=self.epsilon()))
+                                           time.perf_counter() - start, epsilon=self.epsilon(),
+                                           bound_dropped_total=self.bound_dropped_total))
                 best = max(best, (selection_score(result, self.cfg), -rnd))
                 if on_record is not None:
                     on_record(records)
