@@ -48,7 +48,7 @@ from p2prec.config import Config
 from p2prec.data.split import Dataset
 from p2prec.gossip.codecs import Codec, get_codec
 from p2prec.gossip.mixing import Params, consensus_distance, mix_into
-from p2prec.gossip.robust import bound_mixing, bounded_names, robust_mix_named, state_norms
+from p2prec.gossip.robust import bounded_names, robust_mix_named, state_norms
 from p2prec.gossip.rounds import exchange_key
 from p2prec.gossip.stack import GossipStack
 from p2prec.learn.factories import adapter_model, configured_population, federated_eval_set, selection_score
@@ -136,7 +136,7 @@ class Simulation:
         # Later exchanges name their index (one small int: the same size for every index allowed).
         self.later_msg_bytes = message_bytes(template, self.stack.codec, exchange=1)
         self.bytes_sent_total = 0
-        self.bound_dropped_total = 0   # messages the norm bound dropped, all rounds so far
+        self.norm_rule = self.stack.norm_rule()
         self.diverged_at: int | None = None
         self.consensus: list[float] = []
         self._previous_sent: Params | None = None
@@ -258,8 +258,8 @@ class Simulation:
         """Replace the nodes' shared states ``own`` by ``A @ received + d * own``, or by the robust
         rule over the same receipt. Either way a node's own term is its true state, never the
         copy its neighbours decoded. First, on flat gossip, each node drops the received states
-        beyond ``robust.norm_bound`` (:func:`p2prec.gossip.robust.bound_mixing`, a real node's
-        own check); when none is dropped, ``A`` stands bit for bit.
+        beyond ``robust.norm_bound`` or over a link it cut (:class:`p2prec.gossip.robust.NormBound`,
+        a real node's own check); when none is dropped, ``A`` stands bit for bit.
 
         Why in place (:func:`p2prec.gossip.mixing.mix_into`): at 754 nodes of 130k floats one
         stacked state is 392 MB, and mixing is bound by memory traffic, so scaling ``own`` where
@@ -271,10 +271,9 @@ class Simulation:
             measured = bounded_names(names)
             own_norms = state_norms(own, measured)
             sent_norms = own_norms if received is own else state_norms(received, measured)
-            bounded = bound_mixing(mixing.a + sp.diags(mixing.d), sent_norms, own_norms, self.stack.norm_bound)
-            self.bound_dropped_total += bounded.dropped
-            if bounded.w is not None:
-                mixing = replace(split_diagonal(bounded.w), messages=mixing.messages)
+            bounded = self.norm_rule.apply(mixing.a + sp.diags(mixing.d), sent_norms, own_norms)
+            if bounded is not None:
+                mixing = replace(split_diagonal(bounded), messages=mixing.messages)
         if self.stack.aggregation is not None:
             for k, v in robust_mix_named(self.stack.aggregation, mixing.a + sp.diags(mixing.d), received, own,
                                          names).items():
@@ -310,7 +309,8 @@ class Simulation:
             "byzantine": int(self.byzantine.sum()),
             "evaluated_nodes": len(self.honest),
             "norm_bound": self.stack.norm_bound,
-            "bound_dropped": self.bound_dropped_total,
+            "bound_dropped": self.norm_rule.dropped,
+            "bound_cut_links": len(self.norm_rule.cut),
         }
 
     def measured_rate(self, skip: int = 5) -> float | None:
@@ -353,7 +353,7 @@ class Simulation:
                 result = self.evaluate()
                 records.append(make_record(rnd, result, stats.loss, stats.consensus, self.bytes_sent_total,
                                            time.perf_counter() - start, epsilon=self.epsilon(),
-                                           bound_dropped_total=self.bound_dropped_total))
+                                           bound_dropped_total=self.norm_rule.dropped))
                 best = max(best, (selection_score(result, self.cfg), -rnd))
                 if on_record is not None:
                     on_record(records)
