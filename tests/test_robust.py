@@ -207,6 +207,27 @@ def test_a_cut_link_keeps_the_honest_trackers_sum_after_the_forger_turns_honest(
         assert not torch.allclose(y[honest].sum(0), start)
 
 
+def test_each_nodes_own_norm_bound_cuts_what_the_simulators_cuts() -> None:
+    """A real node keeps a :class:`NormBound` for its row, the simulator one for all rows: over
+    rounds with a forger that turns honest, each node's row of the simulator's matrix is the
+    one its own rule gives, cuts included."""
+    gen = torch.Generator().manual_seed(7)
+    w = sp.csr_matrix(metropolis_hastings(nx.cycle_graph(6)))
+    together, alone = NormBound(3.0), [NormBound(3.0) for _ in range(6)]
+    for forged in (2, 2, None):
+        norms = 1.0 + torch.rand(6, generator=gen, dtype=torch.float64)
+        sent = norms.clone()
+        if forged is not None:
+            sent[forged] = 1e4
+        stacked = together.apply(w, sent, norms)
+        for i in range(6):
+            row = alone[i].apply(w[[i]], sent, norms[[i]], row_nodes=[i])
+            expected = (w if stacked is None else stacked)[[i]]
+            assert np.array_equal((w[[i]] if row is None else row).toarray(), expected.toarray()), i
+    assert sorted(together.cut.tolist()) == sorted(k for rule in alone for k in rule.cut.tolist())
+    assert together.dropped == sum(rule.dropped for rule in alone) == 6   # 2 a round, the last one cut
+
+
 def test_the_norm_bound_is_measured_against_the_lower_median() -> None:
     """One neighbour and the own state: the lower of the two is the scale, so a forger cannot
     inflate it; with an honest majority the median is honest."""
