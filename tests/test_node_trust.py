@@ -203,6 +203,23 @@ async def test_a_plaintext_neighbour_cannot_claim_another_nodes_identity(tmp_pat
     assert "header says node 1" in caplog.text
 
 
+async def test_a_restarted_node_whose_neighbours_are_gone_says_so(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """A node resuming after round 7 whose neighbours never answer (they finished the run and
+    left) says what it is about to do, instead of starting rounds alone in silence."""
+    graph = path_of_three()
+    cfg = load(None, ["node.linger_ms=0", "node.start_timeout_s=0.5"])
+    node = Node(cfg, place(graph, 0, 3), None, TEMPLATE, tmp_path / "node-0", None)
+    node.progress.round = 7
+    transport = node.open_transport()
+    try:
+        await asyncio.wait_for(node._greet(transport, Inbox(0, future_rounds=2)), 10)
+    finally:
+        transport.close()
+    assert "no neighbour answered" in caplog.text and "resumes after round 7" in caplog.text
+    assert f"runs rounds 8-{cfg.sim.rounds} alone" in caplog.text
+
+
 async def test_a_neighbour_cannot_squat_another_neighbours_connection(tmp_path: Path) -> None:
     """On the triangle 0 - 1 - 2, node 1 (a neighbour, its key admitted) connects to node 0
     first under the routing id a plaintext node 2 would use. With security each connection
