@@ -217,7 +217,7 @@ async def test_a_restarted_node_whose_neighbours_are_gone_says_so(tmp_path: Path
     finally:
         transport.close()
     assert "no neighbour answered" in caplog.text and "resumes after round 7" in caplog.text
-    assert f"runs rounds 8-{cfg.sim.rounds} alone" in caplog.text
+    assert f"runs rounds 8-{cfg.run.rounds} alone" in caplog.text
 
 
 async def test_a_neighbour_cannot_squat_another_neighbours_connection(tmp_path: Path) -> None:

@@ -309,9 +309,13 @@ class Simulation:
             "byzantine": int(self.byzantine.sum()),
             "evaluated_nodes": len(self.honest),
             "norm_bound": self.stack.norm_bound,
-            "bound_dropped": self.norm_rule.dropped,
-            "bound_cut_links": len(self.norm_rule.cut),
+            **dict(zip(("bound_dropped", "bound_cut_links"), self.bound_counts())),
         }
+
+    def bound_counts(self) -> tuple[int, int]:
+        """Messages the norm bound has dropped so far, and links it has cut
+        (:class:`p2prec.gossip.robust.NormBound`): shown, so a clean run's zero is measured."""
+        return self.norm_rule.dropped, len(self.norm_rule.cut)
 
     def measured_rate(self, skip: int = 5) -> float | None:
         """Per-round contraction of the consensus distance once training has stopped (log-linear fit)."""
@@ -353,7 +357,7 @@ class Simulation:
                 result = self.evaluate()
                 records.append(make_record(rnd, result, stats.loss, stats.consensus, self.bytes_sent_total,
                                            time.perf_counter() - start, epsilon=self.epsilon(),
-                                           bound_dropped_total=self.norm_rule.dropped))
+                                           bound_dropped_total=self.bound_counts()[0]))
                 best = max(best, (selection_score(result, self.cfg), -rnd))
                 if on_record is not None:
                     on_record(records)
