@@ -403,13 +403,16 @@ class RobustConfig:
     that norm over the node's own and received states is dropped, as if it had not arrived
     (:func:`p2prec.gossip.robust.within_norm_bound`); 0 turns the check off. Honest states
     of one network share a scale, so the default never drops one in a clean run, while an
-    outrageous one (an adapter filled with 50.0) cannot move a node at all."""
+    outrageous one (an adapter filled with 50.0) cannot move a node at all. With
+    ``quarantine`` (the default) a link whose message was dropped stays cut for the rest of
+    the run, which keeps gradient tracking exact (:class:`p2prec.gossip.robust.NormBound`)."""
 
     rule: str = _field("mean", choices=ROBUST_RULES)
     tracker_rule: str = _field("same", choices=("same", *ROBUST_RULES))
     trim: float = _field(0.1, lo=0.0, hi=0.49)
     tau: float = _field(1.0, lo=1e-12)
     norm_bound: float = _field(3.0, lo=0.0)
+    quarantine: bool = True
 
 
 @dataclass

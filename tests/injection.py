@@ -1,7 +1,8 @@
 """The injection attack on real nodes: N ``p2prec-node`` processes on 127.0.0.1, one of them a
 neighbour that sends adapters filled with a constant for some rounds while keeping its own
 state honest. Prints the honest nodes' final validation metric and writes the run folder
-as ``p2prec-sim --processes`` does.
+as ``p2prec-sim --processes`` does, with the relative error of the trackers' sum
+(:func:`tracker_sum_error`) over all nodes and over the honest ones.
 
     python -m tests.injection --data-dir DATA --out runs/inject --nodes 4 --rounds 30 \\
         --fill 50 --attack-rounds 1,2 [--set robust.norm_bound=0] [--clean]
@@ -42,6 +43,28 @@ def _attacker(argv: list[str]) -> int:
 
     protocol.Protocol._send = forged
     return main(rest)
+
+
+def tracker_sum_error(folder: Path, nodes: list[int]) -> float | None:
+    """``|sum_i (y_i - g_i)| / |sum_i g_i|`` over ``nodes``' final checkpoints: how far their
+    trackers' sum is from the sum of their latest (weighted) gradients, which gradient
+    tracking needs to be 0 over every set of nodes that mixes only among itself (the whole
+    network in a clean run). ``None`` without tracking."""
+    from p2prec.learn.tracking import LAST_GRAD, TRACKER
+    from p2prec.run import checkpoint
+    from p2prec.run.checkpoint import OPT
+
+    tensors = [checkpoint.load(folder / f"node-{i}" / "checkpoint.safetensors").tensors for i in nodes]
+    names = [k[len(OPT + TRACKER):] for k in tensors[0] if k.startswith(OPT + TRACKER)]
+    if not names:
+        return None
+    off = total = 0.0
+    for name in names:
+        y = sum(t[OPT + TRACKER + name].double() for t in tensors)
+        g = sum(t[OPT + LAST_GRAD + name].double() for t in tensors)
+        off += float((y - g).pow(2).sum())
+        total += float(g.pow(2).sum())
+    return (off / total) ** 0.5
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
               "final_round": records[-1]["round"],
               f"honest_val_{cfg.eval.select_protocol}_{cfg.eval.select_metric}":
                   records[-1]["val"][cfg.eval.select_protocol][cfg.eval.select_metric],
-              "per_node": per_node, "wall_s": round(time.monotonic() - start, 1)}
+              "per_node": per_node, "wall_s": round(time.monotonic() - start, 1),
+              "tracker_sum_error": {"all": tracker_sum_error(folder, ids), "honest": tracker_sum_error(folder, honest)}}
     (out / "injection.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result))
     return 0

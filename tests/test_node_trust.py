@@ -181,6 +181,45 @@ async def test_a_neighbours_key_cannot_claim_another_nodes_identity(tmp_path: Pa
     assert "header says node 1, the key is node 2's" in caplog.text
 
 
+async def test_a_plaintext_neighbour_cannot_claim_another_nodes_identity(tmp_path: Path,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """Without security, on the triangle 0 - 1 - 2, node 2 connects under its own routing id
+    but its header claims node 1: the routing id is the only identity there is, so the message
+    is refused and node 1 is not marked present; node 1 itself still gets through."""
+    graph = with_addresses(nx.complete_graph(3))
+    nx.set_node_attributes(graph, CLIENT, "role")
+    cfg = load(None, ["node.linger_ms=0"])
+    node = Node(cfg, place(graph, 0, 3), None, TEMPLATE, tmp_path / "node-0", None)
+    async with receiving(node) as inbox:
+        two = Transport(2, f"tcp://127.0.0.1:{free_ports(1)[0]}", {0: graph.nodes[0]["address"]}, hwm=8,
+                        linger_ms=0, max_frame_bytes=1 << 20)
+        try:
+            assert await two.send(0, encode(Message(MessageType.HELLO, 1, 0, "none", {}, {}))) > 0
+            assert await inbox.wait_present([1], asyncio.get_running_loop().time() + QUIET_S) == {1}
+        finally:
+            two.close()
+        assert set(node.rejections.total) == {("node 2", "a sender id that is not its connection's")}
+        assert await hello_arrives(graph, inbox, None, b"")
+    assert "header says node 1" in caplog.text
+
+
+async def test_a_restarted_node_whose_neighbours_are_gone_says_so(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """A node resuming after round 7 whose neighbours never answer (they finished the run and
+    left) says what it is about to do, instead of starting rounds alone in silence."""
+    graph = path_of_three()
+    cfg = load(None, ["node.linger_ms=0", "node.start_timeout_s=0.5"])
+    node = Node(cfg, place(graph, 0, 3), None, TEMPLATE, tmp_path / "node-0", None)
+    node.progress.round = 7
+    transport = node.open_transport()
+    try:
+        await asyncio.wait_for(node._greet(transport, Inbox(0, future_rounds=2)), 10)
+    finally:
+        transport.close()
+    assert "no neighbour answered" in caplog.text and "resumes after round 7" in caplog.text
+    assert f"runs rounds 8-{cfg.run.rounds} alone" in caplog.text
+
+
 async def test_a_neighbour_cannot_squat_another_neighbours_connection(tmp_path: Path) -> None:
     """On the triangle 0 - 1 - 2, node 1 (a neighbour, its key admitted) connects to node 0
     first under the routing id a plaintext node 2 would use. With security each connection

@@ -13,6 +13,7 @@ from p2prec.gossip.mixing import drop_messages, mix, row_normalise
 from p2prec.gossip.robust import (
     RULES,
     Neighbourhood,
+    NormBound,
     bound_mixing,
     clipped_gossip,
     coordinate_median,
@@ -154,13 +155,14 @@ def test_the_norm_bound_drops_outrageous_states_and_leaves_a_clean_round_alone()
     w = sp.csr_matrix(metropolis_hastings(nx.cycle_graph(6)))
     states = {"a": torch.randn(6, 5, generator=gen), "b": torch.randn(6, 3, 2, generator=gen)}
     norms = state_norms(states)
-    assert bound_mixing(w, norms, norms, 3.0) is None
+    assert bound_mixing(w, norms, norms, 3.0)[:2] == (None, 0)
     forged = {k: v.clone() for k, v in states.items()}
     for v in forged.values():
         v[2] = 50.0
     sent = state_norms(forged)
-    bounded = bound_mixing(w, sent, norms, 3.0)
-    assert bounded is not None
+    bounded, dropped, links = bound_mixing(w, sent, norms, 3.0)
+    assert bounded is not None and dropped == 2   # node 2's two neighbours each drop its state
+    assert sorted(links.tolist()) == [1 * 6 + 2, 3 * 6 + 2]   # receiver * n + sender
     dense, before = bounded.toarray(), w.toarray()
     assert np.allclose(dense.sum(axis=1), 1.0)
     for i in range(6):
@@ -171,9 +173,59 @@ def test_the_norm_bound_drops_outrageous_states_and_leaves_a_clean_round_alone()
     assert np.allclose(dense[1], np.where(np.arange(6) == 2, 0, before[1]) + before[1, 2] * (np.arange(6) == 1))
     honest = [0, 1, 3, 4, 5]
     assert np.allclose(dense[np.ix_(honest, honest)].sum(axis=0), 1.0)   # the honest sums are kept
-    assert bound_mixing(w, sent, norms, 0.0) is None   # 0 turns the check off
+    assert bound_mixing(w, sent, norms, 0.0)[:2] == (None, 0)   # 0 turns the check off
     sent[4] = float("nan")
-    assert bound_mixing(w, sent, norms, 0.0)[3, 4] == 0   # never a non-finite state
+    assert bound_mixing(w, sent, norms, 0.0).w[3, 4] == 0   # never a non-finite state
+
+
+@pytest.mark.parametrize("quarantine", [True, False])
+def test_a_cut_link_keeps_the_honest_trackers_sum_after_the_forger_turns_honest(quarantine: bool) -> None:
+    """Gradient tracking needs the trackers' sum kept by every mixing. Node 2 forges in round 1
+    and is dropped by its neighbours, then sends its true state; its true tracker has mixed in
+    its neighbours' while they kept their weight. With the quarantine the cut links stay cut,
+    so the honest nodes' sum is the same after round 2 as before round 1 (mixing among them
+    stays doubly stochastic) and node 2's mass never enters it; without it, round 2 lets that
+    mass in and the sum moves."""
+    gen = torch.Generator().manual_seed(5)
+    w = sp.csr_matrix(metropolis_hastings(nx.cycle_graph(6)))
+    y = torch.randn(6, 4, generator=gen, dtype=torch.float64)
+    honest = [0, 1, 3, 4, 5]
+    start = y[honest].sum(0)
+    rule = NormBound(3.0, quarantine)
+    forged = y.clone()
+    forged[2] = 50.0
+    first = rule.apply(w, state_norms({"a": forged}), state_norms({"a": y}))
+    y = torch.from_numpy(first @ y.numpy())
+    assert rule.dropped == 2
+    second = rule.apply(w, state_norms({"a": y}), state_norms({"a": y}))   # a clean round
+    y = torch.from_numpy((w if second is None else second) @ y.numpy())
+    if quarantine:
+        assert rule.dropped == 4 and sorted(rule.cut.tolist()) == [1 * 6 + 2, 3 * 6 + 2]
+        assert torch.allclose(y[honest].sum(0), start)
+    else:
+        assert second is None and rule.dropped == 2 and not len(rule.cut)
+        assert not torch.allclose(y[honest].sum(0), start)
+
+
+def test_each_nodes_own_norm_bound_cuts_what_the_simulators_cuts() -> None:
+    """A real node keeps a :class:`NormBound` for its row, the simulator one for all rows: over
+    rounds with a forger that turns honest, each node's row of the simulator's matrix is the
+    one its own rule gives, cuts included."""
+    gen = torch.Generator().manual_seed(7)
+    w = sp.csr_matrix(metropolis_hastings(nx.cycle_graph(6)))
+    together, alone = NormBound(3.0), [NormBound(3.0) for _ in range(6)]
+    for forged in (2, 2, None):
+        norms = 1.0 + torch.rand(6, generator=gen, dtype=torch.float64)
+        sent = norms.clone()
+        if forged is not None:
+            sent[forged] = 1e4
+        stacked = together.apply(w, sent, norms)
+        for i in range(6):
+            row = alone[i].apply(w[[i]], sent, norms[[i]], row_nodes=[i])
+            expected = (w if stacked is None else stacked)[[i]]
+            assert np.array_equal((w[[i]] if row is None else row).toarray(), expected.toarray()), i
+    assert sorted(together.cut.tolist()) == sorted(k for rule in alone for k in rule.cut.tolist())
+    assert together.dropped == sum(rule.dropped for rule in alone) == 6   # 2 a round, the last one cut
 
 
 def test_the_norm_bound_is_measured_against_the_lower_median() -> None:

@@ -14,7 +14,8 @@ What holds for a stack, and what its users rely on:
 - A sender keeps an error-feedback residual exactly when :meth:`Codec.keeps_residual` says
   so for ``gossip.tracking`` (:meth:`feedback`); it belongs to the sender and never travels.
 - ``aggregation`` is ``None`` when both robust rules are ``mean`` (plain mixing, the same
-  result); ``norm_bound`` (``robust.norm_bound``, 0 for off) applies before any rule.
+  result); ``norm_bound`` (``robust.norm_bound``, 0 for off) applies before any rule, with
+  the cuts of ``robust.quarantine`` (:meth:`norm_rule`).
 - ``privacy`` is ``None`` unless ``privacy.enabled`` and the stack holds states with data.
   Its reference is the shared state a round starts from: :meth:`start_round` takes it
   right before the local update, and :meth:`release` replaces the update by its
@@ -41,7 +42,7 @@ from p2prec.config import Config
 from p2prec.gossip.async_rule import check_async
 from p2prec.gossip.codecs import Codec, ErrorFeedback, codec_from_config
 from p2prec.gossip.privacy import LocalPrivacy
-from p2prec.gossip.robust import Aggregation, aggregation_from_config
+from p2prec.gossip.robust import Aggregation, NormBound, aggregation_from_config
 
 Tensors = Mapping[str, torch.Tensor]
 
@@ -59,6 +60,7 @@ class GossipStack:
     exchanges: int
     train_rounds: int
     privacy: LocalPrivacy | None = None
+    quarantine: bool = True
 
     @classmethod
     def from_config(cls, cfg: Config, shared: Tensors | None = None, ids: Iterable[int] = (), *,
@@ -73,12 +75,17 @@ class GossipStack:
         check_async(cfg)
         codec = codec_from_config(cfg.gossip)
         stack = cls(codec, codec.keeps_residual(cfg.gossip.tracking), aggregation_from_config(cfg.robust),
-                    cfg.robust.norm_bound, cfg.gossip.exchanges, cfg.run.train_rounds)
+                    cfg.robust.norm_bound, cfg.gossip.exchanges, cfg.run.train_rounds,
+                    quarantine=cfg.robust.quarantine)
         if not cfg.privacy.enabled or shared is None:
             return stack
         privacy = LocalPrivacy(cfg.privacy, stack.training_rounds(cfg.run.rounds), shared, ids, cfg.run.seed,
                                secret=secret)
         return replace(stack, privacy=privacy)
+
+    def norm_rule(self) -> NormBound:
+        """A fresh run's norm bound: one per real node, one for all the simulator's nodes."""
+        return NormBound(self.norm_bound, self.quarantine)
 
     def trains(self, round_: int) -> bool:
         """Whether round ``round_`` has a local update (none once ``run.train_rounds`` have passed)."""

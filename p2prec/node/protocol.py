@@ -38,7 +38,7 @@ import torch
 
 from p2prec.gossip.aggregate import combine, count_weighted_row, heard_row, robust_combine
 from p2prec.gossip.codecs import ErrorFeedback
-from p2prec.gossip.robust import bound_mixing, bounded_names, state_norms
+from p2prec.gossip.robust import bounded_names, link_keys, state_norms
 from p2prec.gossip.stack import GossipStack
 from p2prec.node.inbox import Inbox
 from p2prec.node.learner import Learner
@@ -95,6 +95,7 @@ class Protocol:
         self.place = place
         self.on_reject = on_reject or (lambda peer, reason, detail: None)
         self.stack = stack
+        self.norm_rule = stack.norm_rule()
         self.feedback = feedback
         self.learner = learner
         self.inbox = inbox
@@ -162,20 +163,24 @@ class Protocol:
 
     def _bounded(self, row: sp.csr_matrix, own: Mapping[str, np.ndarray], got: dict[int, Message], round_: int,
                  exchange: int) -> tuple[sp.csr_matrix, dict[int, Message]]:
-        """Drop the received states beyond ``robust.norm_bound`` (the simulator's own
-        :func:`p2prec.gossip.robust.bound_mixing`, on this node's row); report each to
-        ``on_reject``."""
+        """Drop the received states beyond ``robust.norm_bound`` or over a link cut before (the
+        simulator's own :class:`p2prec.gossip.robust.NormBound`, on this node's row); report each
+        to ``on_reject``."""
         me = self.place.node
         measured = bounded_names(list(own))
         sent = np.zeros(self.place.n_nodes)
         for j, m in got.items():
             sent[j] = float(state_norms({k: torch.as_tensor(np.asarray(m.tensors[k]))[None] for k in measured}))
         mine = float(state_norms({k: torch.as_tensor(np.asarray(own[k]))[None] for k in measured}))
-        bounded = bound_mixing(row, sent, np.array([mine]), self.stack.norm_bound, row_nodes=[me])
+        cut = set(self.norm_rule.cut.tolist())
+        bounded = self.norm_rule.apply(row, sent, np.array([mine]), row_nodes=[me])
         if bounded is None:
             return row, got
         kept = {int(j) for j in bounded.indices}
         for j in sorted(set(got) - kept):
+            if link_keys(np.array([me]), np.array([j]), self.place.n_nodes)[0] in cut:
+                self.on_reject(j, "link cut by the norm bound", f"round {round_}, exchange {exchange}")
+                continue
             self.on_reject(j, "state beyond the norm bound",
                            f"round {round_}, exchange {exchange}: norm {sent[j]:.4g} against own {mine:.4g}, "
                            f"bound {self.stack.norm_bound:g} x the neighbourhood's median")

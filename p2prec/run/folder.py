@@ -7,10 +7,12 @@ here, which is why it sits below all of them. Each file goes through
 :func:`p2prec.atomic.write_text_atomic`, so a reader never sees half a file, even after a crash.
 
 Beyond :data:`RECORD_KEYS`, a simulator record carries ``epsilon`` (each node's privacy
-loss so far at the configured delta; null without privacy), and its summary carries
-``codec``, ``epsilon``, ``delta``, ``noise_multiplier``, ``robust_rule``, ``attack``,
-``byzantine`` (how many nodes attack) and ``evaluated_nodes`` (the honest nodes, over
-which every metric is computed). ``bytes_sent_total`` and ``bytes_per_node_per_round``
+loss so far at the configured delta; null without privacy) and ``bound_dropped_total``
+(messages the norm bound dropped so far), and its summary carries ``codec``, ``epsilon``,
+``delta``, ``noise_multiplier``, ``robust_rule``, ``attack``, ``byzantine`` (how many nodes
+attack), ``evaluated_nodes`` (the honest nodes, over which every metric is computed),
+``norm_bound``, ``bound_dropped`` and ``bound_cut_links`` (links cut for the run,
+``robust.quarantine``). ``bytes_sent_total`` and ``bytes_per_node_per_round``
 count messages at the size the real encoder gives the configured codec's payload;
 ``bytes_received_total`` counts the messages that reached a node that was up, and
 ``bytes_sent_received_per_node_per_round`` is a node's whole traffic, both directions

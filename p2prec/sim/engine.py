@@ -48,7 +48,7 @@ from p2prec.config import Config
 from p2prec.data.split import Dataset
 from p2prec.gossip.codecs import Codec, get_codec
 from p2prec.gossip.mixing import Params, consensus_distance, mix_into
-from p2prec.gossip.robust import bound_mixing, bounded_names, robust_mix_named, state_norms
+from p2prec.gossip.robust import bounded_names, robust_mix_named, state_norms
 from p2prec.gossip.rounds import exchange_key
 from p2prec.gossip.stack import GossipStack
 from p2prec.learn.factories import adapter_model, configured_population, federated_eval_set, selection_score
@@ -138,6 +138,7 @@ class Simulation:
         self.later_msg_bytes = message_bytes(template, self.stack.codec, exchange=1)
         self.bytes_sent_total = 0
         self.bytes_received_total = 0
+        self.norm_rule = self.stack.norm_rule()
         self.diverged_at: int | None = None
         self.consensus: list[float] = []
         self._previous_sent: Params | None = None
@@ -262,8 +263,8 @@ class Simulation:
         """Replace the nodes' shared states ``own`` by ``A @ received + d * own``, or by the robust
         rule over the same receipt. Either way a node's own term is its true state, never the
         copy its neighbours decoded. First, on flat gossip, each node drops the received states
-        beyond ``robust.norm_bound`` (:func:`p2prec.gossip.robust.bound_mixing`, a real node's
-        own check); when none is dropped, ``A`` stands bit for bit.
+        beyond ``robust.norm_bound`` or over a link it cut (:class:`p2prec.gossip.robust.NormBound`,
+        a real node's own check); when none is dropped, ``A`` stands bit for bit.
 
         Why in place (:func:`p2prec.gossip.mixing.mix_into`): at 754 nodes of 130k floats one
         stacked state is 392 MB, and mixing is bound by memory traffic, so scaling ``own`` where
@@ -275,7 +276,7 @@ class Simulation:
             measured = bounded_names(names)
             own_norms = state_norms(own, measured)
             sent_norms = own_norms if received is own else state_norms(received, measured)
-            bounded = bound_mixing(mixing.a + sp.diags(mixing.d), sent_norms, own_norms, self.stack.norm_bound)
+            bounded = self.norm_rule.apply(mixing.a + sp.diags(mixing.d), sent_norms, own_norms)
             if bounded is not None:
                 mixing = replace(split_diagonal(bounded), messages=mixing.messages)
         if self.stack.aggregation is not None:
@@ -312,7 +313,14 @@ class Simulation:
             "attack": self.cfg.sim.attack,
             "byzantine": int(self.byzantine.sum()),
             "evaluated_nodes": len(self.honest),
+            "norm_bound": self.stack.norm_bound,
+            **dict(zip(("bound_dropped", "bound_cut_links"), self.bound_counts())),
         }
+
+    def bound_counts(self) -> tuple[int, int]:
+        """Messages the norm bound has dropped so far, and links it has cut
+        (:class:`p2prec.gossip.robust.NormBound`): shown, so a clean run's zero is measured."""
+        return self.norm_rule.dropped, len(self.norm_rule.cut)
 
     def measured_rate(self, skip: int = 5) -> float | None:
         """Per-round contraction of the consensus distance once training has stopped (log-linear fit)."""
@@ -354,7 +362,7 @@ class Simulation:
                 result = self.evaluate()
                 records.append(make_record(rnd, result, stats.loss, stats.consensus, self.bytes_sent_total,
                                            time.perf_counter() - start, epsilon=self.epsilon(),
-                                           **self.traffic(rnd)))
+                                           bound_dropped_total=self.bound_counts()[0], **self.traffic(rnd)))
                 best = max(best, (selection_score(result, self.cfg), -rnd))
                 if on_record is not None:
                     on_record(records)

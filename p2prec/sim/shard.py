@@ -7,7 +7,7 @@ nodes' global ids, so every node draws the batches the in-process simulator draw
 it). A round runs the simulator's own pieces on each block: the local update, the round's
 faults (:class:`p2prec.sim.faults.FaultPlan`) and mixing matrix
 (:class:`p2prec.sim.plan.MixingPlan`), drawn from the seeds alone and so identical in every
-shard, the norm bound (:func:`p2prec.gossip.robust.bound_mixing` on the shard's rows) and
+shard, the norm bound (a :class:`p2prec.gossip.robust.NormBound` for the shard's rows, cuts included) and
 the product of :func:`p2prec.gossip.mixing.mix`. Only the states that a neighbour in
 another shard mixes travel (:class:`Packet`), with their norms for that neighbour's bound.
 
@@ -30,7 +30,7 @@ import torch
 from p2prec.config import Config
 from p2prec.data.split import Dataset
 from p2prec.gossip.mixing import Params, mix_into
-from p2prec.gossip.robust import bound_mixing, bounded_names, state_norms
+from p2prec.gossip.robust import bounded_names, state_norms
 from p2prec.gossip.stack import GossipStack
 from p2prec.learn.factories import adapter_model, configured_population, federated_eval_set
 from p2prec.learn.evaluate import EvalSet, UserRanks, rank_users
@@ -80,6 +80,7 @@ class Shard:
         self.plan = MixingPlan(graph, self.n, counts, cfg.gossip, cfg.run.seed)
         self.faults = FaultPlan(cfg.sim, self.n, cfg.run.seed)
         self.stack = GossipStack.from_config(cfg)
+        self.norm_rule = self.stack.norm_rule()
         self._round: RoundFaults | None = None
         self._mixing: sp.csr_matrix | None = None
         self._messages = (0, 0)
@@ -128,7 +129,7 @@ class Shard:
         for p in received:
             sent_norms[p.rows] = p.norms
         w = self._mixing[self.start:self.stop]
-        bounded = bound_mixing(w, sent_norms, own_norms, self.stack.norm_bound, row_nodes=self.rows)
+        bounded = self.norm_rule.apply(w, sent_norms, own_norms, row_nodes=self.rows)
         w = sp.csr_matrix(bounded if bounded is not None else w)
         d = np.asarray(w[np.arange(len(self.rows)), self.rows]).ravel()
         a = sp.csr_matrix(w - sp.csr_matrix((d, (np.arange(len(self.rows)), self.rows)), shape=w.shape))
@@ -139,6 +140,10 @@ class Shard:
         stacked = {k: torch.cat([own[k], *(p.states[k] for p in received)])[take] for k in names}
         mix_into(sp.csr_matrix(a[:, cols]), stacked, own, d, names)
         return self._messages
+
+    def bound_counts(self) -> tuple[int, int]:
+        """Messages to this shard's rows the norm bound has dropped so far, and links it has cut."""
+        return self.norm_rule.dropped, len(self.norm_rule.cut)
 
     def sums(self) -> dict[str, np.ndarray]:
         """Per shared-adapter tensor (trackers aside, as the consensus distance is taken), the sum of

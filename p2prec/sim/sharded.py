@@ -141,6 +141,11 @@ class ShardedSimulation(Simulation):
         self.consensus.append(self._consensus())
         return RoundStats(loss, self.consensus[-1], messages, sent_bytes, received_bytes)
 
+    def bound_counts(self) -> tuple[int, int]:
+        """The shards' norm-bound counts summed (each shard bounds its own rows)."""
+        counts = self.pool.map("bound_counts")
+        return sum(d for d, _ in counts), sum(c for _, c in counts)
+
     def _consensus(self) -> float:
         """:func:`p2prec.gossip.mixing.consensus_distance` over every shard: the mean from the
         shards' sums, then their squared distances from it (two passes, as in one process)."""
