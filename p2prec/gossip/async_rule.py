@@ -53,7 +53,9 @@ T = TypeVar("T")
 
 
 def check_async(cfg: Config) -> None:
-    """Refuse what async mode does not implement, naming the key: nothing is silently ignored."""
+    """Refuse what async mode does not implement, naming the key. One default is not refused but
+    not applied either: ``robust.norm_bound`` (on by default in sync mode) bounds no async mix yet,
+    so an async network has no bounded influence against a forging neighbour (README, Limits)."""
     if cfg.gossip.mode != "async":
         return
     need = {"gossip.tracking": (cfg.gossip.tracking, False), "gossip.mixing": (cfg.gossip.mixing, "metropolis"),
