@@ -293,7 +293,8 @@ class SimConfig:
     instead of their state, with ``attack_scale`` as its size (see :mod:`p2prec.sim.attacks`).
     ``join`` lists late joiners as ``"ROUND:COUNT"`` or ``"ROUND:PERCENT%"`` (``"100:5%"``):
     those nodes are absent until that round, then start from one present neighbour's shared
-    adapter (``join_mode = "neighbour"``) or from a fresh one (``"zero"``, for comparison);
+    adapter (``join_mode = "neighbour"``) or from a fresh one (``"zero"``, for comparison), or
+    are present from round 1 and only measured as a cohort (``"present"``, the control arm);
     they are evaluated every round for ``join_window`` rounds after joining (``join.jsonl``,
     see :mod:`p2prec.sim.plan`).
     ``backend`` picks the engine (:mod:`p2prec.sim.backend`): ``local`` (one process), or the
@@ -318,7 +319,7 @@ class SimConfig:
     attack: str = _field("none", choices=("none", "sign-flip", "noise", "constant"))
     attack_scale: float = 1.0
     join: list = _field([])
-    join_mode: str = _field("neighbour", choices=("neighbour", "zero"))
+    join_mode: str = _field("neighbour", choices=("neighbour", "zero", "present"))
     join_window: int = _field(20, lo=0)
     backend: str = _field("local", choices=("local", "shards", "ray"))
     shards: int = _field(0, lo=0)

@@ -256,3 +256,39 @@ def test_a_node_started_late_with_join_starts_from_its_neighbours_round(  # noqa
     user = min(read_manifest(folder / "node-2").users)
     assert p2prec_main(["recommend", "--state", str(folder / "node-2"), "--user", str(user), "--k", "4"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 4
+
+
+def test_the_present_arm_measures_the_same_cohort_without_taking_it_away(synth_dir, synth_data) -> None:  # noqa: ANN001
+    present = _sim(synth_dir, synth_data, ["sim.join=3:2", "sim.join_mode=present"])
+    joined = _sim(synth_dir, synth_data, ["sim.join=3:2"])
+    plain = _sim(synth_dir, synth_data, [])
+    cohort = present.joins.cohorts[0].nodes
+    assert np.array_equal(cohort, joined.joins.cohorts[0].nodes)  # the same users in every arm
+    for rnd in (1, 2, 3):
+        assert not present.joins.absent(rnd).any() and not len(present.joins.joining(rnd))
+        present.step(rnd)
+        plain.step(rnd)
+    assert not present.join_sources
+    for k, v in present.pop.params.items():
+        assert torch.equal(v, plain.pop.params[k]), k  # measuring a cohort changes no training
+    present._measure_joiners(3)
+    assert present.join_log[0]["mode"] == "present" and present.join_log[0]["rounds_joined"] == 1
+
+
+def _log(values: list[tuple[float, float]]) -> list[dict]:
+    return [{"round": 10 + i, "rounds_joined": i + 1, "joiners": {"test": {"ndcg@10": j}},
+             "founders": {"test": {"ndcg@10": f}}} for i, (j, f) in enumerate(values)]
+
+
+def test_the_joins_report_compares_each_arm_with_the_control_round_by_round(tmp_path: Path,
+                                                                             capsys: pytest.CaptureFixture) -> None:
+    from p2prec.run.joins import main as joins_main, report
+    runs = {"present": _log([(0.40, 0.45), (0.40, 0.45), (0.40, 0.45)]),
+            "zero": _log([(0.30, 0.45), (0.38, 0.45), (0.41, 0.45)])}
+    table = report(runs, "present", first=2).splitlines()
+    assert table[2].startswith("| present | 0.4000 | +0.0000 | 0.4500 | 1 | never |")
+    assert table[3].startswith("| zero | 0.3400 | -0.0600 | 0.4500 | 3 | never |")
+    with pytest.raises(ValueError, match="not the same schedule"):
+        report({"present": runs["present"][:2], "zero": runs["zero"]}, "present")
+    assert joins_main([f"present={tmp_path}"]) == 2
+    assert "join.jsonl: no such file" in capsys.readouterr().err

@@ -36,8 +36,11 @@ def print_summary(summary: dict, out: Path) -> None:
         if c["joiners_test_ndcg@10_first_10"] is None:
             continue
         caught = c["rounds_to_founders_mean"]
-        print(f"joined at round {c['round']}: {c['nodes']} nodes ({join['mode']}, {c['from_neighbour']} from a "
-              f"neighbour); test NDCG@10 over their first 10 rounds {c['joiners_test_ndcg@10_first_10']:.4f}, "
+        who = (f"cohort of round {c['round']}: {c['nodes']} nodes (present from round 1, the control arm)"
+               if join["mode"] == "present" else
+               f"joined at round {c['round']}: {c['nodes']} nodes ({join['mode']}, {c['from_neighbour']} from a "
+               "neighbour)")
+        print(f"{who}; test NDCG@10 over their first 10 rounds {c['joiners_test_ndcg@10_first_10']:.4f}, "
               f"founders {c['founders_test_ndcg@10_first_10']:.4f}; "
               + (f"reached the founders' after {caught} rounds" if caught else
                  f"below the founders' for all {join['window']} rounds measured"))

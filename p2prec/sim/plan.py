@@ -11,7 +11,9 @@ Late joiners (``sim.join``, :class:`JoinPlan`) are absent until their round: the
 train nor send nor receive, exactly like a node that is down. At its round a joiner asks
 one present neighbour for its shared adapter and starts from it (``sim.join_mode =
 "neighbour"``), or starts from a fresh one (``"zero"``), which is what a node without the
-join request would do.
+join request would do. ``"present"`` is the control arm: the same cohort, drawn and measured
+the same way, but present from round 1, so a joiner is compared with the same users had they
+never been away (a cohort of 38 users differs from the founders by more than any start does).
 """
 
 from __future__ import annotations
@@ -218,16 +220,17 @@ class JoinPlan:
         self.n = n
 
     def absent(self, rnd: int) -> np.ndarray:
-        """Nodes that have not joined yet in round ``rnd``."""
+        """Nodes that have not joined yet in round ``rnd`` (none in the ``present`` arm)."""
         out = np.zeros(self.n, dtype=bool)
-        for cohort in self.cohorts:
+        for cohort in self.cohorts if self.mode != "present" else ():
             if rnd < cohort.round:
                 out[cohort.nodes] = True
         return out
 
     def joining(self, rnd: int) -> np.ndarray:
-        """Nodes that join at the start of round ``rnd`` (sorted ids; empty for most rounds)."""
-        found = [c.nodes for c in self.cohorts if c.round == rnd]
+        """Nodes that join at the start of round ``rnd`` (sorted ids; empty for most rounds and
+        in the ``present`` arm, whose cohort never left)."""
+        found = [c.nodes for c in self.cohorts if c.round == rnd and self.mode != "present"]
         return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
 
     def founders(self) -> np.ndarray:
