@@ -14,9 +14,11 @@ import pytest
 import torch
 import zmq
 
+from p2prec.cli import main as p2prec_main
 from p2prec.config import ConfigError, load
 from p2prec.gossip.async_rule import Freshest, check_async, mixing_row
 from p2prec.model.store import load_backbone
+from p2prec.node.security import load_keypair
 from p2prec.run import checkpoint
 from p2prec.sim.clock import SLOW_FACTOR, NodeClock
 from p2prec.sim.events import AsyncSimulation, Update
@@ -101,11 +103,17 @@ def test_the_event_driven_simulation_is_reproducible_and_fast_nodes_do_more(tmp_
 
 def test_real_async_nodes_compute_what_the_simulator_computes_on_their_schedule(  # noqa: ANN001
         tmp_path: Path, synth_dir: Path, synth_data, tiny_cfg) -> None:
-    """Four real async nodes run freely; their logs name every neighbour version each update
-    mixed. Replayed through the event-driven simulator, that schedule gives the same adapters."""
+    """Four real async nodes run freely, under CurveZMQ; their logs name every neighbour version
+    each update mixed. Replayed through the event-driven simulator, that schedule gives the same
+    adapters. Each update's line counts the bytes of the messages that arrived for it."""
     rounds = 8
-    config = node_config(tmp_path, synth_dir, build("ring", 4),
-                         ["sim.nodes=4", f"run.rounds={rounds}", "eval.every=1000", *ASYNC])
+    assert p2prec_main(["keys", "generate", "--out", str(tmp_path / "keys"), "--count", "4"]) == 0
+    graph = build("ring", 4)
+    for i in graph.nodes:
+        graph.nodes[i]["key"] = load_keypair(tmp_path / "keys" / f"node{i}.key_secret").public.decode()
+    config = node_config(tmp_path, synth_dir, graph,
+                         ["sim.nodes=4", f"run.rounds={rounds}", "eval.every=1000", "security.enabled=true",
+                          f"security.key_dir={tmp_path / 'keys'}", *ASYNC])
     backbone = make_backbone(synth_data, tiny_cfg, tmp_path / "bb")
     procs = Procs(config, backbone)
     try:
@@ -116,9 +124,14 @@ def test_real_async_nodes_compute_what_the_simulator_computes_on_their_schedule(
         procs.close()
     assert codes == {0: 0, 1: 0, 2: 0, 3: 0}
     folder = tmp_path / "nodes"
+    assert all("(CurveZMQ)" in procs.log(i) for i in range(4))
     schedule = [Update(i, r["round"], {int(j): v for j, v in r["mixed"].items()})
                 for i in range(4) for r in _lines(folder, i)]
     assert any(u.mixed for u in schedule)
+    message = min(r["bytes_sent"] for i in range(4) for r in _lines(folder, i)) / 2  # 2 neighbours each
+    for i in range(4):
+        versions = {(j, v) for r in _lines(folder, i) for j, v in r["mixed"].items()}
+        assert sum(r["bytes_received"] for r in _lines(folder, i)) >= len(versions) * message, i
     cfg = load(config)
     sim = AsyncSimulation(cfg, synth_data, load_backbone(backbone, synth_data), load_topology(cfg.gossip.topology),
                           keep=rounds + 1)

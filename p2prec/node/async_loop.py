@@ -60,10 +60,15 @@ class AsyncInbox:
         self.freshest: Freshest[Message] = Freshest(max_staleness, updates)
         self.refusal = ""
         self.finished: dict[int, int] = {}
+        self.bytes_received = 0
         self._closed = asyncio.Event()
 
     def offer(self, msg: Message) -> bool:
-        """Hold a validated gossip message as its sender's freshest; hellos and byes hold nothing."""
+        """Hold a validated gossip message as its sender's freshest; hellos and byes hold nothing.
+
+        Every gossip message held is counted in :attr:`bytes_received`, a newer one from the same
+        sender included: it crossed the link whether or not an update mixed it.
+        """
         self.refusal = ""
         if msg.type is MessageType.BYE:
             self.finished[msg.sender] = msg.round
@@ -71,7 +76,13 @@ class AsyncInbox:
         if msg.type is not MessageType.GOSSIP:
             return False
         self.freshest.arrive(msg.sender, msg.round, msg)
+        self.bytes_received += msg.wire_bytes
         return True
+
+    def take_received(self) -> int:
+        """Bytes of the gossip messages held since the last call (an update's share of the traffic)."""
+        taken, self.bytes_received = self.bytes_received, 0
+        return taken
 
     def close(self) -> None:
         self._closed.set()
@@ -113,7 +124,7 @@ async def run_async(node: Updates, inbox: AsyncInbox, transport: Transport) -> N
         row = mixing_row(w, me, list(fresh))
         learner.set_shared(combine(row, {me: own, **{j: h.item.tensors for j, h in fresh.items()}}))
         inbox.freshest.advance()
-        node._finish_round(k, RoundResult(loss, len(fresh), len(peers), local_s, sent), started,
+        node._finish_round(k, RoundResult(loss, len(fresh), len(peers), local_s, sent, inbox.take_received()), started,
                            {"mixed": {str(j): h.update for j, h in sorted(fresh.items())}, "time": time.time()})
         if node.cfg.node.slowdown > 1:
             await inbox.idle((node.cfg.node.slowdown - 1) * (time.perf_counter() - started))
