@@ -181,10 +181,6 @@ class TrainConfig:
     compute in float32): a node's adapters and optimizer state shrink by a fifth (1,946 to
     1,551 KiB on a catalogue of ML-1M's 3,706 items; ``benchmarks/bench_sim.py --nodes``).
     Its effect on quality has not been measured yet, so float32 stays the default.
-
-    ``catch_up``: a node that joins a running network (``p2prec-node --join``, ``sim.join``)
-    first replays the local updates of this many of the rounds it missed, with its shared
-    adapter held at the state it adopted (:meth:`p2prec.learn.population.Population.catch_up`).
     """
 
     local_steps: int = _field(1, lo=0)
@@ -199,7 +195,6 @@ class TrainConfig:
     momentum: float = _field(0.9, lo=0.0, hi=0.999)
     backbone_dropout: bool = True
     moments_dtype: str = _field("float32", choices=("float32", "bfloat16"))
-    catch_up: int = _field(0, lo=0)
 
 
 @dataclass

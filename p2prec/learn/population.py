@@ -13,7 +13,7 @@ against, and what the benchmarks compare it with.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -125,29 +125,6 @@ class Population:
         p = self.plan
         rng = seeded_rng(p.seed, round_, int(self.ids[node]), step)
         return train_batch(self.data, self.sampler, self.nodes[node], p.batch_size, p.max_len, p.negatives, rng)
-
-    def catch_up(self, rounds: range, active: np.ndarray | None = None, vectorized: bool = True) -> float:
-        """The local updates of ``rounds`` (rounds a node missed) on the ``active`` nodes, with
-        the shared adapter held where it is; their mean loss over the last update.
-
-        Why: a node that joins late adopts a neighbour's shared adapter, but its personal
-        adapter and gate have never trained, and the round's one local step fits them slowly
-        (docs/experiments.md, "Joining nodes"). It replays the batches it missed, the same ones
-        it would have drawn had it been present, fitting its private part against the state it
-        adopted. The shared adapter takes no step (learning rate 0): moving it along one
-        user's gradients before the first exchange would pull the neighbours off the state the
-        joiner was given. Its optimizer moments and, with tracking, its tracker and last
-        gradient still advance, so the tracker holds this node's latest gradient, as a tracker
-        must for the network's sum to stay exact.
-        """
-        settings, loss = self.settings, float("nan")
-        self.settings = replace(settings, shared_lr=0.0)
-        try:
-            for r in rounds:
-                loss = self.train_round(r, active, vectorized)
-        finally:
-            self.settings = settings
-        return loss
 
     def train_round(self, round_: int, active: np.ndarray | None = None, vectorized: bool = True,
                     node_rounds: np.ndarray | None = None) -> float:

@@ -40,11 +40,6 @@ class Learner:
         stack's rule (:meth:`p2prec.gossip.stack.GossipStack.trains`), the simulator's too."""
         return self.pop.train_round(round_, vectorized=False)
 
-    def catch_up(self, rounds: range) -> float:
-        """The local updates of missed ``rounds`` after joining, shared adapter held (the
-        simulator's :meth:`p2prec.learn.population.Population.catch_up`)."""
-        return self.pop.catch_up(rounds, vectorized=False)
-
     def shared(self) -> dict[str, np.ndarray]:
         """A copy of the shared adapter: safe to send while the node goes on changing its own."""
         return {k: v[0].numpy().copy() for k, v in self.pop.shared().items()}

@@ -345,14 +345,10 @@ class Node:
                      self.progress.round)
             return
         adopt(self.learner, answer)
-        missed = range(self.progress.round + 1, min(self.progress.round + self.cfg.train.catch_up, answer.round) + 1)
-        if missed:
-            await asyncio.to_thread(self.learner.catch_up, missed)
         self.progress.round = answer.round
         protocol.first_round = answer.round + 1
         self._save()
-        log.info("%s: joined from node %d's shared state after round %d%s", self.name, answer.sender, answer.round,
-                 f", caught up on rounds {missed.start}-{missed.stop - 1}" if missed else "")
+        log.info("%s: joined from node %d's shared state after round %d", self.name, answer.sender, answer.round)
 
     async def _rounds(self, transport: Transport, inbox: Inbox, protocol: Protocol, join: bool) -> None:
         """The synchronous rounds, after joining (if asked) and greeting the neighbours."""

@@ -173,8 +173,7 @@ class Simulation:
 
     def _join(self, rnd: int, down: np.ndarray) -> None:
         """Start round ``rnd``'s joiners from a present neighbour's shared adapter (see the module
-        docstring), then let them catch up (``train.catch_up``); a joiner whose neighbours are
-        all down or joining too starts fresh."""
+        docstring); a joiner whose neighbours are all down or joining too starts fresh."""
         joining = self.joins.joining(rnd)
         if not len(joining):
             return
@@ -184,10 +183,6 @@ class Simulation:
         for node, source in self.join_sources[rnd].items():
             for k in self.pop.shared_names:
                 self.pop.params[k][node] = self.pop.params[k][source]
-        if self.joins.mode == "neighbour" and self.cfg.train.catch_up:
-            mask = np.zeros(len(self.nodes), dtype=bool)
-            mask[joining] = True
-            self.pop.catch_up(range(1, min(self.cfg.train.catch_up, rnd - 1) + 1), active=mask)
 
     def _cohort(self, mask: np.ndarray) -> tuple[torch.Tensor, Any]:
         """The honest nodes of ``mask`` and their evaluation set, for the join measurements."""
