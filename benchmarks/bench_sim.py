@@ -34,6 +34,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -206,9 +207,9 @@ def main() -> None:
 
     print("\n| chunk | local training, median s |\n|---|---|")
     for chunk in (int(c) for c in args.chunks.split(",")):
-        sim.pop.chunk = chunk
+        sim.pop.plan = replace(sim.pop.plan, chunk=chunk)
         print(f"| {chunk} | {median_time(lambda: sim.pop.train_round(next(counter)), args.repeats):.3f} |")
-    sim.pop.chunk = cfg.sim.chunk
+    sim.pop.plan = replace(sim.pop.plan, chunk=cfg.sim.chunk)
     evaluation = median_time(sim.evaluate, 3)
     print(f"\none evaluation ({'+'.join(cfg.eval.protocols)}, every {cfg.eval.every} rounds) {evaluation:.3f} s")
 

@@ -88,7 +88,6 @@ class Population:
         self.nodes = nodes
         self.settings = settings
         self.plan = plan
-        self.chunk = plan.chunk
         # Global node ids seed each node's batches, so a real node holding a population of one
         # (its own) draws exactly the batches the simulator draws for it.
         self.ids = np.arange(len(nodes)) if ids is None else np.asarray(ids, dtype=np.int64)
@@ -163,10 +162,11 @@ class Population:
     @torch.no_grad()
     def _vectorized_step(self, ids: np.ndarray, batches: list[TrainBatch], losses: torch.Tensor,
                          summed: Params, settings: StepSettings, track: int | None) -> None:
-        for start in range(0, len(ids), self.chunk):
-            chunk = ids[start:start + self.chunk]
+        size = self.plan.chunk
+        for start in range(0, len(ids), size):
+            chunk = ids[start:start + size]
             rows = _rows(chunk)
-            part = batches[start:start + self.chunk]
+            part = batches[start:start + size]
             inputs, targets, negatives = (torch.stack([getattr(b, name) for b in part]).to(self.device)
                                           for name in ("inputs", "targets", "negatives"))
             params = {k: v[rows] for k, v in self.params.items()}
