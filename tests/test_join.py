@@ -276,8 +276,8 @@ def test_the_present_arm_measures_the_same_cohort_without_taking_it_away(synth_d
 
 
 def _log(values: list[tuple[float, float]]) -> list[dict]:
-    return [{"round": 10 + i, "rounds_joined": i + 1, "joiners": {"test": {"ndcg@10": j}},
-             "founders": {"test": {"ndcg@10": f}}} for i, (j, f) in enumerate(values)]
+    return [{"round": 10 + i, "rounds_joined": i + 1, "joiners": {"val": {"ndcg@10": j + 0.1}, "test": {"ndcg@10": j}},
+             "founders": {"val": {"ndcg@10": f}, "test": {"ndcg@10": f}}} for i, (j, f) in enumerate(values)]
 
 
 def test_the_joins_report_compares_each_arm_with_the_control_round_by_round(tmp_path: Path,
@@ -286,9 +286,13 @@ def test_the_joins_report_compares_each_arm_with_the_control_round_by_round(tmp_
     runs = {"present": _log([(0.40, 0.45), (0.40, 0.45), (0.40, 0.45)]),
             "zero": _log([(0.30, 0.45), (0.38, 0.45), (0.41, 0.45)])}
     table = report(runs, "present", first=2).splitlines()
-    assert table[2].startswith("| present | 0.4000 | +0.0000 | 0.4500 | 1 | never |")
-    assert table[3].startswith("| zero | 0.3400 | -0.0600 | 0.4500 | 3 | never |")
+    assert table[2] == "| present | 0.5000 | 0.4000 | +0.0000 | 0.4500 / 0.4500 | 1 | never |"
+    assert table[3] == "| zero | 0.4400 | 0.3400 | -0.0600 | 0.4500 / 0.4500 | 3 | never |"
     with pytest.raises(ValueError, match="not the same schedule"):
         report({"present": runs["present"][:2], "zero": runs["zero"]}, "present")
     assert joins_main([f"present={tmp_path}"]) == 2
     assert "join.jsonl: no such file" in capsys.readouterr().err
+    for damaged in ("{not json\n", json.dumps({"round": 1}) + "\n"):
+        (tmp_path / "join.jsonl").write_text(damaged)
+        assert joins_main([f"present={tmp_path}"]) == 2
+        assert "not a join log of p2prec-sim" in capsys.readouterr().err

@@ -21,42 +21,59 @@ METRIC = "ndcg@10"
 
 
 def read_join_log(folder: Path) -> list[dict]:
-    """``folder/join.jsonl``, in round order; a clear error if the run measured no joiners."""
+    """``folder/join.jsonl``, in round order; a clear error if it is missing, damaged or empty."""
     path = folder / "join.jsonl"
     if not path.is_file():
         raise ValueError(f"{path}: no such file (run p2prec-sim with --set sim.join=ROUND:SHARE and --out {folder})")
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        records = [_checked(json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines()
+                   if line.strip()]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not a join log of p2prec-sim ({type(exc).__name__}: {exc})") from None
     if not records:
         raise ValueError(f"{path}: no joiner measurements")
     return sorted(records, key=lambda r: r["round"])
 
 
-def _test(record: dict, group: str) -> float:
-    return record[group]["test"][METRIC]
+def _checked(record: dict) -> dict:
+    """``record``, once every field the report reads is there with the right type."""
+    scores = [_score(record, group, split) for group in ("joiners", "founders") for split in ("val", "test")]
+    if not all(isinstance(record[key], int) for key in ("round", "rounds_joined")) or \
+            any(score != score for score in scores):
+        raise ValueError("a round that is not an integer, or a score that is NaN")
+    return record
+
+
+def _score(record: dict, group: str, split: str) -> float:
+    return float(record[group][split][METRIC])
+
+
+def _mean(records: list[dict], group: str, split: str) -> float:
+    return sum(_score(r, group, split) for r in records) / len(records)
 
 
 def report(runs: dict[str, list[dict]], reference: str, first: int = 10) -> str:
-    """A markdown table, one row per run: the cohort's mean test NDCG@10 over its first ``first``
-    rounds, the difference from the ``reference`` run's cohort over the same rounds, the
-    founders' mean, and the first round after joining at which the cohort reached the reference
-    (and the founders) in the same round."""
+    """A markdown table, one row per run: the cohort's mean validation and test NDCG@10 over its
+    first ``first`` rounds, the test difference from the ``reference`` run's cohort over the
+    same rounds, the founders' means, and the first round after joining at which the cohort's
+    test score reached the reference's (and the founders') in the same round."""
     if reference not in runs:
         raise ValueError(f"reference run {reference!r} is not among {', '.join(runs)}")
-    ref = {r["round"]: _test(r, "joiners") for r in runs[reference]}
-    lines = [f"| run | cohort test {METRIC}, first {first} rounds | minus {reference} | founders' | "
-             f"rounds to reach {reference} | rounds to reach the founders |", "|---|---|---|---|---|---|"]
+    ref = {r["round"]: _score(r, "joiners", "test") for r in runs[reference]}
+    lines = [f"| run | cohort val {METRIC}, first {first} rounds | cohort test | test minus {reference} | "
+             f"founders' val / test | rounds to reach {reference} | rounds to reach the founders |",
+             "|---|---|---|---|---|---|---|"]
     for name, log in runs.items():
-        rounds = [r for r in log if r["round"] in ref]
-        if len(rounds) != len(log):
+        if any(r["round"] not in ref for r in log):
             raise ValueError(f"run {name!r} measured rounds that {reference!r} did not: not the same schedule")
-        head = rounds[:first]
-        cohort = sum(_test(r, "joiners") for r in head) / len(head)
-        gap = sum(_test(r, "joiners") - ref[r["round"]] for r in head) / len(head)
-        founders = sum(_test(r, "founders") for r in head) / len(head)
-        to_ref = next((r["rounds_joined"] for r in rounds if _test(r, "joiners") >= ref[r["round"]]), None)
-        to_founders = next((r["rounds_joined"] for r in rounds if _test(r, "joiners") >= _test(r, "founders")), None)
-        lines.append(f"| {name} | {cohort:.4f} | {gap:+.4f} | {founders:.4f} | {to_ref or 'never'} | "
-                     f"{to_founders or 'never'} |")
+        head = log[:first]
+        gap = sum(_score(r, "joiners", "test") - ref[r["round"]] for r in head) / len(head)
+        to_ref = next((r["rounds_joined"] for r in log if _score(r, "joiners", "test") >= ref[r["round"]]), None)
+        to_founders = next((r["rounds_joined"] for r in log
+                            if _score(r, "joiners", "test") >= _score(r, "founders", "test")), None)
+        lines.append(f"| {name} | {_mean(head, 'joiners', 'val'):.4f} | {_mean(head, 'joiners', 'test'):.4f} | "
+                     f"{gap:+.4f} | {_mean(head, 'founders', 'val'):.4f} / {_mean(head, 'founders', 'test'):.4f} | "
+                     f"{to_ref or 'never'} | {to_founders or 'never'} |")
     return "\n".join(lines)
 
 
