@@ -27,7 +27,7 @@ from p2prec.topology import load as load_topology
 from p2prec.wire import Message, MessageType, encode
 from tests.conftest import TINY
 from tests.node_support import Procs, make_backbone, node_config, node_params, rounds_done, shared_hash, wait_for
-from tests.test_node_net import _address, _hostile
+from tests.test_node_net import _hostile, _neighbour_socket
 
 ASYNC = ["gossip.mode=async", "gossip.tracking=false"]
 
@@ -222,10 +222,7 @@ def test_hostile_messages_are_rejected_by_an_async_node(tmp_path: Path, synth_di
         names = sorted(k for k in params if ".shared" in k)
         before = shared_hash(folder, 0, names)
         good = Message(MessageType.GOSSIP, 1, 1, "none", {k: params[k][0].numpy() for k in names})
-        peer = ctx.socket(zmq.DEALER)
-        peer.setsockopt(zmq.ROUTING_ID, b"n1")
-        peer.setsockopt(zmq.SNDTIMEO, 20000)
-        peer.connect(_address(config, 0))
+        peer = _neighbour_socket(ctx, config)
         rng = random.Random(0)
         for _ in range(total):
             peer.send_multipart(_hostile(rng, good, names))

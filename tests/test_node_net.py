@@ -321,6 +321,15 @@ def _address(config: Path, node: int) -> str:
     return next(n["address"] for n in topology["nodes"] if n["id"] == node)
 
 
+def _neighbour_socket(ctx: zmq.Context, config: Path) -> zmq.Socket:
+    """A plaintext DEALER that speaks to node 0 as node 1 does (routing id ``n1``)."""
+    peer = ctx.socket(zmq.DEALER)
+    peer.setsockopt(zmq.ROUTING_ID, b"n1")
+    peer.setsockopt(zmq.SNDTIMEO, 20000)
+    peer.connect(_address(config, 0))
+    return peer
+
+
 def test_hostile_messages_are_rejected_and_leave_the_shared_adapter_unchanged(  # noqa: ANN001
         tmp_path: Path, synth_dir: Path, synth_data, tiny_cfg) -> None:
     """Node 0 of a two-node topology; the test plays node 1. Round 1 can only complete with a
@@ -344,10 +353,7 @@ def test_hostile_messages_are_rejected_and_leave_the_shared_adapter_unchanged(  
         giant = ctx.socket(zmq.DEALER)
         giant.connect(_address(config, 0))
         giant.send_multipart([b"\0" * (8 << 20)])
-        peer = ctx.socket(zmq.DEALER)
-        peer.setsockopt(zmq.ROUTING_ID, b"n1")
-        peer.setsockopt(zmq.SNDTIMEO, 20000)
-        peer.connect(_address(config, 0))
+        peer = _neighbour_socket(ctx, config)
         rng = random.Random(0)
         for k in range(total):
             if k == total // 2:  # from here on node 0 is in round 1, waiting for node 1
